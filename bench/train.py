@@ -1,0 +1,172 @@
+"""Training and inference throughput of each preset's model, and the rate of the real input pipeline feeding it.
+
+    python bench/train.py [--preset P] [--quick] [--batch B] [--clips N]
+
+Model rate: forward + backward + AdamW step on random float16 input of the crop size (n_mels x crop_frames), batch =
+the preset's batch size, AMP (autocast + GradScaler) on CUDA, as fit_stage trains. Inference: forward passes on
+batches of 2 x batch windows, as predict_clips does.
+
+Input rate: one epoch of the real CropDataset over a synthetic MelStore (float16 mels of curated-like lengths,
+0.3-30 s), batched by fastai's DataLoader exactly as fit_stage builds it (and by a plain torch DataLoader for
+comparison), moved to the device, then spec_augment and mixup (stage-2 settings, the costlier stage). The rule
+checked: input rate >= 10 x model rate.
+
+Without --preset every preset's model is measured (demo: xresnet_tiny, kaggle-1h: xresnet18, kaggle-9h: xresnet34).
+"""
+from __future__ import annotations
+
+import sys
+
+from common import base_parser, best_of, pick_device, print_json, print_machine, print_table
+
+N_CLASSES = 80
+RULE = 10.0
+
+
+def synthetic_store(cfg, n_clips: int, seed: int = 0):
+    """A MelStore of random float16 mels with curated-like lengths (0.3-30 s), no audio decoded."""
+    import numpy as np
+    from fattag.data import ClipTable
+    from fattag.features import MelStore
+    rng = np.random.default_rng(seed)
+    fps = cfg.sample_rate / cfg.hop_length
+    min_frames = int(np.ceil(max(cfg.crop_seconds * cfg.sample_rate, cfg.n_fft) / cfg.hop_length))  # build_store tiles
+    lengths = np.maximum(rng.uniform(0.3, 30.0, n_clips) * fps, min_frames).astype(int) + 1
+    mels = [rng.standard_normal((cfg.n_mels, t), dtype=np.float32).astype(np.float16) * 10 - 40 for t in lengths]
+    targets = np.zeros((n_clips, N_CLASSES), dtype=np.float32)
+    targets[np.arange(n_clips), rng.integers(0, N_CLASSES, n_clips)] = 1.0
+    names = [f"c{i}" for i in range(n_clips)]
+    table = ClipTable("synthetic", names, names, targets)
+    return MelStore(table, mels, [], float(lengths.sum() / fps))
+
+
+def model_rates(cfg, bs: int, device, steps: int, repeat: int) -> dict:
+    import torch
+    from fattag.model import build_model
+    torch.manual_seed(0)
+    model = build_model(cfg, N_CLASSES).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    x = (torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames) * 10 - 40).half().to(device)
+    y = (torch.rand(bs, N_CLASSES) < 0.02).float().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.wd)
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def train_steps():
+        for _ in range(steps):
+            with torch.autocast(device.type, enabled=cuda):
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    model.train()
+    t_train, train_runs = best_of(train_steps, repeat=repeat, warmup=1, device=device)
+    model.eval()
+    xi = torch.cat([x, x])
+
+    def infer():
+        with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
+            for _ in range(steps):
+                model(xi)
+
+    t_inf, inf_runs = best_of(infer, repeat=repeat, warmup=1, device=device)
+    return dict(params_M=n_params / 1e6, train_clips_s=steps * bs / t_train, infer_windows_s=steps * len(xi) / t_inf,
+                train_runs_s=train_runs, infer_runs_s=inf_runs)
+
+
+def input_rates(cfg, store, bs: int, device, repeat: int) -> dict:
+    """Clips/s of CropDataset -> DataLoader collate -> device -> spec_augment -> mixup (stage-2 settings)."""
+    import numpy as np
+    import torch
+    from fastai.data.load import DataLoader as FastaiDataLoader
+    from fattag.features import CropDataset, mixup, spec_augment
+
+    idx = np.arange(len(store.mels))
+    ds = CropDataset(store, idx, cfg.crop_frames, seed=0)
+    fill = -40.0
+
+    def augment(x, y):
+        x = spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, fill=fill)
+        if cfg.mixup_curated > 0:
+            x, y = mixup(x, y, cfg.mixup_curated)
+        return x, y
+
+    loaders = {
+        "fastai DataLoader (fit_stage)": lambda: FastaiDataLoader(
+            ds, bs=bs, shuffle=True, drop_last=True, num_workers=cfg.num_workers, device=device),
+        "torch DataLoader": lambda: torch.utils.data.DataLoader(
+            ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=cfg.num_workers),
+    }
+    out = {}
+    for name, make in loaders.items():
+        dl = make()
+        n_clips = (len(ds) // bs) * bs
+
+        def epoch():
+            for xb, yb in dl:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                xb, yb = augment(xb, yb)
+
+        def loader_only():
+            for xb, yb in dl:
+                xb.to(device), yb.to(device)
+
+        best, runs = best_of(epoch, repeat=repeat, warmup=1, device=device)
+        best_load, _ = best_of(loader_only, repeat=repeat, warmup=0, device=device)
+        out[name] = dict(clips_s=n_clips / best, loader_only_clips_s=n_clips / best_load, runs_s=runs)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__.splitlines()[0], default_preset=None)
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's; --quick on CPU: 8)")
+    p.add_argument("--clips", type=int, default=None, help="clips in the synthetic store (default 512, --quick 64)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per timed run (default 1 CPU, 10 CUDA)")
+    a = p.parse_args(argv)
+    from fattag.config import PRESETS, make_config
+
+    device = pick_device()
+    cuda = device.type == "cuda"
+    presets = [a.preset] if a.preset else list(PRESETS)
+    repeat = a.repeat or (1 if a.quick else 3)
+    steps = a.steps or (10 if cuda else 1)
+    n_clips = a.clips or (64 if a.quick else 512)
+    info = print_machine("train: model throughput vs input pipeline", device, notes=(
+        f"presets {', '.join(presets)}; {steps} step(s) per timed run, best of {repeat} after a warm-up; "
+        f"AMP {'on' if cuda else 'off (CPU)'}; input pipeline over {n_clips} synthetic clips"))
+
+    model_rows, input_rows, results = [], [], {}
+    for name in presets:
+        cfg = make_config(name)
+        bs = a.batch or (min(cfg.batch_size, 8) if a.quick and not cuda else cfg.batch_size)
+        store = synthetic_store(cfg, max(n_clips, 2 * bs))
+        m = model_rates(cfg, bs, device, steps, repeat)
+        inp = input_rates(cfg, store, bs, device, repeat)
+        fa = inp["fastai DataLoader (fit_stage)"]["clips_s"]
+        ratio = fa / m["train_clips_s"]
+        shape = f"{cfg.n_mels}x{cfg.crop_frames}"
+        model_rows.append([name, cfg.arch, m["params_M"], shape, bs, m["train_clips_s"], m["infer_windows_s"]])
+        for loader, r in inp.items():
+            input_rows.append([name, loader, r["loader_only_clips_s"], r["clips_s"], r["clips_s"] / m["train_clips_s"],
+                               "yes" if r["clips_s"] >= RULE * m["train_clips_s"] else "NO"])
+        results[name] = dict(arch=cfg.arch, batch=bs, input_shape=shape, **m, input=inp,
+                             input_over_model=ratio, rule_10x=bool(ratio >= RULE),
+                             max_model_clips_s_for_rule=fa / RULE)
+        del store
+    print_table(["preset", "arch", "params M", "input", "batch", "train clips/s", "infer windows/s"], model_rows,
+                f"model throughput on {device}")
+    print_table(["preset", "loader", "load only clips/s", "+ specaug+mixup clips/s", "input/model", ">= 10x"],
+                input_rows, f"input pipeline on {device} (num_workers as the preset: 0) vs the model's training rate")
+    for name, r in results.items():
+        if not r["rule_10x"]:
+            print(f"{name}: input pipeline is only {r['input_over_model']:.1f}x the model's rate (rule: {RULE:g}x)")
+    print("the 10x rule holds on this device for any model training at up to "
+          + ", ".join(f"{results[n]['max_model_clips_s_for_rule']:.0f} clips/s ({n})" for n in results))
+    return print_json("train", info, results, steps=steps, repeat=repeat, synthetic_clips=n_clips)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

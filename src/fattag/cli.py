@@ -1,0 +1,64 @@
+"""Command line: one set of options shared by `python src/run.py` and the bundled Kaggle kernel."""
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+from .config import KAGGLE_DATA_DIR, PRESETS, parse_duration
+
+
+def _preset_lines() -> str:
+    lines = []
+    for name, values in PRESETS.items():
+        shown = ", ".join(f"{k}={v}" for k, v in list(values.items())[:6])
+        lines.append(f"  {name:<10} {shown}{', ...' if len(values) > 6 else ''}")
+    return "\n".join(lines)
+
+
+def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
+    epilog = textwrap.dedent("""\
+        presets (any value can be overridden with --set name=value):
+        {presets}
+
+        examples:
+          python src/run.py                                  # demo dataset, demo preset, CPU, a few minutes
+          python src/run.py --data-dir /data/fat2019 --preset kaggle-1h --work-dir runs/full
+          python src/run.py --set epochs_curated=5 --set arch=xresnet34
+          python src/run.py --time-budget 55m --folds 5
+          python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
+        """).format(presets=_preset_lines())
+    p = argparse.ArgumentParser(
+        prog="run.py",
+        description="Two-stage K-fold audio tagger for FAT2019-shaped data: stage 1 on the noisy set, stage 2 "
+                    "on the curated set per fold (warm-started), whole-clip TTA, fold ensemble, submission.csv.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None,
+                   help=f"dataset folder in FAT2019 layout (default: {KAGGLE_DATA_DIR} when present, "
+                        "else the synthetic demo dataset, generated on first use)")
+    p.add_argument("--work-dir", default=None,
+                   help="folder for every output of the run: config, logs, metrics, weights, oof.csv, "
+                        "submission.csv (default: /kaggle/working on Kaggle, else runs/<preset>)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="named set of values (default: demo for the demo dataset, kaggle-1h otherwise)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for folds, crops and weights (default 42)")
+    p.add_argument("--folds", type=int, default=None, help="number of curated folds K (default: the preset's)")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="deadline for the whole run, counted from process start: 3600, 55m, 1h "
+                        "(default: the preset's; kaggle-1h plans for 55 min)")
+    p.add_argument("--mode", default="train", choices=("train", "predict"),
+                   help="train: both stages then predict; predict: only predict the test set from --weights")
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="predict mode: folder with fold*/model.pth from a training run (e.g. an attached "
+                        "Kaggle dataset)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one config value, e.g. --set epochs_curated=10 (repeatable)")
+    if defaults:
+        p.set_defaults(**defaults)
+    return p
+
+
+def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
+    return build_parser(defaults).parse_args(argv)
+
+
+__all__ = ["build_parser", "parse_args", "parse_duration"]

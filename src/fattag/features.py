@@ -1,0 +1,221 @@
+"""Log-mel features: computed once per clip on the device, kept in memory as float16, cropped per item.
+
+Why a log-mel store rather than raw audio: FAT2019's noisy set decodes to ~25 GB of int16 audio, more than a
+Kaggle machine's RAM; its float16 log-mel (128 bands x ~64 frames/s) is ~5x smaller and needs no per-epoch STFT.
+Augmentations (random crop, SpecAugment, mixup) still differ every epoch because they act on the stored mels.
+
+Padding policy: a clip shorter than one crop is *repeated* (tiled) in the waveform up to the crop length before
+its spectrogram is taken, so a 0.3 s door knock becomes a 4 s train of knocks rather than a knock and silence.
+Training and inference use the same policy.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torchaudio
+
+from .config import Config
+from .data import ClipTable, iter_decoded
+
+log = logging.getLogger("fattag")
+
+
+class LogMel(torch.nn.Module):
+    """Waveform (B, N) -> log-mel in dB (B, n_mels, T), top_db clipped per clip."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
+            n_mels=cfg.n_mels, f_min=cfg.f_min, f_max=min(cfg.f_max, cfg.sample_rate / 2), power=2.0)
+        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=cfg.top_db)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        # (B, 1, F, T): AmplitudeToDB clips top_db per item only for 4-D input; 3-D input is clipped per batch.
+        spec = self.mel(wave.unsqueeze(1))
+        return self.to_db(spec).squeeze(1)
+
+
+def tile_to_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """Repeat a short clip until it is at least `length` samples long."""
+    if len(wave) >= length:
+        return wave
+    reps = -(-length // max(len(wave), 1))
+    return np.tile(wave, reps)[:length]
+
+
+@dataclass
+class MelStore:
+    """Per-clip float16 log-mels (n_mels, T) for one clip table; None where the clip could not be decoded."""
+    table: ClipTable
+    mels: list
+    errors: list = field(default_factory=list)   # (fname, reason) of clips that could not be decoded
+    seconds: float = 0.0                          # audio decoded, for throughput logs and reports
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([m is not None for m in self.mels], dtype=bool)
+
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.mels if m is not None)
+
+
+def build_store(table: ClipTable, cfg: Config, device: torch.device | str = "cpu", progress: bool = True) -> MelStore:
+    """Decode every clip (threads), take its log-mel on `device`, keep it as float16 on the host."""
+    device = torch.device(device)
+    logmel = LogMel(cfg).to(device)
+    min_samples = max(int(round(cfg.crop_seconds * cfg.sample_rate)), cfg.n_fft)
+    mels: list = [None] * len(table)
+    errors, seconds, t0 = [], 0.0, time.time()
+    with torch.inference_mode():
+        for i, wave, err in iter_decoded(table, cfg.sample_rate, trim=cfg.trim_silence, trim_db=cfg.trim_db,
+                                         progress=progress, desc=f"decode {table.name}"):
+            if wave is None:
+                errors.append((table.fnames[i], err))
+                continue
+            seconds += len(wave) / cfg.sample_rate
+            x = torch.from_numpy(tile_to_length(wave, min_samples)).to(device)
+            mels[i] = logmel(x[None])[0].to(torch.float16).cpu().numpy()
+    store = MelStore(table, mels, errors, seconds)
+    took = time.time() - t0
+    log.info("%s: %d clips, %.1f min of audio -> %.0f MB of float16 log-mel in %.1f s (%.1f clips/s)%s",
+             table.name, len(table), seconds / 60, store.nbytes() / 1e6, took, len(table) / max(took, 1e-9),
+             f"; {len(errors)} skipped" if errors else "")
+    return store
+
+
+def store_stats(store: MelStore, max_clips: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Global mean/std of the log-mel values (on a seeded sample of clips), for the model's input normalisation."""
+    idx = np.flatnonzero(store.ok)
+    if len(idx) == 0:
+        raise ValueError(f"{store.table.name}: no decodable clip to compute statistics from")
+    if len(idx) > max_clips:
+        idx = np.random.default_rng(seed).choice(idx, max_clips, replace=False)
+    vals = np.concatenate([store.mels[i].astype(np.float32).ravel() for i in idx])
+    return float(vals.mean()), float(vals.std() + 1e-6)
+
+
+# ---------------------------------------------------------------- crops and windows
+
+
+def crop(mel: np.ndarray, length: int, start: int) -> np.ndarray:
+    """Frames [start, start+length) of a (n_mels, T) mel; a mel shorter than `length` is tiled first."""
+    if mel.shape[1] < length:
+        mel = np.tile(mel, (1, -(-length // mel.shape[1])))
+    return mel[:, start:start + length]
+
+
+def window_starts(n_frames: int, length: int, step: int) -> list[int]:
+    """Window starts that cover every frame of a clip: regular steps plus one flush with the end."""
+    if n_frames <= length:
+        return [0]
+    step = max(1, step)
+    starts = list(range(0, n_frames - length + 1, step))
+    if starts[-1] != n_frames - length:
+        starts.append(n_frames - length)
+    return starts
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """One random crop per clip per epoch (seeded generator: same seed, same crops)."""
+
+    def __init__(self, store: MelStore, indices, crop_frames: int, seed: int = 0):
+        self.store, self.indices, self.length = store, np.asarray(indices), crop_frames
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = self.indices[i]
+        mel = self.store.mels[j]
+        start = int(self.rng.integers(0, max(mel.shape[1] - self.length, 0) + 1))
+        x = torch.from_numpy(np.ascontiguousarray(crop(mel, self.length, start)))[None]
+        return x, torch.from_numpy(self.store.table.targets[j])
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Every window of every listed clip, in clip order; `clip_of[w]` says which clip window w belongs to.
+
+    With `center_only`, one centred window per clip: the "no TTA" baseline that whole-clip windows are judged by.
+    """
+
+    def __init__(self, store: MelStore, indices, crop_frames: int, step_frac: float, center_only: bool = False):
+        self.store, self.length = store, crop_frames
+        step = int(round(crop_frames * step_frac))
+
+        def starts(n_frames):
+            if center_only:
+                return [max(n_frames - crop_frames, 0) // 2]
+            return window_starts(n_frames, crop_frames, step)
+
+        items = [(k, s) for k, j in enumerate(indices) for s in starts(store.mels[j].shape[1])]
+        self.indices = np.asarray(indices)
+        self.items = items
+        self.clip_of = np.array([k for k, _ in items], dtype=np.int64)
+        n_classes = 0 if store.table.targets is None else store.table.targets.shape[1]
+        self._no_target = torch.zeros(n_classes)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, w):
+        k, start = self.items[w]
+        j = self.indices[k]
+        x = torch.from_numpy(np.ascontiguousarray(crop(self.store.mels[j], self.length, start)))[None]
+        y = self._no_target if self.store.table.targets is None else torch.from_numpy(self.store.table.targets[j])
+        return x, y
+
+
+def aggregate_windows(window_probs: torch.Tensor, clip_of: torch.Tensor, n_clips: int, how: str) -> torch.Tensor:
+    """Per-clip scores from per-window probabilities: mean, max, or meanmax (the average of both)."""
+    if how not in ("mean", "max", "meanmax"):
+        raise ValueError(f"unknown aggregation {how!r}: mean, max or meanmax")
+    idx = clip_of[:, None].expand_as(window_probs)
+    zeros = torch.zeros(n_clips, window_probs.shape[1], dtype=window_probs.dtype, device=window_probs.device)
+    out = []
+    if how in ("mean", "meanmax"):
+        out.append(zeros.scatter_reduce(0, idx, window_probs, "mean", include_self=False))
+    if how in ("max", "meanmax"):
+        out.append(zeros.scatter_reduce(0, idx, window_probs, "amax", include_self=False))
+    return sum(out) / len(out)
+
+
+# ---------------------------------------------------------------- batch augmentations (on the device)
+
+
+def spec_augment(x: torch.Tensor, n_time: int, time_frac: float, n_freq: int, freq_frac: float,
+                 fill: float = 0.0) -> torch.Tensor:
+    """SpecAugment masks on a batch (B, 1, F, T): each item gets its own random time and frequency stripes.
+
+    Random numbers come from torch's global CPU generator, so a seeded run masks the same way on any device.
+    """
+    b, _, f, t = x.shape
+    keep = torch.ones(b, 1, f, t, dtype=torch.bool, device=x.device)
+    for n, size, frac, shape in ((n_time, t, time_frac, (b, 1, 1, t)), (n_freq, f, freq_frac, (b, 1, f, 1))):
+        widest = int(size * frac)
+        if n <= 0 or widest < 1:
+            continue
+        pos = torch.arange(size)
+        for _ in range(n):
+            width = torch.randint(0, widest + 1, (b,))
+            start = (torch.rand(b) * (size - width + 1)).long()
+            stripe = (pos[None] >= start[:, None]) & (pos[None] < (start + width)[:, None])  # (B, size)
+            keep &= ~stripe.view(shape).to(x.device)
+    return torch.where(keep, x, torch.full_like(x, fill))
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """Mix each item with a shuffled partner; soft targets mix the same way (BCE is linear in the target)."""
+    b = x.shape[0]
+    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b,))
+    lam = torch.maximum(lam, 1 - lam).to(x.device)  # the original item stays dominant
+    perm = torch.randperm(b).to(x.device)
+    lx = lam.view(b, *([1] * (x.dim() - 1)))
+    mixed_x = lx * x.float() + (1 - lx) * x[perm].float()
+    mixed_y = lam[:, None] * y.float() + (1 - lam[:, None]) * y[perm].float()
+    return mixed_x.to(x.dtype), mixed_y

@@ -1,0 +1,102 @@
+"""Whole-clip inference: every window of every clip, batched on the device, aggregated per clip.
+
+The seed predicted from four random 2-second crops, so most of a long clip was never seen; sliding windows that
+cover every frame (the winners' choice) look at all of it. Optional augmented passes add light SpecAugment.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .features import MelStore, WindowDataset, aggregate_windows, spec_augment
+from .model import model_from_checkpoint
+
+log = logging.getLogger("fattag")
+
+
+@torch.inference_mode()
+def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config, device="cpu",
+                  aug_passes: int = 0, center_only: bool = False, batch_size: int | None = None,
+                  seed: int = 0) -> np.ndarray:
+    """Probabilities (len(indices), C) for the listed clips of `store`; clips must be decodable.
+
+    Default: all windows of each clip (whole-clip TTA) plus `aug_passes` augmented passes; `center_only` scores
+    one centred window per clip instead (the no-TTA baseline).
+    """
+    device = torch.device(device)
+    indices = np.asarray(indices)
+    ds = WindowDataset(store, indices, cfg.crop_frames, cfg.tta_step_frac, center_only=center_only)
+    bs = batch_size or max(cfg.batch_size * 2, 8)
+    model = model.to(device).eval()
+    clip_of = torch.from_numpy(ds.clip_of).to(device)
+    passes = []
+    cpu_rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)  # augmented passes are reproducible and leave the training RNG untouched
+    try:
+        for p in range(1 + aug_passes):
+            probs = []
+            for start in range(0, len(ds), bs):
+                x = torch.stack([ds[w][0] for w in range(start, min(start + bs, len(ds)))]).to(device)
+                if p > 0:
+                    x = spec_augment(x, 1, cfg.time_mask_frac / 2, 1, cfg.freq_mask_frac / 2,
+                                     fill=float(model[0].mean) if hasattr(model[0], "mean") else 0.0)
+                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                    probs.append(torch.sigmoid(model(x).float()))
+            window_probs = torch.cat(probs) if probs else torch.zeros(0, n_outputs(model), device=device)
+            passes.append(aggregate_windows(window_probs, clip_of, len(indices), cfg.tta_aggregate))
+    finally:
+        torch.set_rng_state(cpu_rng_state)
+    return torch.stack(passes).mean(0).cpu().numpy().astype(np.float64)
+
+
+def n_outputs(model: torch.nn.Module) -> int:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+
+
+def timed_predict(*args, **kwargs) -> tuple[np.ndarray, float]:
+    t0 = time.time()
+    out = predict_clips(*args, **kwargs)
+    return out, time.time() - t0
+
+
+def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
+    """Combine per-fold probabilities: arithmetic mean, or geometric mean (rewards agreement between folds)."""
+    stack = np.stack(fold_probs)
+    if how == "mean":
+        return stack.mean(0)
+    if how == "geomean":
+        return np.exp(np.log(np.clip(stack, 1e-7, 1.0)).mean(0))
+    raise ValueError(f"unknown fold ensemble {how!r}: mean or geomean")
+
+
+def load_fold_models(weights_dir, cfg: Config, classes: list[str]) -> list:
+    """Every fold*/model.pth under `weights_dir` as (path, model, meta); a clear error when none or mismatched."""
+    weights_dir = Path(weights_dir)
+    paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
+    if not paths:
+        raise FileNotFoundError(f"no fold*/model.pth under {weights_dir}: point --weights at a training run's "
+                                "work dir (or the dataset holding its fold folders)")
+    return [(p, *model_from_checkpoint(p, cfg, classes)) for p in paths]
+
+
+def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int) -> np.ndarray:
+    """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded."""
+    idx = np.flatnonzero(store.ok)
+    n_windows = len(WindowDataset(store, idx, cfg.crop_frames, cfg.tta_step_frac))
+    per_fold = []
+    for k, model in enumerate(models):
+        t0 = time.time()
+        probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes)
+        took = time.time() - t0
+        log.info("test predictions, model %d/%d: %d clips, %d windows x %d passes in %.1f s (%.1f clips/s, "
+                 "%.0f windows/s)", k + 1, len(models), len(idx), n_windows, 1 + aug_passes, took,
+                 len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
+        full = np.full((len(store.mels), probs.shape[1]), np.nan)
+        full[idx] = probs
+        per_fold.append(full)
+    return ensemble(per_fold, cfg.fold_ensemble)

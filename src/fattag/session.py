@@ -1,0 +1,104 @@
+"""One run's context: resolved data folder, config, work folder, device, log file and the clock."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration
+from .data import find_data_dir
+
+log = logging.getLogger("fattag")
+PROCESS_START = time.time()  # the time budget counts from here (module import = process start, near enough)
+
+
+@dataclass
+class Session:
+    cfg: Config
+    preset: str
+    data_dir: Path
+    work_dir: Path
+    device: torch.device
+    is_demo: bool
+    started: float = PROCESS_START
+    timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s"} per finished stage
+    planned: dict = field(default_factory=dict)   # stage name -> planned seconds, from the time-budget plan
+
+    @property
+    def deadline(self) -> float | None:
+        """Wall-clock time by which a submission must be on disk (budget minus safety margin), or None."""
+        if not self.cfg.time_budget:
+            return None
+        return self.started + self.cfg.time_budget * (1 - self.cfg.safety_margin)
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def record(self, stage: str, seconds: float) -> None:
+        self.timings.append(dict(stage=stage, planned_s=self.planned.get(stage), actual_s=round(seconds, 2)))
+
+    def timing_table(self) -> str:
+        rows = [f"{'stage':<24}{'planned':>10}{'actual':>10}"]
+        for t in self.timings:
+            planned = "-" if t["planned_s"] is None else f"{t['planned_s']:.0f}s"
+            rows.append(f"{t['stage']:<24}{planned:>10}{t['actual_s']:>9.0f}s")
+        rows.append(f"{'total (from start)':<24}{'':>10}{self.elapsed():>9.0f}s")
+        return "\n".join(rows)
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """INFO lines with wall-clock offsets to stderr and, when given, to the run's log file."""
+    logger = logging.getLogger("fattag")
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    logger.propagate = False
+
+
+def open_session(args) -> Session:
+    """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset and the work folder."""
+    data_dir = find_data_dir(args.data_dir)
+    is_demo = data_dir is None
+    if is_demo:
+        from .demo import make_demo_dataset
+        setup_logging()
+        log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
+        data_dir = make_demo_dataset(seed=42)
+    preset = args.preset or ("demo" if is_demo else "kaggle-1h")
+    overrides = {"seed": args.seed}
+    for name in ("folds",):
+        overrides[name] = getattr(args, name, None)
+    if getattr(args, "time_budget", None) is not None:
+        overrides["time_budget"] = parse_duration(args.time_budget)
+    cfg = make_config(preset, overrides, args.sets)
+    if args.work_dir:
+        work_dir = Path(args.work_dir)
+    elif Path(KAGGLE_WORK_DIR).is_dir():
+        work_dir = Path(KAGGLE_WORK_DIR)
+    else:
+        work_dir = Path("runs") / preset
+    work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir / "log.txt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    (work_dir / "config.json").write_text(cfg.to_json() + "\n")
+    log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
+             work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
+    return Session(cfg, preset, Path(data_dir), work_dir, device, is_demo)
