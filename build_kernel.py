@@ -36,7 +36,7 @@ TITLE = "FAT2019 fattag two-stage"
 WEIGHTS_DATASET = None                   # "owner/slug" of a Kaggle dataset with trained weights (predict)
 COMPETITION = "freesound-audio-tagging-2019"
 KAGGLE_INPUT = "/kaggle/input"           # where Kaggle mounts attached datasets: KAGGLE_INPUT/<slug>
-WEIGHTS_DIR_OPTION = "weights_dir"       # run.py option (dest) that receives the mounted weights folder
+WEIGHTS_DIR_OPTION = "weights"          # run.py option (dest of --weights) that gets the mounted weights folder
 MODES = ("train", "predict")
 
 # Top-level imports the bundle may use: what the Kaggle image has, besides the standard library.
@@ -149,6 +149,25 @@ def preset_names(sources: dict[str, str]) -> list[str] | None:
             keys = [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
             return keys if len(keys) == len(node.value.keys) else None
     return None
+
+
+def cli_options(sources: dict[str, str]) -> set[str] | None:
+    """Dests of the `add_argument` calls in fattag/cli.py, read without importing it (None if no cli.py)."""
+    text = sources.get(f"src/{PACKAGE}/cli.py")
+    if text is None:
+        return None
+    dests = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
+            dest = next((k.value.value for k in node.keywords
+                         if k.arg == "dest" and isinstance(k.value, ast.Constant)), None)
+            flags = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            longs = [f for f in flags if f.startswith("--")]
+            if dest is None and (longs or flags):
+                dest = (longs or flags)[0].lstrip("-").replace("-", "_")
+            if dest:
+                dests.add(dest)
+    return dests or None
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -372,6 +391,11 @@ def validate(mode: str, preset: str, kernel_id: str, title: str, weights_dataset
             raise BuildError(f"{flag} must look like OWNER/SLUG, not {value!r}")
     if not title.strip():
         raise BuildError("--title must not be empty")
+    options = cli_options(sources)
+    unknown = sorted(set(baked_defaults(mode, preset, weights_dataset)) - options) if options else []
+    if unknown:
+        raise BuildError(f"baked defaults {unknown} are not options of src/fattag/cli.py "
+                         f"({', '.join(sorted(options))}): update build_kernel.py")
     presets = preset_names(sources)
     if presets is not None and preset not in presets:
         raise BuildError(f"--preset {preset!r} is not in fattag/config.py PRESETS ({', '.join(presets)})")

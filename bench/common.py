@@ -62,12 +62,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def pick_device():
-    """CUDA when present (the scripts must run on a GPU machine too), else CPU with one thread per core."""
+def pick_device(threads: int | None = None):
+    """CUDA when present (the scripts must run on a GPU machine too), else CPU with one torch thread per core
+    (as fattag.session does) unless `threads` says otherwise."""
     import torch
+    if threads:
+        torch.set_num_threads(threads)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    torch.set_num_threads(usable_cores())
+    if not threads:
+        torch.set_num_threads(usable_cores())
     return torch.device("cpu")
 
 
@@ -187,8 +191,8 @@ def _round(obj, digits: int = 4):
 
 def print_json(bench: str, machine: dict, results: dict, **extra) -> dict:
     """The single JSON line that ends every bench script's output (floats to 4 significant digits)."""
-    record = {"bench": bench, "machine": machine, **extra, "results": results}
-    print(json.dumps(_round(record), separators=(",", ":"), default=str))
+    record = _round({"bench": bench, "machine": machine, **extra, "results": results})
+    print(json.dumps(record, separators=(",", ":"), default=str))
     sys.stdout.flush()
     return record
 
@@ -294,6 +298,8 @@ def base_parser(description: str, default_preset: str = "kaggle-1h") -> argparse
     p.add_argument("--preset", default=default_preset, help=f"fattag preset (default {default_preset})")
     p.add_argument("--quick", action="store_true", help="small sizes and fewer repetitions (CPU, smoke tests)")
     p.add_argument("--repeat", type=int, default=None, help="timed repetitions; the best is reported")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one per usable core, as a run uses)")
     return p
 
 

@@ -24,7 +24,7 @@ def main(argv=None) -> dict:
     from fattag.config import make_config
     from fattag.features import LogMel
 
-    device = pick_device()
+    device = pick_device(a.threads)
     cfg = make_config(a.preset)
     n = a.clips or (4 if a.quick else 32)
     bsz = min(a.batch or (4 if a.quick else 16), n)

@@ -77,6 +77,33 @@ def model_rates(cfg, bs: int, device, steps: int, repeat: int) -> dict:
                 train_runs_s=train_runs, infer_runs_s=inf_runs)
 
 
+class SliceLoader:
+    """Reference, not fattag code: the same random crops, sliced straight into one preallocated batch array
+    (no per-item tensors, no collate); shows what the per-item path costs the real loader."""
+
+    def __init__(self, store, crop_frames: int, bs: int, device):
+        import numpy as np
+        import torch
+        self.np, self.torch = np, torch
+        self.mels, self.length, self.bs, self.device = store.mels, crop_frames, bs, device
+        self.targets = store.table.targets
+        self.rng = np.random.default_rng(0)
+
+    def __iter__(self):
+        np, torch, L = self.np, self.torch, self.length
+        order = self.rng.permutation(len(self.mels))
+        n_mels = self.mels[0].shape[0]
+        for s in range(0, len(order) - self.bs + 1, self.bs):
+            j = order[s:s + self.bs]
+            out = np.empty((len(j), 1, n_mels, L), dtype=np.float16)
+            starts = self.rng.random(len(j))
+            for b, k in enumerate(j):  # build_store mels are never shorter than one crop
+                m = self.mels[k]
+                a = int(starts[b] * (m.shape[1] - L + 1))
+                out[b, 0] = m[:, a:a + L]
+            yield torch.from_numpy(out).to(self.device), torch.from_numpy(self.targets[j]).to(self.device)
+
+
 def input_rates(cfg, store, bs: int, device, repeat: int) -> dict:
     """Clips/s of CropDataset -> DataLoader collate -> device -> spec_augment -> mixup (stage-2 settings)."""
     import numpy as np
@@ -100,6 +127,7 @@ def input_rates(cfg, store, bs: int, device, repeat: int) -> dict:
         "torch DataLoader": lambda: torch.utils.data.DataLoader(
             ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=cfg.num_workers),
     }
+    loaders["reference: slices into a batch array"] = lambda: SliceLoader(store, cfg.crop_frames, bs, device)
     out = {}
     for name, make in loaders.items():
         dl = make()
@@ -128,7 +156,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     from fattag.config import PRESETS, make_config
 
-    device = pick_device()
+    device = pick_device(a.threads)
     cuda = device.type == "cuda"
     presets = [a.preset] if a.preset else list(PRESETS)
     repeat = a.repeat or (1 if a.quick else 3)

@@ -120,6 +120,7 @@ def test_predict_mode_lists_the_weights_dataset(tmp_path):
     assert kernel.BAKED_DEFAULTS["mode"] == "predict"
     assert "/kaggle/input/fattag-weights" in kernel.BAKED_DEFAULTS.values()
     assert "--mode predict" in (tmp_path / "kernel.py").read_text().splitlines()[1]
+    assert set(kernel.BAKED_DEFAULTS) <= bk.cli_options(bk.collect_sources(SRC)), "baked keys must be CLI options"
 
 
 def test_bad_options_are_rejected():

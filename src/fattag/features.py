@@ -19,7 +19,7 @@ import torch
 import torchaudio
 
 from .config import Config
-from .data import ClipTable, iter_decoded
+from .data import ClipTable, decode_report, iter_decoded
 
 log = logging.getLogger("fattag")
 
@@ -81,6 +81,8 @@ def build_store(table: ClipTable, cfg: Config, device: torch.device | str = "cpu
             x = torch.from_numpy(tile_to_length(wave, min_samples)).to(device)
             mels[i] = logmel(x[None])[0].to(torch.float16).cpu().numpy()
     store = MelStore(table, mels, errors, seconds)
+    if errors:
+        decode_report(table.name, errors)  # one warning per skipped file, then the count
     took = time.time() - t0
     log.info("%s: %d clips, %.1f min of audio -> %.0f MB of float16 log-mel in %.1f s (%.1f clips/s)%s",
              table.name, len(table), seconds / 60, store.nbytes() / 1e6, took, len(table) / max(took, 1e-9),

@@ -105,6 +105,8 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
             return
+        if self.total is not None and self.n >= self.total:
+            return  # the final line, written by close(), follows
         now = time.perf_counter()
         if now - self._last >= self.interval:
             self._last = now

@@ -332,6 +332,7 @@ def train_stage1(s: Session, noisy: MelStore | None, classes: list[str], mean: f
     t0 = time.time()
     seed = cfg.seed + 1000 + seed_offset
     train_idx, hold_idx = holdout_split(np.flatnonzero(noisy.ok), cfg.noisy_holdout, seed)
+    set_seed(seed, reproducible=True)  # initial weights too: the same seed gives the same run
     model = build_model(cfg, len(classes), mean, std)
     res = fit_stage(model, noisy, train_idx, noisy, hold_idx, cfg, epochs=cfg.epochs_noisy, lr=cfg.lr_noisy,
                     mixup_alpha=cfg.mixup_noisy, specaug=cfg.specaug_noisy, label="stage 1 (noisy)",
@@ -397,6 +398,7 @@ def train_folds(s: Session, curated: MelStore, noisy: MelStore | None, classes: 
             if cfg.stage1_per_fold:
                 init = train_stage1(s, noisy, classes, mean, std, out_dir / "stage1", seed_offset=k,
                                     deadline=train_deadline)
+            set_seed(cfg.seed + k, reproducible=True)
             model = build_model(cfg, len(classes), mean, std)
             if init is not None:
                 model.load_state_dict(init)

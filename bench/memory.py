@@ -1,0 +1,141 @@
+"""Peak memory of building a MelStore (build_store) from H hours of generated audio, extrapolated to FAT2019.
+
+    python bench/memory.py [--preset kaggle-1h] [--quick] [--hours H] [--clip-seconds 15]
+
+The clips are generated (and cached) by a child process, so this process's peak RSS is imports + build_store +
+store_stats only. Measured: RSS after imports, peak RSS (VmHWM; ru_maxrss as a fallback), RSS after the build,
+store bytes per second of audio. The FAT2019 projection adds, with printed assumptions, what the measured run does
+not contain (all three stores at once, short-clip tiling, store_stats on 2000 curated clips, training state).
+Bound checked: peak RSS <= 12 GB for the whole run. For an outside check run it under `/usr/bin/time -v`.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from common import (FAT2019, GB, MB, base_parser, clip_table, make_wavs_in_child, peak_rss_bytes, pick_device,
+                    print_json, print_machine, print_table, rss_bytes)
+
+BOUND_GB = 12.0
+# Host memory of training on a GPU that this CPU measurement cannot contain: CUDA context and libraries (cuDNN,
+# cuBLAS), model + AdamW state + best-weights copies, fastai Learner, batches. An allowance, not a measurement.
+TRAINING_ALLOWANCE_GB = 3.0
+STATS_CLIPS = 2000  # store_stats samples at most this many clips
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--hours", type=float, default=None, help="hours of audio to generate (default 1, --quick 0.25)")
+    p.add_argument("--clip-seconds", type=float, default=15.0)
+    a = p.parse_args(argv)
+    import numpy as np
+    import torch  # noqa: F401  (counted in the baseline, as in a run)
+    from fattag.config import make_config
+    from fattag.features import build_store, store_stats
+
+    device = pick_device(a.threads)
+    cfg = make_config(a.preset)
+    hours = a.hours if a.hours is not None else (0.25 if a.quick else 1.0)
+    n = max(1, math.ceil(hours * 3600 / a.clip_seconds))
+    info = print_machine("memory: build_store peak RSS", device, notes=(
+        f"preset {a.preset}; {n} generated clips x {a.clip_seconds:g} s = {n * a.clip_seconds / 3600:.2f} h at "
+        f"{cfg.sample_rate} Hz 16-bit mono"))
+    t0 = time.perf_counter()
+    paths = make_wavs_in_child(n, a.clip_seconds, cfg.sample_rate)
+    gen_s = time.perf_counter() - t0
+    table = clip_table(paths)
+    wav_bytes = sum(p.stat().st_size for p in paths)
+
+    rss0 = rss_bytes() or 0
+    peak_imports = peak_rss_bytes()
+    # A first small build pays the one-time costs (mel filterbank, FFT plans, thread pool, lazily loaded
+    # libraries), so the main build's RSS growth per store byte is the marginal cost that scales to FAT2019.
+    warm = build_store(table.subset(range(min(8, n))), cfg, device, progress=False)
+    rss_w = rss_bytes() or 0
+    one_time = max(rss_w - rss0 - warm.nbytes(), 0)
+    reset = reset_peak()
+    t0 = time.perf_counter()
+    store = build_store(table, cfg, device, progress=False)
+    build_s = time.perf_counter() - t0
+    peak_build = peak_rss_bytes()
+    rss1 = rss_bytes() or 0
+    store_bytes = store.nbytes()
+    if store.errors:
+        raise RuntimeError(f"{len(store.errors)} clips failed: {store.errors[:3]}")
+    t0 = time.perf_counter()
+    store_stats(store)
+    stats_s = time.perf_counter() - t0
+    peak_stats = peak_rss_bytes()
+    nominal_s = n * a.clip_seconds
+    bps = store_bytes / store.seconds              # per decoded (trimmed) second
+    frames = np.mean([m.shape[1] for m in store.mels])
+
+    measured = [
+        ["RSS after imports (baseline)", rss0 / MB],
+        ["peak RSS during imports", peak_imports / MB],
+        ["peak RSS during build_store" + ("" if reset else " (incl. imports)"), peak_build / MB],
+        ["one-time cost of the first build_store", one_time / MB],
+        ["RSS after build_store", rss1 / MB],
+        ["store bytes (float16 log-mel)", store_bytes / MB],
+        ["RSS growth / store bytes (marginal)", (rss1 - rss_w) / store_bytes],
+        ["transient: peak - RSS after build", (peak_build - rss1) / MB],
+        ["peak RSS during store_stats", peak_stats / MB],
+        ["WAV bytes read", wav_bytes / MB],
+        ["build_store wall s", build_s],
+        ["build_store audio s/s", store.seconds / build_s],
+        ["store bytes per decoded audio s", bps],
+        ["store_stats wall s", stats_s],
+    ]
+    print_table(["measured", "MB / value"], measured, f"measured on {store.seconds / 3600:.2f} h of decoded audio "
+                f"({n} clips, mean {frames:.0f} frames)")
+
+    # ---- projection to FAT2019
+    fat_s = {k: d["hours"] * 3600 for k, d in FAT2019.items()}
+    store_fat = bps * sum(fat_s.values())
+    slack = max((rss1 - rss_w) / store_bytes, 1.0)  # RSS growth per store byte (allocator overhead), at least 1
+    min_s = cfg.crop_seconds
+    tiling = bps * min_s * (FAT2019["curated"]["clips"] + FAT2019["test"]["clips"])  # bound: every short clip padded
+    curated_mean_s = fat_s["curated"] / FAT2019["curated"]["clips"]
+    stats_transient = STATS_CLIPS * curated_mean_s * bps * 2 * 2  # float32 copies (x2 of float16), list + concat
+    transient = max(peak_build - rss1, 0)
+    rows = [
+        ["baseline (imports, measured)", rss0 / GB, "this process after importing torch/fastai/fattag"],
+        ["first-build one-time (measured)", one_time / GB, "filterbank, FFT plans, decode pool, lazy libraries"],
+        ["stores: curated+noisy+test", store_fat * slack / GB,
+         f"{sum(fat_s.values()) / 3600:.1f} h x {bps / 1e3:.2f} kB/s x allocator factor {slack:.2f}; "
+         f"untrimmed (trim only lowers it)"],
+        ["short-clip tiling bound", tiling / GB, f"every curated+test clip padded by {min_s:g} s (upper bound)"],
+        ["build transient (measured)", transient / GB, "in-flight decoded clips, STFT buffers"],
+        ["store_stats transient", stats_transient / GB,
+         f"{STATS_CLIPS} curated clips x {curated_mean_s:.1f} s as float32, list + concatenation"],
+        ["training allowance (assumed)", TRAINING_ALLOWANCE_GB, "CUDA context/libs, model, AdamW, best-weight copies"],
+    ]
+    total = sum(r[1] for r in rows)
+    rows.append(["projected peak RSS", total, f"bound {BOUND_GB:g} GB: {'OK' if total <= BOUND_GB else 'EXCEEDED'}"])
+    print_table(["FAT2019 projection", "GB", "assumption"], rows,
+                "projected peak RSS of a kaggle run on FAT2019 (all three stores are alive together in run.py)")
+    results = dict(
+        hours=store.seconds / 3600, clips=n, rss_baseline_MB=rss0 / MB, peak_rss_build_MB=peak_build / MB,
+        rss_after_build_MB=rss1 / MB, peak_rss_stats_MB=peak_stats / MB, store_MB=store_bytes / MB,
+        store_bytes_per_audio_s=bps, rss_growth_over_store=(rss1 - rss_w) / store_bytes,
+        one_time_MB=one_time / MB,
+        build_wall_s=build_s, build_audio_s_per_s=store.seconds / build_s,
+        projected_fat2019_store_GB=store_fat / GB, projected_peak_GB=total, bound_GB=BOUND_GB,
+        within_bound=bool(total <= BOUND_GB))
+    print(f"(clip generation in a child process took {gen_s:.1f} s; cached under {paths[0].parent})")
+    return print_json("memory", info, results, preset=a.preset)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny FAT2019-shaped dataset and settings that make a whole pipeline run take seconds."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "src" / "run.py"
+
+# Every pipeline test uses these: both stages, two folds, one or two epochs, the demo preset's tiny model.
+TINY = ["--preset", "demo", "--seed", "0", "--folds", "2",
+        "--set", "epochs_noisy=1", "--set", "epochs_curated=2", "--set", "batch_size=16"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from fattag.demo import make_demo_dataset
+    return make_demo_dataset(tmp_path_factory.mktemp("tiny") / "data", seed=3, n_classes=4, curated_per_class=6,
+                             noisy_per_class=6, n_test=8)
+
+
+def run_pipeline(args, cwd=None, timeout=600, env_extra=None) -> subprocess.CompletedProcess:
+    """`python src/run.py ARGS` in a subprocess on the CPU; output captured, failure shows the log tail."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, str(RUN), *map(str, args)], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """One finished training run on the tiny dataset, shared by the tests that only read its outputs."""
+    work = tmp_path_factory.mktemp("run")
+    proc = run_pipeline(["--data-dir", tiny_data, "--work-dir", work, *TINY])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work

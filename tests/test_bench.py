@@ -1,0 +1,55 @@
+"""Smoke test of the bench scripts: each runs in-process with --quick and tiny sizes, prints its table and ends
+with one JSON line that parses. (In-process, so torch and fastai are imported once, not once per script.)
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+# Tiny sizes: the whole module stays well under 30 s on a 2-core CPU.
+CASES = {
+    "decode": ["--quick", "--preset", "demo", "--clips", "2", "--seconds", "1", "--workers", "1"],
+    "features": ["--quick", "--preset", "demo", "--clips", "1", "--batch", "1", "--seconds", "1", "--threads", "1"],
+    "train": ["--quick", "--preset", "demo", "--batch", "4", "--clips", "8", "--threads", "1"],
+    "memory": ["--quick", "--preset", "demo", "--hours", "0.002", "--clip-seconds", "2", "--threads", "1"],
+    "project": ["--quick", "--preset", "demo", "--batch", "4", "--clips", "2", "--threads", "1"],
+}
+EXPECT = {  # a figure each script must print in its table, and a key of its JSON results
+    "decode": ("audio s/s", "workers_1"),
+    "features": ("audio s/s", "store_bytes_per_audio_s"),
+    "train": ("train clips/s", "demo"),
+    "memory": ("projected peak RSS", "store_bytes_per_audio_s"),
+    "project": ("needed training rate", "needed_train_clips_s"),
+}
+
+
+def _load(name):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import their shared `common` module
+    spec = importlib.util.spec_from_file_location(f"fattag_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bench_script_prints_figures_and_json(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FATTAG_BENCH_DIR", str(tmp_path))  # generated clips go to a temporary folder
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        record = _load(name).main(CASES[name])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines[0].startswith("== ") and lines[1].startswith("machine: ")
+    figure, key = EXPECT[name]
+    assert figure in out
+    parsed = json.loads(lines[-1])
+    assert parsed["bench"] == name and key in parsed["results"]
+    assert parsed["results"] == json.loads(json.dumps(record["results"]))  # returned == printed

@@ -1,0 +1,111 @@
+"""End-to-end runs of `src/run.py` on the tiny dataset: outputs, OOF consistency, predict mode, bad input."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY, run_pipeline
+from fattag.data import load_dataset
+from fattag.metrics import lwlrap
+from fattag.submission import SubmissionError, validate_submission
+
+
+def test_training_run_writes_every_output(tiny_run):
+    for name in ("config.json", "log.txt", "oof.csv", "scores.json", "submission.csv",
+                 "stage1/model.pth", "stage1/history.csv", "fold0/model.pth", "fold0/history.csv",
+                 "fold1/model.pth", "fold1/history.csv"):
+        assert (tiny_run / name).is_file(), name
+    for stage in ("stage1", "fold0", "fold1"):  # resume files are removed once a stage is finished
+        assert not (tiny_run / stage / "last.pth").exists()
+    hist = pd.read_csv(tiny_run / "fold0" / "history.csv")
+    assert list(hist.columns) == ["epoch", "train_loss", "valid_loss", "lwlrap"] and len(hist) == 2
+    log = (tiny_run / "log.txt").read_text()
+    assert "time plan vs actual" in log and "OOF lwlrap" in log
+
+
+def test_oof_lwlrap_equals_recomputed_from_oof_csv(tiny_run, tiny_data):
+    data = load_dataset(tiny_data)
+    oof = pd.read_csv(tiny_run / "oof.csv")
+    assert list(oof.columns) == ["fname", *data.classes]
+    truth = data.curated.targets[[data.curated.fnames.index(f) for f in oof["fname"]]]
+    scores = json.loads((tiny_run / "scores.json").read_text())
+    # oof.csv holds 6 decimals, so the recomputed value agrees to about that precision
+    assert lwlrap(truth, oof[data.classes].to_numpy()) == pytest.approx(scores["oof_tta"], abs=1e-4)
+    assert len(oof) == len(data.curated)
+
+
+def test_submission_is_valid_and_ordered(tiny_run, tiny_data):
+    sample = pd.read_csv(tiny_data / "sample_submission.csv")
+    sub = pd.read_csv(tiny_run / "submission.csv")
+    validate_submission(sub, sample)
+    assert sub.iloc[:, 1:].std().max() > 0  # real predictions, not a constant prior
+
+
+def test_validation_rejects_wrong_files(tiny_run, tiny_data):
+    sample = pd.read_csv(tiny_data / "sample_submission.csv")
+    sub = pd.read_csv(tiny_run / "submission.csv")
+    with pytest.raises(SubmissionError, match="columns"):
+        validate_submission(sub[[sub.columns[0], *sub.columns[2:], sub.columns[1]]], sample)
+    with pytest.raises(SubmissionError, match="rows"):
+        validate_submission(sub.iloc[::-1].reset_index(drop=True), sample)
+    with pytest.raises(SubmissionError, match="rows"):
+        validate_submission(sub.iloc[:-1], sample)
+    bad = sub.copy()
+    bad.iloc[0, 1] = np.nan
+    with pytest.raises(SubmissionError, match="non-finite"):
+        validate_submission(bad, sample)
+    bad.iloc[0, 1] = 1.5
+    with pytest.raises(SubmissionError, match="outside"):
+        validate_submission(bad, sample)
+
+
+def test_predict_only_reproduces_the_training_submission(tiny_run, tiny_data, tmp_path):
+    proc = run_pipeline(["--mode", "predict", "--weights", tiny_run, "--data-dir", tiny_data,
+                         "--work-dir", tmp_path, *TINY])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = pd.read_csv(tiny_run / "submission.csv")
+    b = pd.read_csv(tmp_path / "submission.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert not (tmp_path / "fold0").exists()  # nothing was trained
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tiny_run, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    old = pd.read_csv(data / "sample_submission.csv").columns[1]
+    for name in ("sample_submission.csv", "train_curated.csv", "train_noisy.csv"):  # the data stays consistent
+        (data / name).write_text((data / name).read_text().replace(old, "Another_class"))
+    proc = run_pipeline(["--mode", "predict", "--weights", tiny_run, "--data-dir", data, "--work-dir", tmp_path / "w",
+                         *TINY])
+    assert proc.returncode != 0
+    assert "class vocabulary differs" in proc.stderr
+
+
+def test_feature_mismatch_is_a_clear_error(tiny_run, tiny_data, tmp_path):
+    proc = run_pipeline(["--mode", "predict", "--weights", tiny_run, "--data-dir", tiny_data, "--work-dir", tmp_path,
+                         *TINY, "--set", "n_mels=32"])
+    assert proc.returncode != 0
+    assert "feature settings differ" in proc.stderr and "n_mels" in proc.stderr
+
+
+def test_corrupt_clips_are_skipped_counted_and_still_submitted(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    curated = pd.read_csv(data / "train_curated.csv")
+    (data / "train_curated" / curated.fname[0]).write_bytes(b"not a wav at all")
+    (data / "train_curated" / curated.fname[1]).unlink()
+    test_fnames = pd.read_csv(data / "sample_submission.csv").fname
+    (data / "test" / test_fnames[2]).write_bytes(b"")
+    proc = run_pipeline(["--data-dir", data, "--work-dir", tmp_path / "w", *TINY])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped train_curated/{curated.fname[0]}" in proc.stderr
+    assert f"skipped train_curated/{curated.fname[1]}" in proc.stderr
+    assert "1 test clips could not be predicted" in proc.stderr
+    sub = pd.read_csv(tmp_path / "w" / "submission.csv")
+    validate_submission(sub, pd.read_csv(data / "sample_submission.csv"))
+    prior_row = sub.iloc[2, 1:].to_numpy(float)
+    assert np.allclose(prior_row, prior_row.mean(), atol=0.5)  # a prior row, finite and in range
+    oof = pd.read_csv(tmp_path / "w" / "oof.csv")
+    assert len(oof) == len(curated) - 2
