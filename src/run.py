@@ -22,6 +22,7 @@ from fattag.features import build_store, store_stats  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 from fattag.model import model_from_checkpoint  # noqa: E402
 from fattag.predict import load_fold_models, predict_test  # noqa: E402
+from fattag.report import write_report  # noqa: E402
 from fattag.session import open_session  # noqa: E402
 from fattag.submission import class_prior, fill_missing, write_oof, write_submission  # noqa: E402
 from fattag.train import train_folds, train_stage1  # noqa: E402
@@ -68,11 +69,22 @@ def main(argv=None, defaults: dict | None = None) -> int:
         write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          probs)
     else:
+        probs = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
     s.record("predict test", time.time() - t0)
     (s.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results), indent=2) + "\n")
     log.info("time plan vs actual:\n%s", s.timing_table())
+
+    # 7. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
+    rows = folds.predicted
+    write_report(s.work_dir, mode="train", classes=data.classes, timings=s.timings, scores=scores,
+                 dataset=dataset_summary(s, [curated, noisy, test]), folds=folds.results,
+                 oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
     return 0
+
+
+def dataset_summary(s, stores) -> dict:
+    return dict(data_dir=str(s.data_dir), demo=s.is_demo, sets=[st.summary() for st in stores if st is not None])
 
 
 def make_plan(s, classes, noisy, curated, test):
@@ -105,11 +117,15 @@ def predict_only(s, data, weights_dir, prior) -> int:
     models = load_fold_models(weights_dir, s.cfg, data.classes)
     log.info("loaded %d fold models from %s", len(models), weights_dir)
     test = build_store(data.test, s.cfg, s.device)
-    probs = predict_test([m for _, m, _ in models], test, s.cfg, s.device, s.cfg.tta_aug_passes)
-    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
-                     fill_missing(probs, test.ok, prior))
+    probs = fill_missing(predict_test([m for _, m, _ in models], test, s.cfg, s.device, s.cfg.tta_aug_passes),
+                         test.ok, prior)
+    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
     s.record("predict test", time.time() - t0)
     log.info("time:\n%s", s.timing_table())
+    write_report(s.work_dir, mode="predict", classes=data.classes, timings=s.timings, test_probs=probs,
+                 dataset=dataset_summary(s, [test]),
+                 loaded=[f"{path} (fold {meta.get('fold')}, lwlrap {meta.get('score', float('nan')):.4f}, "
+                         f"{meta['model']['arch']})" for path, _, meta in models])
     return 0
 
 

@@ -214,14 +214,26 @@ def test_chirps_sweep_in_their_direction(data):
 
 
 def test_nearest_centroid_on_curated_beats_chance_on_test(data):
-    """Labels carry information a simple classifier can pick up (but far from all of it)."""
+    """Labels carry information that a simple classifier on hand-made spectro-temporal statistics picks
+    up (far from all of it: classes share frequency ranges by design)."""
     def features(path):
-        x, _ = _read_wav(path)
-        power = _power(x, hop=128)
+        x, sr = _read_wav(path)
+        power = _power(x)
         edges = np.unique(np.geomspace(2, power.shape[1], 33).astype(int))
         bands = np.log(np.add.reduceat(power, edges[:-1], axis=1) + 1e-10)
-        lo, hi = np.percentile(bands, [50, 95], axis=0)
-        return hi - lo  # how far each band rises above its background
+        lo, hi = np.percentile(bands, [50, 95], axis=0)  # how far each band rises above its background
+        energy = power.sum(1)
+        loud = energy > 0.1 * energy.max()
+        env = np.log(energy + 1e-10)
+        env_power = np.abs(np.fft.rfft(env - env.mean())) ** 2
+        fm = np.fft.rfftfreq(env.size, 64 / sr)
+        mod = np.log([env_power[(fm >= a) & (fm < b)].sum() + 1e-6  # envelope modulation (rhythm)
+                      for a, b in ((0.5, 3), (3, 8), (8, 16), (16, 32), (32, 62))])
+        steps = np.diff(power.argmax(1))[loud[1:] & loud[:-1]]
+        steps = steps[np.abs(steps) < 10]
+        direction = np.mean(steps > 0) - np.mean(steps < 0) if steps.size else 0.0  # pitch going up/down
+        flatness = np.exp(np.mean(np.log(power[loud] + 1e-12), 1)) / (power[loud].mean(1) + 1e-12)
+        return np.concatenate([hi - lo, mod - mod.mean(), [direction, np.log(flatness.mean() + 1e-9)]])
 
     classes = list(pd.read_csv(data / "sample_submission.csv").columns[1:])
     cur = pd.read_csv(data / "train_curated.csv")
@@ -235,7 +247,7 @@ def test_nearest_centroid_on_curated_beats_chance_on_test(data):
     pred = ((x_test[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     hit = np.mean([classes[p] in ls for p, ls in zip(pred, _labels(test.labels))])
     chance = np.mean([len(ls) for ls in _labels(test.labels)]) / len(classes)
-    assert hit > 1.4 * chance  # about 2x over seeds 0-11, at least 1.6x
+    assert hit > 1.5 * chance  # 1.8x to 2.6x over seeds 0-11
 
 
 def test_many_classes_get_pattern_families():

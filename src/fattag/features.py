@@ -63,6 +63,11 @@ class MelStore:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.mels if m is not None)
 
+    def summary(self) -> dict:
+        """Counts for the run report: clips, hours of audio, skipped files and why."""
+        return dict(name=self.table.name, clips=len(self.table), hours=self.seconds / 3600,
+                    skipped=len(self.errors), skipped_files=[f"{f}: {why}" for f, why in self.errors])
+
 
 def build_store(table: ClipTable, cfg: Config, device: torch.device | str = "cpu", progress: bool = True) -> MelStore:
     """Decode every clip (threads), take its log-mel on `device`, keep it as float16 on the host."""

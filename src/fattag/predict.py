@@ -15,6 +15,7 @@ import torch
 from .config import Config
 from .features import MelStore, WindowDataset, aggregate_windows, spec_augment
 from .model import model_from_checkpoint
+from .progress import progress
 
 log = logging.getLogger("fattag")
 
@@ -22,11 +23,11 @@ log = logging.getLogger("fattag")
 @torch.inference_mode()
 def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config, device="cpu",
                   aug_passes: int = 0, center_only: bool = False, batch_size: int | None = None,
-                  seed: int = 0) -> np.ndarray:
+                  seed: int = 0, desc: str | None = None) -> np.ndarray:
     """Probabilities (len(indices), C) for the listed clips of `store`; clips must be decodable.
 
     Default: all windows of each clip (whole-clip TTA) plus `aug_passes` augmented passes; `center_only` scores
-    one centred window per clip instead (the no-TTA baseline).
+    one centred window per clip instead (the no-TTA baseline). With `desc`, progress is shown in windows.
     """
     device = torch.device(device)
     indices = np.asarray(indices)
@@ -40,7 +41,10 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     try:
         for p in range(1 + aug_passes):
             probs = []
-            for start in range(0, len(ds), bs):
+            batches = range(0, len(ds), bs)
+            bar = progress(batches, desc=f"{desc} pass {p + 1}/{1 + aug_passes}" if desc else "", unit="batch",
+                           disable=desc is None)
+            for start in bar:
                 x = torch.stack([ds[w][0] for w in range(start, min(start + bs, len(ds)))]).to(device)
                 if p > 0:
                     x = spec_augment(x, 1, cfg.time_mask_frac / 2, 1, cfg.freq_mask_frac / 2,
@@ -91,7 +95,8 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
     per_fold = []
     for k, model in enumerate(models):
         t0 = time.time()
-        probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes)
+        probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes,
+                              desc=f"predict test, model {k + 1}/{len(models)}")
         took = time.time() - t0
         log.info("test predictions, model %d/%d: %d clips, %d windows x %d passes in %.1f s (%.1f clips/s, "
                  "%.0f windows/s)", k + 1, len(models), len(idx), n_windows, 1 + aug_passes, took,
