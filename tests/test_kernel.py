@@ -318,17 +318,15 @@ def test_real_bundle_starts_and_prints_its_hash(tmp_path):
 
 # --- end to end ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_bundle_and_run_py_write_the_same_submission(tmp_path):
+def test_bundle_and_run_py_write_the_same_submission(tmp_path, tiny_data):
     import numpy as np
     import pandas as pd
-    from fattag.demo import make_demo_dataset
+    from conftest import TINY
 
-    data = make_demo_dataset(tmp_path / "data", seed=42)
     files = bk.build(tmp_path / "bundle")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    common = ["--data-dir", str(data), "--preset", "demo", "--seed", "0",
-              "--set", "epochs_noisy=1", "--set", "epochs_curated=1", "--set", "folds=2"]
+    common = ["--data-dir", str(tiny_data), *TINY]
     env = clean_env(CUDA_VISIBLE_DEVICES="")
     runs = {"bundle": [sys.executable, str(files["kernel.py"])],
             "run.py": [sys.executable, str(SRC / "run.py")]}

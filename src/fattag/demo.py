@@ -24,7 +24,7 @@ import pandas as pd
 
 __all__ = ["DEMO_VERSION", "default_demo_dir", "demo_classes", "demo_truth", "make_demo_dataset"]
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"  # bump on any change to the generated files
 MARKER = ".demo_complete.json"
 
 CURATED_MULTI_SHARE = 0.15   # curated clips with two labels
