@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 8dc5746149c9). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 13fc5af77e50). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -10,7 +10,7 @@
 # Embedded files:
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
-#   src/fattag/budget.py                       211 lines
+#   src/fattag/budget.py                       216 lines
 #   src/fattag/cli.py                           64 lines
 #   src/fattag/config.py                       168 lines
 #   src/fattag/data.py                         242 lines
@@ -21,10 +21,10 @@
 #   src/fattag/predict.py                      107 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/report.py                       391 lines
-#   src/fattag/session.py                      121 lines
+#   src/fattag/session.py                      119 lines
 #   src/fattag/submission.py                    73 lines
 #   src/fattag/train.py                        455 lines
-#   src/run.py                                 133 lines
+#   src/run.py                                 135 lines
 
 import hashlib
 import importlib.abc
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '8dc5746149c9'
+BUILD_HASH = '13fc5af77e50'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -460,6 +460,11 @@ class Plan:
     @property
     def total_s(self) -> float:
         return sum(s for _, s in self.stages)
+
+    @property
+    def folds_s(self) -> float:
+        """Planned seconds of all stage-2 folds: stage 1 must stop in time to leave them this much."""
+        return sum(s for name, s in self.stages if name.startswith("fold"))
 
     def table(self) -> str:
         rows = [f"{'stage':<22}{'planned':>10}"]
@@ -2841,8 +2846,6 @@ def open_session(args) -> Session:
     work_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(work_dir / "log.txt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
     (work_dir / "config.json").write_text(cfg.to_json() + "\n")
     log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
              work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
@@ -3439,7 +3442,9 @@ def main(argv=None, defaults: dict | None = None) -> int:
     plan = make_plan(s, data.classes, noisy, curated, test)
 
     # 3. Stage 1 on the noisy set (one shared model), 4. stage 2 on each curated fold, warm-started from it.
-    stage1 = None if s.cfg.stage1_per_fold else train_stage1(s, noisy, data.classes, mean, std)
+    stage1_deadline = s.deadline - plan.folds_s if s.deadline else None
+    stage1 = None if s.cfg.stage1_per_fold else train_stage1(s, noisy, data.classes, mean, std,
+                                                             deadline=stage1_deadline)
     folds = train_folds(s, curated, noisy, data.classes, mean, std, stage1, plan.folds_trained,
                         predict_reserve_s=plan.predict_test_s)
 

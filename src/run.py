@@ -53,7 +53,9 @@ def main(argv=None, defaults: dict | None = None) -> int:
     plan = make_plan(s, data.classes, noisy, curated, test)
 
     # 3. Stage 1 on the noisy set (one shared model), 4. stage 2 on each curated fold, warm-started from it.
-    stage1 = None if s.cfg.stage1_per_fold else train_stage1(s, noisy, data.classes, mean, std)
+    stage1_deadline = s.deadline - plan.folds_s if s.deadline else None
+    stage1 = None if s.cfg.stage1_per_fold else train_stage1(s, noisy, data.classes, mean, std,
+                                                             deadline=stage1_deadline)
     folds = train_folds(s, curated, noisy, data.classes, mean, std, stage1, plan.folds_trained,
                         predict_reserve_s=plan.predict_test_s)
 

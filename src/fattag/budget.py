@@ -106,6 +106,11 @@ class Plan:
     def total_s(self) -> float:
         return sum(s for _, s in self.stages)
 
+    @property
+    def folds_s(self) -> float:
+        """Planned seconds of all stage-2 folds: stage 1 must stop in time to leave them this much."""
+        return sum(s for name, s in self.stages if name.startswith("fold"))
+
     def table(self) -> str:
         rows = [f"{'stage':<22}{'planned':>10}"]
         rows += [f"{name:<22}{secs:>9.0f}s" for name, secs in self.stages]

@@ -113,8 +113,6 @@ def open_session(args) -> Session:
     work_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(work_dir / "log.txt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
     (work_dir / "config.json").write_text(cfg.to_json() + "\n")
     log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
              work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
