@@ -63,16 +63,12 @@ def usable_cores() -> int:
 
 
 def pick_device(threads: int | None = None):
-    """CUDA when present (the scripts must run on a GPU machine too), else CPU with one torch thread per core
-    (as fattag.session does) unless `threads` says otherwise."""
+    """CUDA when present (the scripts must run on a GPU machine too), else CPU. torch's CPU thread count is left
+    at its default, as a run leaves it, unless `threads` says otherwise."""
     import torch
     if threads:
         torch.set_num_threads(threads)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not threads:
-        torch.set_num_threads(usable_cores())
-    return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def machine_info(device=None) -> dict:
@@ -135,6 +131,25 @@ def best_of(fn, repeat: int = 3, warmup: int = 1, device=None) -> tuple[float, l
         sync(device)
         times.append(time.perf_counter() - t0)
     return min(times), times
+
+
+def best_of_cpu(fn, repeat: int = 3, warmup: int = 1, device=None) -> tuple[float, float, list[float]]:
+    """(best wall s, best process CPU s, all wall timings) over `repeat` timed runs after `warmup` untimed ones.
+
+    CPU seconds (all threads of this process) are much less disturbed by other jobs than wall time: with one
+    torch thread, work per CPU-second estimates what an idle core would do.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    walls, cpus = [], []
+    for _ in range(max(1, repeat)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return min(walls), min(cpus), walls
 
 
 # ---------------------------------------------------------------- output
@@ -299,7 +314,7 @@ def base_parser(description: str, default_preset: str = "kaggle-1h") -> argparse
     p.add_argument("--quick", action="store_true", help="small sizes and fewer repetitions (CPU, smoke tests)")
     p.add_argument("--repeat", type=int, default=None, help="timed repetitions; the best is reported")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: one per usable core, as a run uses)")
+                   help="torch CPU threads (default: torch's own, as a run uses)")
     return p
 
 

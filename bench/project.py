@@ -43,6 +43,20 @@ def fat2019_workload(cfg):
     return w, mean_s
 
 
+def breakdown(cfg, w, tp, overhead: float, e1: int, e2: int, folds: int, passes: int) -> dict:
+    """Seconds per part of the run, priced as fattag.budget prices them (their sum is plan_run's total)."""
+    k = cfg.folds
+    tr, inf = tp.train_s_per_clip * overhead, tp.infer_s_per_window * overhead
+    return {
+        "stage 1 training": e1 * w.noisy_train * tr,
+        "stage 1 validation": e1 * w.noisy_holdout_windows * inf,
+        "stage 2 training (all folds)": folds * e2 * w.curated * (k - 1) / k * tr,
+        "stage 2 validation (all folds)": folds * e2 * w.curated_windows / k * inf,
+        "OOF predictions": folds * (w.curated / k + w.curated_windows / k * (1 + passes)) * inf,
+        "test TTA (all fold models)": folds * w.test_windows * (1 + passes) * inf,
+    }
+
+
 def measure_prep(cfg, device, n: int, repeat: int) -> tuple[float, float]:
     """(decode audio s/s with iter_decoded's default workers, log-mel audio s/s per clip on `device`)."""
     import torch
@@ -119,8 +133,16 @@ def main(argv=None) -> dict:
 
     full = plan_run(cfg, w, tp, None)
     available = budget_s * (1 - cfg.safety_margin) - prep
-    print(f"\ndata preparation: decode {prep_dec:.0f} s + log-mel {prep_feat:.0f} s = {prep:.0f} s")
-    print("\nfull recipe as configured (no budget):")
+    parts = breakdown(cfg, w, tp, OVERHEAD, full.epochs_noisy, full.epochs_curated, full.folds_trained,
+                      full.tta_aug_passes)
+    rows = [["decode (CPU)", prep_dec], [f"log-mel ({device})", prep_feat]] + [[k, v] for k, v in parts.items()]
+    total_rows = sum(r[1] for r in rows)
+    rows.append(["total", total_rows])
+    print_table(["part of the run (full recipe)", "seconds", "hours"], [r + [r[1] / 3600] for r in rows],
+                "projected wall time by part on this machine")
+    if abs(sum(parts.values()) - full.total_s) > 1e-6 * max(full.total_s, 1):
+        print(f"note: parts sum to {sum(parts.values()):.0f} s, budget.plan_run says {full.total_s:.0f} s")
+    print("\nfattag.budget.plan_run, full recipe as configured (no budget):")
     print(full.table())
     total_full = prep + full.total_s
     print(f"projected wall time on this machine: {total_full:.0f} s = {total_full / 3600:.1f} h "
@@ -153,7 +175,7 @@ def main(argv=None) -> dict:
         fitted=dict(epochs_noisy=fitted.epochs_noisy, epochs_curated=fitted.epochs_curated,
                     folds=fitted.folds_trained, total_s=fitted.total_s, notes=fitted.notes),
         needed_train_clips_s=need, needed_infer_windows_s=need * rho, speedup_needed=need / have,
-        workload=dataclasses.asdict(w))
+        parts_s={"decode": prep_dec, "logmel": prep_feat, **parts}, workload=dataclasses.asdict(w))
     return print_json("project", info, results, preset=a.preset, batch=cfg.batch_size, repeat=repeat)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from common import base_parser, best_of, pick_device, print_json, print_machine, print_table
+from common import base_parser, best_of, best_of_cpu, pick_device, print_json, print_machine, print_table
 
 N_CLASSES = 80
 RULE = 10.0
@@ -63,7 +63,7 @@ def model_rates(cfg, bs: int, device, steps: int, repeat: int) -> dict:
             scaler.update()
 
     model.train()
-    t_train, train_runs = best_of(train_steps, repeat=repeat, warmup=1, device=device)
+    t_train, cpu_train, train_runs = best_of_cpu(train_steps, repeat=repeat, warmup=1, device=device)
     model.eval()
     xi = torch.cat([x, x])
 
@@ -74,6 +74,7 @@ def model_rates(cfg, bs: int, device, steps: int, repeat: int) -> dict:
 
     t_inf, inf_runs = best_of(infer, repeat=repeat, warmup=1, device=device)
     return dict(params_M=n_params / 1e6, train_clips_s=steps * bs / t_train, infer_windows_s=steps * len(xi) / t_inf,
+                train_clips_per_cpu_s=steps * bs / cpu_train if device.type == "cpu" and cpu_train > 0 else None,
                 train_runs_s=train_runs, infer_runs_s=inf_runs)
 
 
@@ -129,6 +130,16 @@ def input_rates(cfg, store, bs: int, device, repeat: int) -> dict:
     }
     loaders["reference: slices into a batch array"] = lambda: SliceLoader(store, cfg.crop_frames, bs, device)
     out = {}
+    repeat = max(repeat, 5)  # an epoch here takes well under a second: more runs make the best-of robust
+    xb, yb = next(iter(loaders["torch DataLoader"]()))
+    xb, yb = xb.to(device), yb.to(device)
+    n_batches = len(ds) // bs
+
+    def augment_epoch():  # as many batches as an epoch, so both timings span the same length of time
+        for _ in range(n_batches):
+            augment(xb, yb)
+
+    best_aug, _ = best_of(augment_epoch, repeat=repeat, warmup=1, device=device)
     for name, make in loaders.items():
         dl = make()
         n_clips = (len(ds) // bs) * bs
@@ -144,7 +155,8 @@ def input_rates(cfg, store, bs: int, device, repeat: int) -> dict:
 
         best, runs = best_of(epoch, repeat=repeat, warmup=1, device=device)
         best_load, _ = best_of(loader_only, repeat=repeat, warmup=0, device=device)
-        out[name] = dict(clips_s=n_clips / best, loader_only_clips_s=n_clips / best_load, runs_s=runs)
+        out[name] = dict(clips_s=n_clips / best, loader_only_clips_s=n_clips / best_load,
+                         augment_only_clips_s=n_batches * bs / best_aug, runs_s=runs)
     return out
 
 
@@ -176,17 +188,21 @@ def main(argv=None) -> dict:
         fa = inp["fastai DataLoader (fit_stage)"]["clips_s"]
         ratio = fa / m["train_clips_s"]
         shape = f"{cfg.n_mels}x{cfg.crop_frames}"
-        model_rows.append([name, cfg.arch, m["params_M"], shape, bs, m["train_clips_s"], m["infer_windows_s"]])
+        model_rows.append([name, cfg.arch, m["params_M"], shape, bs, m["train_clips_s"], m["infer_windows_s"],
+                           m["train_clips_per_cpu_s"]])
         for loader, r in inp.items():
-            input_rows.append([name, loader, r["loader_only_clips_s"], r["clips_s"], r["clips_s"] / m["train_clips_s"],
+            input_rows.append([name, loader, r["loader_only_clips_s"], r["augment_only_clips_s"], r["clips_s"],
+                               r["clips_s"] / m["train_clips_s"],
                                "yes" if r["clips_s"] >= RULE * m["train_clips_s"] else "NO"])
         results[name] = dict(arch=cfg.arch, batch=bs, input_shape=shape, **m, input=inp,
                              input_over_model=ratio, rule_10x=bool(ratio >= RULE),
                              max_model_clips_s_for_rule=fa / RULE)
         del store
-    print_table(["preset", "arch", "params M", "input", "batch", "train clips/s", "infer windows/s"], model_rows,
+    print_table(["preset", "arch", "params M", "input", "batch", "train clips/s", "infer windows/s",
+                 "train clips/CPU-s"], model_rows,
                 f"model throughput on {device}")
-    print_table(["preset", "loader", "load only clips/s", "+ specaug+mixup clips/s", "input/model", ">= 10x"],
+    print_table(["preset", "loader", "load only clips/s", "specaug+mixup only", "load+aug clips/s", "input/model",
+                 ">= 10x"],
                 input_rows, f"input pipeline on {device} (num_workers as the preset: 0) vs the model's training rate")
     for name, r in results.items():
         if not r["rule_10x"]:

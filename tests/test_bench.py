@@ -3,7 +3,6 @@ with one JSON line that parses. (In-process, so torch and fastai are imported on
 """
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,6 @@ EXPECT = {  # a figure each script must print in its table, and a key of its JSO
 
 
 def _load(name):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # the scripts import their shared `common` module
     spec = importlib.util.spec_from_file_location(f"fattag_bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -39,6 +36,7 @@ def _load(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_bench_script_prints_figures_and_json(name, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FATTAG_BENCH_DIR", str(tmp_path))  # generated clips go to a temporary folder
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their shared `common` module
     import torch
     threads = torch.get_num_threads()
     try:
