@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 25691c59d7b3). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 037e5c288abc). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -17,14 +17,14 @@
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     242 lines
 #   src/fattag/metrics.py                       69 lines
-#   src/fattag/model.py                         88 lines
+#   src/fattag/model.py                         92 lines
 #   src/fattag/predict.py                      107 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/report.py                       391 lines
 #   src/fattag/session.py                      119 lines
 #   src/fattag/submission.py                    73 lines
-#   src/fattag/train.py                        455 lines
-#   src/run.py                                 135 lines
+#   src/fattag/train.py                        454 lines
+#   src/run.py                                 137 lines
 
 import hashlib
 import importlib.abc
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '25691c59d7b3'
+BUILD_HASH = '037e5c288abc'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -732,7 +732,7 @@ PRESETS: dict[str, dict] = {
         f_min=20.0, f_max=8000.0, crop_seconds=2.0,
         arch="xresnet_tiny", self_attention=False, mish=False, dropout=0.1,
         folds=3, batch_size=32, lr_noisy=4e-3, lr_curated=3e-3,
-        epochs_noisy=6, epochs_curated=10, mixup_curated=0.2,
+        epochs_noisy=12, epochs_curated=30, mixup_curated=0.2,
     ),
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
     # Kaggle GPU (P100 / T4). The time-budget planner shrinks epochs further if the GPU is slower.
@@ -2019,14 +2019,18 @@ def model_meta(cfg: Config, classes: list[str], **extra) -> dict:
                 model={k: getattr(cfg, k) for k in MODEL_KEYS}, **extra)
 
 
-def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
-    """Atomic: write a temporary file, then rename, so a kill never leaves a half-written checkpoint."""
+def atomic_torch_save(obj, path) -> None:
+    """Write a temporary file, then rename: a kill never leaves a half-written file that a restart would trust."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"meta": meta, "state_dict": state}, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({"meta": meta, "state_dict": state}, path)
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:
@@ -2978,7 +2982,8 @@ from .config import Config
 from .features import CropDataset, MelStore, WindowDataset, aggregate_windows, mixup, spec_augment
 from .metrics import lwlrap
 from .budget import replan_fold_epochs
-from .model import build_model, load_checkpoint, model_from_checkpoint, model_meta, save_checkpoint
+from .model import (atomic_torch_save, build_model, load_checkpoint, model_from_checkpoint, model_meta,
+                    save_checkpoint)
 from .predict import predict_clips
 from .session import Session
 
@@ -3102,10 +3107,11 @@ class EpochCheckpoint(Callback):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         names = self.recorder.metric_names[1:-1]
-        self.history.append(dict(zip(["epoch", *names], [self.epoch + 1, *map(_num, self.recorder.log[1:len(names) + 1])])))
+        values = [self.epoch + 1, *map(_num, self.recorder.log[1:len(names) + 1])]
+        self.history.append(dict(zip(["epoch", *names], values)))
         if self.keep.best_epoch == self.epoch:
-            _atomic_torch_save(self.keep.best_state, self.out_dir / "best.pth")
-        _atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, self.out_dir / "last.pth")
+            atomic_torch_save(self.keep.best_state, self.out_dir / "best.pth")
+        atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, self.out_dir / "last.pth")
         _atomic_write(self.out_dir / "progress.json", json.dumps(dict(
             epochs_done=self.epoch + 1, epochs=self.epochs, best_score=self.keep.best_score,
             best_epoch=self.keep.best_epoch, history=self.history)))
@@ -3187,7 +3193,9 @@ def fit_stage(model: torch.nn.Module, train: MelStore, train_idx, valid: MelStor
     resume = _load_progress(out_dir)
     if resume:
         epochs = resume["epochs"]  # keep the interrupted run's schedule
-        best = torch.load(out_dir / "best.pth", map_location="cpu") if resume["best_epoch"] >= 0 else None
+        best = None
+        if resume["best_epoch"] >= 0:
+            best = torch.load(out_dir / "best.pth", map_location="cpu", weights_only=True)
         keep = KeepBest(resume["best_score"], resume["best_epoch"], best)
         history = list(resume["history"])
     else:
@@ -3243,12 +3251,6 @@ def _num(v):
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -3394,8 +3396,9 @@ def _save_stage(out_dir: Path, model: torch.nn.Module, res: StageResult, meta: d
     """The finished stage's best weights (model.pth marks the stage done), its history; resume files go."""
     out_dir.mkdir(parents=True, exist_ok=True)
     res.history.to_csv(out_dir / "history.csv", index=False)
-    save_checkpoint(out_dir / "model.pth", model, {**meta, "best_epoch": res.best_epoch, "seconds": res.seconds,
-                                                   "epochs_run": len(res.history), "epochs_planned": res.epochs_planned})
+    meta = {**meta, "best_epoch": res.best_epoch, "seconds": res.seconds, "epochs_run": len(res.history),
+            "epochs_planned": res.epochs_planned}
+    save_checkpoint(out_dir / "model.pth", model, meta)
     for name in ("last.pth", "best.pth", "progress.json"):
         (out_dir / name).unlink(missing_ok=True)
 ''')
@@ -3442,9 +3445,11 @@ def main(argv=None, defaults: dict | None = None) -> int:
     if args.mode == "predict":
         return predict_only(s, data, args.weights, prior)
 
-    # 1. A prior-based submission at once, so a valid file exists whatever happens next; then log-mel stores.
-    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
-                     np.tile(prior, (len(data.test), 1)))
+    # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
+    #    one it has); then the log-mel stores.
+    if not (s.work_dir / "submission.csv").exists():
+        write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
+                         np.tile(prior, (len(data.test), 1)))
     t0 = time.time()
     test = build_store(data.test, s.cfg, s.device)
     curated = build_store(data.curated, s.cfg, s.device)

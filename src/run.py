@@ -39,9 +39,11 @@ def main(argv=None, defaults: dict | None = None) -> int:
     if args.mode == "predict":
         return predict_only(s, data, args.weights, prior)
 
-    # 1. A prior-based submission at once, so a valid file exists whatever happens next; then log-mel stores.
-    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
-                     np.tile(prior, (len(data.test), 1)))
+    # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
+    #    one it has); then the log-mel stores.
+    if not (s.work_dir / "submission.csv").exists():
+        write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
+                         np.tile(prior, (len(data.test), 1)))
     t0 = time.time()
     test = build_store(data.test, s.cfg, s.device)
     curated = build_store(data.curated, s.cfg, s.device)

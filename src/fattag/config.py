@@ -91,7 +91,7 @@ PRESETS: dict[str, dict] = {
         f_min=20.0, f_max=8000.0, crop_seconds=2.0,
         arch="xresnet_tiny", self_attention=False, mish=False, dropout=0.1,
         folds=3, batch_size=32, lr_noisy=4e-3, lr_curated=3e-3,
-        epochs_noisy=6, epochs_curated=10, mixup_curated=0.2,
+        epochs_noisy=12, epochs_curated=30, mixup_curated=0.2,
     ),
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
     # Kaggle GPU (P100 / T4). The time-budget planner shrinks epochs further if the GPU is slower.

@@ -50,14 +50,18 @@ def model_meta(cfg: Config, classes: list[str], **extra) -> dict:
                 model={k: getattr(cfg, k) for k in MODEL_KEYS}, **extra)
 
 
-def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
-    """Atomic: write a temporary file, then rename, so a kill never leaves a half-written checkpoint."""
+def atomic_torch_save(obj, path) -> None:
+    """Write a temporary file, then rename: a kill never leaves a half-written file that a restart would trust."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"meta": meta, "state_dict": state}, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({"meta": meta, "state_dict": state}, path)
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:

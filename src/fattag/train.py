@@ -33,7 +33,8 @@ from .config import Config
 from .features import CropDataset, MelStore, WindowDataset, aggregate_windows, mixup, spec_augment
 from .metrics import lwlrap
 from .budget import replan_fold_epochs
-from .model import build_model, load_checkpoint, model_from_checkpoint, model_meta, save_checkpoint
+from .model import (atomic_torch_save, build_model, load_checkpoint, model_from_checkpoint, model_meta,
+                    save_checkpoint)
 from .predict import predict_clips
 from .session import Session
 
@@ -157,10 +158,11 @@ class EpochCheckpoint(Callback):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         names = self.recorder.metric_names[1:-1]
-        self.history.append(dict(zip(["epoch", *names], [self.epoch + 1, *map(_num, self.recorder.log[1:len(names) + 1])])))
+        values = [self.epoch + 1, *map(_num, self.recorder.log[1:len(names) + 1])]
+        self.history.append(dict(zip(["epoch", *names], values)))
         if self.keep.best_epoch == self.epoch:
-            _atomic_torch_save(self.keep.best_state, self.out_dir / "best.pth")
-        _atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, self.out_dir / "last.pth")
+            atomic_torch_save(self.keep.best_state, self.out_dir / "best.pth")
+        atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, self.out_dir / "last.pth")
         _atomic_write(self.out_dir / "progress.json", json.dumps(dict(
             epochs_done=self.epoch + 1, epochs=self.epochs, best_score=self.keep.best_score,
             best_epoch=self.keep.best_epoch, history=self.history)))
@@ -242,7 +244,9 @@ def fit_stage(model: torch.nn.Module, train: MelStore, train_idx, valid: MelStor
     resume = _load_progress(out_dir)
     if resume:
         epochs = resume["epochs"]  # keep the interrupted run's schedule
-        best = torch.load(out_dir / "best.pth", map_location="cpu") if resume["best_epoch"] >= 0 else None
+        best = None
+        if resume["best_epoch"] >= 0:
+            best = torch.load(out_dir / "best.pth", map_location="cpu", weights_only=True)
         keep = KeepBest(resume["best_score"], resume["best_epoch"], best)
         history = list(resume["history"])
     else:
@@ -298,12 +302,6 @@ def _num(v):
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -449,7 +447,8 @@ def _save_stage(out_dir: Path, model: torch.nn.Module, res: StageResult, meta: d
     """The finished stage's best weights (model.pth marks the stage done), its history; resume files go."""
     out_dir.mkdir(parents=True, exist_ok=True)
     res.history.to_csv(out_dir / "history.csv", index=False)
-    save_checkpoint(out_dir / "model.pth", model, {**meta, "best_epoch": res.best_epoch, "seconds": res.seconds,
-                                                   "epochs_run": len(res.history), "epochs_planned": res.epochs_planned})
+    meta = {**meta, "best_epoch": res.best_epoch, "seconds": res.seconds, "epochs_run": len(res.history),
+            "epochs_planned": res.epochs_planned}
+    save_checkpoint(out_dir / "model.pth", model, meta)
     for name in ("last.pth", "best.pth", "progress.json"):
         (out_dir / name).unlink(missing_ok=True)
