@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 753daeae9c63). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 12a8efb74e18). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -12,13 +12,13 @@
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/budget.py                       216 lines
 #   src/fattag/cli.py                           64 lines
-#   src/fattag/config.py                       169 lines
+#   src/fattag/config.py                       158 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     242 lines
 #   src/fattag/metrics.py                       69 lines
 #   src/fattag/model.py                         92 lines
-#   src/fattag/predict.py                      107 lines
+#   src/fattag/predict.py                      101 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/report.py                       391 lines
 #   src/fattag/session.py                      119 lines
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '753daeae9c63'
+BUILD_HASH = '12a8efb74e18'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -797,17 +797,6 @@ def make_config(preset: str | None = None, overrides: dict | None = None, sets: 
             raise ValueError(f"--set: unknown setting {name!r}; known: {', '.join(sorted(known))}")
         cfg = dataclasses.replace(cfg, **{name: _coerce(name, raw, getattr(cfg, name))})
     return cfg
-
-
-def load_config(path) -> Config:
-    """Read a config.json written by a run (unknown keys are an error: they mean another version)."""
-    with open(path) as f:
-        data = json.load(f)
-    known = {f.name for f in fields(Config)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-    return Config(**data)
 ''')
 
 _add('src/fattag/data.py', r'''
@@ -2125,12 +2114,6 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
 
 def n_outputs(model: torch.nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
-
-
-def timed_predict(*args, **kwargs) -> tuple[np.ndarray, float]:
-    t0 = time.time()
-    out = predict_clips(*args, **kwargs)
-    return out, time.time() - t0
 
 
 def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:

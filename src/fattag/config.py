@@ -156,14 +156,3 @@ def make_config(preset: str | None = None, overrides: dict | None = None, sets: 
             raise ValueError(f"--set: unknown setting {name!r}; known: {', '.join(sorted(known))}")
         cfg = dataclasses.replace(cfg, **{name: _coerce(name, raw, getattr(cfg, name))})
     return cfg
-
-
-def load_config(path) -> Config:
-    """Read a config.json written by a run (unknown keys are an error: they mean another version)."""
-    with open(path) as f:
-        data = json.load(f)
-    known = {f.name for f in fields(Config)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-    return Config(**data)

@@ -62,12 +62,6 @@ def n_outputs(model: torch.nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
 
 
-def timed_predict(*args, **kwargs) -> tuple[np.ndarray, float]:
-    t0 = time.time()
-    out = predict_clips(*args, **kwargs)
-    return out, time.time() - t0
-
-
 def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     """Combine per-fold probabilities: arithmetic mean, or geometric mean (rewards agreement between folds)."""
     stack = np.stack(fold_probs)
