@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 12a8efb74e18). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash ad5446738c00). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -17,8 +17,8 @@
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     242 lines
 #   src/fattag/metrics.py                       69 lines
-#   src/fattag/model.py                         92 lines
-#   src/fattag/predict.py                      101 lines
+#   src/fattag/model.py                         98 lines
+#   src/fattag/predict.py                      100 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/report.py                       391 lines
 #   src/fattag/session.py                      119 lines
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '12a8efb74e18'
+BUILD_HASH = 'ad5446738c00'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1988,6 +1988,12 @@ class InputNorm(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
+def input_mean(model: nn.Module) -> float:
+    """The log-mel value that the model's input normalisation maps to zero: the neutral fill for masks."""
+    norm = model[0] if isinstance(model, nn.Sequential) else None
+    return float(norm.mean) if isinstance(norm, InputNorm) else 0.0
+
+
 def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0) -> nn.Module:
     act = nn.Mish if cfg.mish else nn.ReLU
     kw = dict(c_in=1, n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
@@ -2068,7 +2074,7 @@ import torch
 
 from .config import Config
 from .features import MelStore, WindowDataset, aggregate_windows, spec_augment
-from .model import model_from_checkpoint
+from .model import input_mean, model_from_checkpoint
 from .progress import progress
 
 log = logging.getLogger("fattag")
@@ -2101,8 +2107,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
             for start in bar:
                 x = torch.stack([ds[w][0] for w in range(start, min(start + bs, len(ds)))]).to(device)
                 if p > 0:
-                    x = spec_augment(x, 1, cfg.time_mask_frac / 2, 1, cfg.freq_mask_frac / 2,
-                                     fill=float(model[0].mean) if hasattr(model[0], "mean") else 0.0)
+                    x = spec_augment(x, 1, cfg.time_mask_frac / 2, 1, cfg.freq_mask_frac / 2, fill=input_mean(model))
                 with torch.autocast(device.type, enabled=device.type == "cuda"):
                     probs.append(torch.sigmoid(model(x).float()))
             window_probs = torch.cat(probs) if probs else torch.zeros(0, n_outputs(model), device=device)
@@ -2966,8 +2971,8 @@ from .config import Config
 from .features import CropDataset, MelStore, WindowDataset, aggregate_windows, mixup, spec_augment
 from .metrics import lwlrap
 from .budget import replan_fold_epochs
-from .model import (atomic_torch_save, build_model, load_checkpoint, model_from_checkpoint, model_meta,
-                    save_checkpoint)
+from .model import (atomic_torch_save, build_model, input_mean, load_checkpoint, model_from_checkpoint,
+                    model_meta, save_checkpoint)
 from .predict import predict_clips
 from .session import Session
 
@@ -3185,8 +3190,8 @@ def fit_stage(model: torch.nn.Module, train: MelStore, train_idx, valid: MelStor
     else:
         keep, history = KeepBest(), []
     metric = ClipLwlrap(valid_ds.clip_of, valid.table.targets[np.asarray(valid_idx)], cfg.tta_aggregate)
-    fill = float(model[0].mean) if hasattr(model[0], "mean") else 0.0
-    cbs = [BatchAugment(cfg, specaug, mixup_alpha, fill), keep, EpochCheckpoint(out_dir, keep, epochs, history),
+    cbs = [BatchAugment(cfg, specaug, mixup_alpha, input_mean(model)), keep,
+           EpochCheckpoint(out_dir, keep, epochs, history),
            EpochLog(label), Deadline(deadline), *extra_cbs]
     learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat(), metrics=[metric], wd=cfg.wd, cbs=cbs)
     learn.logger = noop  # EpochLog writes the per-epoch lines

@@ -29,6 +29,12 @@ class InputNorm(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
+def input_mean(model: nn.Module) -> float:
+    """The log-mel value that the model's input normalisation maps to zero: the neutral fill for masks."""
+    norm = model[0] if isinstance(model, nn.Sequential) else None
+    return float(norm.mean) if isinstance(norm, InputNorm) else 0.0
+
+
 def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0) -> nn.Module:
     act = nn.Mish if cfg.mish else nn.ReLU
     kw = dict(c_in=1, n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)

@@ -14,7 +14,7 @@ import torch
 
 from .config import Config
 from .features import MelStore, WindowDataset, aggregate_windows, spec_augment
-from .model import model_from_checkpoint
+from .model import input_mean, model_from_checkpoint
 from .progress import progress
 
 log = logging.getLogger("fattag")
@@ -47,8 +47,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
             for start in bar:
                 x = torch.stack([ds[w][0] for w in range(start, min(start + bs, len(ds)))]).to(device)
                 if p > 0:
-                    x = spec_augment(x, 1, cfg.time_mask_frac / 2, 1, cfg.freq_mask_frac / 2,
-                                     fill=float(model[0].mean) if hasattr(model[0], "mean") else 0.0)
+                    x = spec_augment(x, 1, cfg.time_mask_frac / 2, 1, cfg.freq_mask_frac / 2, fill=input_mean(model))
                 with torch.autocast(device.type, enabled=device.type == "cuda"):
                     probs.append(torch.sigmoid(model(x).float()))
             window_probs = torch.cat(probs) if probs else torch.zeros(0, n_outputs(model), device=device)

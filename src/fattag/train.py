@@ -33,8 +33,8 @@ from .config import Config
 from .features import CropDataset, MelStore, WindowDataset, aggregate_windows, mixup, spec_augment
 from .metrics import lwlrap
 from .budget import replan_fold_epochs
-from .model import (atomic_torch_save, build_model, load_checkpoint, model_from_checkpoint, model_meta,
-                    save_checkpoint)
+from .model import (atomic_torch_save, build_model, input_mean, load_checkpoint, model_from_checkpoint,
+                    model_meta, save_checkpoint)
 from .predict import predict_clips
 from .session import Session
 
@@ -252,8 +252,8 @@ def fit_stage(model: torch.nn.Module, train: MelStore, train_idx, valid: MelStor
     else:
         keep, history = KeepBest(), []
     metric = ClipLwlrap(valid_ds.clip_of, valid.table.targets[np.asarray(valid_idx)], cfg.tta_aggregate)
-    fill = float(model[0].mean) if hasattr(model[0], "mean") else 0.0
-    cbs = [BatchAugment(cfg, specaug, mixup_alpha, fill), keep, EpochCheckpoint(out_dir, keep, epochs, history),
+    cbs = [BatchAugment(cfg, specaug, mixup_alpha, input_mean(model)), keep,
+           EpochCheckpoint(out_dir, keep, epochs, history),
            EpochLog(label), Deadline(deadline), *extra_cbs]
     learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat(), metrics=[metric], wd=cfg.wd, cbs=cbs)
     learn.logger = noop  # EpochLog writes the per-epoch lines
