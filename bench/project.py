@@ -5,7 +5,7 @@
 Measured here: decode (iter_decoded over cached synthetic 15 s clips), log-mel per clip (build_store's path) and
 fattag.budget.measure_throughput (training s/clip and inference s/window of the preset's model). The run's work
 (decode + features of curated+noisy+test, stage 1, K folds of stage 2 with per-epoch validation, OOF and test TTA)
-is then priced by fattag.budget.plan_run: once as configured (no budget), once fitted into the preset's budget.
+is then priced by fattag.budget's cost model (stage_costs, plan_run): once as configured (no budget), once fitted into the preset's budget.
 Finally: the training rate a GPU would need for the preset's full recipe to fit its budget.
 """
 from __future__ import annotations
@@ -43,17 +43,15 @@ def fat2019_workload(cfg):
     return w, mean_s
 
 
-def breakdown(cfg, w, tp, overhead: float, e1: int, e2: int, folds: int, passes: int) -> dict:
-    """Seconds per part of the run, priced as fattag.budget prices them (their sum is plan_run's total)."""
-    k = cfg.folds
-    tr, inf = tp.train_s_per_clip * overhead, tp.infer_s_per_window * overhead
+def breakdown(cfg, w, tp, plan) -> dict:
+    """Seconds per part of the run, from fattag.budget's own cost model (their sum is the plan's total)."""
+    from fattag.budget import stage_costs
+    c = stage_costs(cfg, w, tp, plan.tta_aug_passes)
     return {
-        "stage 1 training": e1 * w.noisy_train * tr,
-        "stage 1 validation": e1 * w.noisy_holdout_windows * inf,
-        "stage 2 training (all folds)": folds * e2 * w.curated * (k - 1) / k * tr,
-        "stage 2 validation (all folds)": folds * e2 * w.curated_windows / k * inf,
-        "OOF predictions": folds * (w.curated / k + w.curated_windows / k * (1 + passes)) * inf,
-        "test TTA (all fold models)": folds * w.test_windows * (1 + passes) * inf,
+        "stage 1 (training + holdout validation)": plan.epochs_noisy * c["noisy_epoch"],
+        "stage 2 epochs (training + validation, all folds)": plan.folds_trained * plan.epochs_curated * c["fold_epoch"],
+        "OOF predictions": plan.folds_trained * c["oof_predict"],
+        "test TTA (all fold models)": plan.folds_trained * c["test_predict"],
     }
 
 
@@ -106,8 +104,8 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     dec_rate, feat_rate = measure_prep(cfg, device, a.clips or (8 if a.quick else 48), repeat)
-    steps, warm = (1, 1) if a.quick and not cuda else (3, 2)
-    tps = [measure_throughput(cfg, N_CLASSES, device, steps=steps, warmup=warm) for _ in range(repeat)]
+    runs = 2 if a.quick and not cuda else 4
+    tps = [measure_throughput(cfg, N_CLASSES, device, runs=runs) for _ in range(repeat)]
     tp = Throughput(min(t.train_s_per_clip for t in tps), min(t.infer_s_per_window for t in tps), str(device))
     measure_s = time.perf_counter() - t0
 
@@ -133,8 +131,7 @@ def main(argv=None) -> dict:
 
     full = plan_run(cfg, w, tp, None)
     available = budget_s * (1 - cfg.safety_margin) - prep
-    parts = breakdown(cfg, w, tp, OVERHEAD, full.epochs_noisy, full.epochs_curated, full.folds_trained,
-                      full.tta_aug_passes)
+    parts = breakdown(cfg, w, tp, full)
     rows = [["decode (CPU)", prep_dec], [f"log-mel ({device})", prep_feat]] + [[k, v] for k, v in parts.items()]
     total_rows = sum(r[1] for r in rows)
     rows.append(["total", total_rows])

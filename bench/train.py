@@ -2,14 +2,13 @@
 
     python bench/train.py [--preset P] [--quick] [--batch B] [--clips N]
 
-Model rate: forward + backward + AdamW step on random float16 input of the crop size (n_mels x crop_frames), batch =
-the preset's batch size, AMP (autocast + GradScaler) on CUDA, as fit_stage trains. Inference: forward passes on
-batches of 2 x batch windows, as predict_clips does.
+Model rate: fattag.budget.measure_throughput, the step the run's planner times (forward + backward + AdamW on random
+float16 input of the crop size, batch = the preset's, AMP on CUDA; inference: forward passes of one batch).
 
 Input rate: one epoch of the real CropDataset over a synthetic MelStore (float16 mels of curated-like lengths,
 0.3-30 s), batched by fastai's DataLoader exactly as fit_stage builds it (and by a plain torch DataLoader for
-comparison), moved to the device, then spec_augment and mixup (stage-2 settings, the costlier stage). The rule
-checked: input rate >= 10 x model rate.
+comparison), moved to the device, then the stage-2 augmentation policy's batch callbacks (augment.augment_policy,
+the costlier stage). The rule checked: input rate >= 10 x model rate.
 
 Without --preset every preset's model is measured (demo: xresnet_tiny, kaggle-1h: xresnet18, kaggle-9h: xresnet34).
 """
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from common import base_parser, best_of, best_of_cpu, pick_device, print_json, print_machine, print_table
+from common import base_parser, best_of, pick_device, print_json, print_machine, print_table
 
 N_CLASSES = 80
 RULE = 10.0
@@ -40,42 +39,18 @@ def synthetic_store(cfg, n_clips: int, seed: int = 0):
     return MelStore(table, mels, [], float(lengths.sum() / fps))
 
 
-def model_rates(cfg, bs: int, device, steps: int, repeat: int) -> dict:
-    import torch
+def model_rates(cfg, bs: int, device, runs: int, repeat: int) -> dict:
+    """Training clips/s and inference windows/s of the preset's model, timed by fattag.budget.measure_throughput (the
+    step the run's planner times), best of `repeat`; plus the model's size."""
+    import dataclasses
+    from fattag.budget import measure_throughput
     from fattag.model import build_model
-    torch.manual_seed(0)
-    model = build_model(cfg, N_CLASSES).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    x = (torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames) * 10 - 40).half().to(device)
-    y = (torch.rand(bs, N_CLASSES) < 0.02).float().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.wd)
-    cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-
-    def train_steps():
-        for _ in range(steps):
-            with torch.autocast(device.type, enabled=cuda):
-                loss = loss_fn(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-    model.train()
-    t_train, cpu_train, train_runs = best_of_cpu(train_steps, repeat=repeat, warmup=1, device=device)
-    model.eval()
-    xi = torch.cat([x, x])
-
-    def infer():
-        with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
-            for _ in range(steps):
-                model(xi)
-
-    t_inf, inf_runs = best_of(infer, repeat=repeat, warmup=1, device=device)
-    return dict(params_M=n_params / 1e6, train_clips_s=steps * bs / t_train, infer_windows_s=steps * len(xi) / t_inf,
-                train_clips_per_cpu_s=steps * bs / cpu_train if device.type == "cpu" and cpu_train > 0 else None,
-                train_runs_s=train_runs, infer_runs_s=inf_runs)
+    cfg = dataclasses.replace(cfg, batch_size=bs)
+    n_params = sum(p.numel() for p in build_model(cfg, N_CLASSES).parameters())
+    tps = [measure_throughput(cfg, N_CLASSES, device, runs=runs) for _ in range(repeat)]
+    return dict(params_M=n_params / 1e6, train_clips_s=max(1 / t.train_s_per_clip for t in tps),
+                infer_windows_s=max(1 / t.infer_s_per_window for t in tps),
+                train_runs_clips_s=[1 / t.train_s_per_clip for t in tps])
 
 
 class SliceLoader:
@@ -106,20 +81,22 @@ class SliceLoader:
 
 
 def input_rates(cfg, store, bs: int, device, repeat: int) -> dict:
-    """Clips/s of CropDataset -> DataLoader collate -> device -> spec_augment -> mixup (stage-2 settings)."""
+    """Clips/s of CropDataset -> DataLoader collate -> device -> the stage-2 batch augmentations."""
     import numpy as np
     import torch
     from fastai.data.load import DataLoader as FastaiDataLoader
-    from fattag.features import CropDataset, mixup, spec_augment
+    from fattag.augment import augment_policy
+    from fattag.features import Clips, CropDataset
 
     idx = np.arange(len(store.mels))
-    ds = CropDataset(store, idx, cfg.crop_frames, seed=0)
+    ds = CropDataset(Clips(store, idx), cfg.crop_frames, seed=0)
     fill = -40.0
 
+    policy = augment_policy(cfg, "curated", fill)  # the stage-2 batch callbacks, as fit_stage attaches them
+
     def augment(x, y):
-        x = spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, fill=fill)
-        if cfg.mixup_curated > 0:
-            x, y = mixup(x, y, cfg.mixup_curated)
+        for cb in policy:
+            x, y = cb.augment(x, y)
         return x, y
 
     loaders = {
@@ -164,7 +141,7 @@ def main(argv=None) -> dict:
     p = base_parser(__doc__.splitlines()[0], default_preset=None)
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's; --quick on CPU: 8)")
     p.add_argument("--clips", type=int, default=None, help="clips in the synthetic store (default 512, --quick 64)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per timed run (default 1 CPU, 10 CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step (default 1 CPU, 3 CUDA)")
     a = p.parse_args(argv)
     from fattag.config import PRESETS, make_config
 
@@ -172,10 +149,10 @@ def main(argv=None) -> dict:
     cuda = device.type == "cuda"
     presets = [a.preset] if a.preset else list(PRESETS)
     repeat = a.repeat or (1 if a.quick else 3)
-    steps = a.steps or (10 if cuda else 1)
+    steps = a.steps or (3 if cuda else 1)
     n_clips = a.clips or (64 if a.quick else 512)
     info = print_machine("train: model throughput vs input pipeline", device, notes=(
-        f"presets {', '.join(presets)}; {steps} step(s) per timed run, best of {repeat} after a warm-up; "
+        f"presets {', '.join(presets)}; best of {steps} timed step(s) after a warm-up, best of {repeat} runs; "
         f"AMP {'on' if cuda else 'off (CPU)'}; input pipeline over {n_clips} synthetic clips"))
 
     model_rows, input_rows, results = [], [], {}
@@ -183,13 +160,12 @@ def main(argv=None) -> dict:
         cfg = make_config(name)
         bs = a.batch or (min(cfg.batch_size, 8) if a.quick and not cuda else cfg.batch_size)
         store = synthetic_store(cfg, max(n_clips, 2 * bs))
-        m = model_rates(cfg, bs, device, steps, repeat)
+        m = model_rates(cfg, bs, device, steps + 1, repeat)
         inp = input_rates(cfg, store, bs, device, repeat)
         fa = inp["fastai DataLoader (fit_stage)"]["clips_s"]
         ratio = fa / m["train_clips_s"]
         shape = f"{cfg.n_mels}x{cfg.crop_frames}"
-        model_rows.append([name, cfg.arch, m["params_M"], shape, bs, m["train_clips_s"], m["infer_windows_s"],
-                           m["train_clips_per_cpu_s"]])
+        model_rows.append([name, cfg.arch, m["params_M"], shape, bs, m["train_clips_s"], m["infer_windows_s"]])
         for loader, r in inp.items():
             input_rows.append([name, loader, r["loader_only_clips_s"], r["augment_only_clips_s"], r["clips_s"],
                                r["clips_s"] / m["train_clips_s"],
@@ -198,8 +174,7 @@ def main(argv=None) -> dict:
                              input_over_model=ratio, rule_10x=bool(ratio >= RULE),
                              max_model_clips_s_for_rule=fa / RULE)
         del store
-    print_table(["preset", "arch", "params M", "input", "batch", "train clips/s", "infer windows/s",
-                 "train clips/CPU-s"], model_rows,
+    print_table(["preset", "arch", "params M", "input", "batch", "train clips/s", "infer windows/s"], model_rows,
                 f"model throughput on {device}")
     print_table(["preset", "loader", "load only clips/s", "specaug+mixup only", "load+aug clips/s", "input/model",
                  ">= 10x"],

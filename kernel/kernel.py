@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash ad5446738c00). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 890d748b65c0). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -10,21 +10,26 @@
 # Embedded files:
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
-#   src/fattag/budget.py                       216 lines
+#   src/fattag/augment.py                      219 lines
+#   src/fattag/budget.py                       335 lines
+#   src/fattag/callbacks.py                    160 lines
+#   src/fattag/checkpoint.py                   117 lines
 #   src/fattag/cli.py                           64 lines
-#   src/fattag/config.py                       158 lines
+#   src/fattag/config.py                       192 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
-#   src/fattag/features.py                     242 lines
-#   src/fattag/metrics.py                       69 lines
-#   src/fattag/model.py                         98 lines
-#   src/fattag/predict.py                      100 lines
+#   src/fattag/features.py                     229 lines
+#   src/fattag/losses.py                        66 lines
+#   src/fattag/metrics.py                       76 lines
+#   src/fattag/model.py                         81 lines
+#   src/fattag/predict.py                      149 lines
 #   src/fattag/progress.py                     180 lines
-#   src/fattag/report.py                       391 lines
-#   src/fattag/session.py                      119 lines
-#   src/fattag/submission.py                    73 lines
-#   src/fattag/train.py                        454 lines
-#   src/run.py                                 137 lines
+#   src/fattag/report.py                       399 lines
+#   src/fattag/select.py                        64 lines
+#   src/fattag/session.py                      129 lines
+#   src/fattag/submission.py                    70 lines
+#   src/fattag/train.py                        355 lines
+#   src/run.py                                 144 lines
 
 import hashlib
 import importlib.abc
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'ad5446738c00'
+BUILD_HASH = '890d748b65c0'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -352,6 +357,228 @@ def load_clip(path, sample_rate: int, trim: bool = False, trim_db: float = 60.0)
 __all__ = ["AudioError", "TRIM_FRAME", "load_clip", "read_wav", "resample", "trim_silence", "write_wav"]
 ''')
 
+_add('src/fattag/augment.py', r'''
+"""Augmentations of training batches, on the device, as small fastai callbacks (one concern each).
+
+Each callback acts on `learn.xb`/`learn.yb` before a training batch (`run_valid = False`: validation batches are
+never touched). Inputs are log-mel crops (B, 1, n_mels, T) in dB of power; targets are multi-hot (B, C). Which
+ones a stage uses, and how strongly, is its augmentation policy (`augment_policy`), read from the config.
+
+Mixing is done in the power domain (two sounds add as powers, not as dB values), with the partner's level set
+relative to the clip's own level, so "-6 dB" means what it means for the test mixtures:
+- UnionMix: add a partner clip at a random relative gain; the labels are the union (FAT2019 1st/3rd place).
+- ConcatMix: the clip up to a random cut, then the partner; the labels are the union (1st place).
+- BackgroundMix: add a partner far below the clip's level as background; the labels stay the clip's own.
+- LevelEQ: random overall gain, a spectral tilt and sometimes a low-pass: level and colour of a recording should
+  not decide its class.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torchaudio
+from fastai.callback.core import Callback
+
+from .config import Config
+
+
+def spec_augment(x: torch.Tensor, n_time: int, time_width: int, n_freq: int, freq_width: int,
+                 fill: float) -> torch.Tensor:
+    """SpecAugment with torchaudio's masks, drawn independently per item: `n_time` time stripes of up to
+    `time_width` frames and `n_freq` frequency stripes of up to `freq_width` bands, set to `fill`."""
+    for _ in range(n_time if time_width >= 1 else 0):
+        x = torchaudio.transforms.TimeMasking(time_width, iid_masks=True)(x, fill)
+    for _ in range(n_freq if freq_width >= 1 else 0):
+        x = torchaudio.transforms.FrequencyMasking(freq_width, iid_masks=True)(x, fill)
+    return x
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """Mix each item with a shuffled partner; soft targets mix the same way (BCE is linear in the target)."""
+    b = x.shape[0]
+    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b,))
+    lam = torch.maximum(lam, 1 - lam).to(x.device)  # the original item stays dominant
+    perm = torch.randperm(b).to(x.device)
+    lx = lam.view(b, *([1] * (x.dim() - 1)))
+    mixed_x = lx * x.float() + (1 - lx) * x[perm].float()
+    mixed_y = lam[:, None] * y.float() + (1 - lam[:, None]) * y[perm].float()
+    return mixed_x.to(x.dtype), mixed_y
+
+
+DB = 10.0 / math.log(10.0)  # dB per neper of power: x_dB = DB * ln(power)
+
+
+def level_db(x: torch.Tensor) -> torch.Tensor:
+    """Each item's mean power over its frames, in dB (B,): the level that relative gains refer to."""
+    frame = torch.logsumexp(x.float() / DB, dim=2)                 # (B, 1, T): power summed over bands
+    return DB * (torch.logsumexp(frame, dim=-1) - math.log(x.shape[-1])).flatten()
+
+
+def add_power(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The dB log-mel of two sounds played together (their powers add)."""
+    return DB * torch.logaddexp(x.float() / DB, other.float() / DB)
+
+
+def partners(b: int, device) -> torch.Tensor:
+    """A random partner for every item of a batch, never itself (when the batch has more than one item)."""
+    if b < 2:
+        return torch.zeros(b, dtype=torch.long, device=device)
+    return (torch.arange(b, device=device) + torch.randint(1, b, (b,), device=device)) % b
+
+
+def uniform(n: int, lo: float, hi: float, device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, device=device)
+
+
+def union_mix(x: torch.Tensor, y: torch.Tensor, p: float, gain_db: float):
+    """With probability p per item: add a partner at a relative level in [-gain_db, +gain_db]; labels: the union."""
+    b = x.shape[0]
+    chosen = torch.rand(b, device=x.device) < p
+    j = partners(b, x.device)
+    shift = level_db(x) - level_db(x[j]) + uniform(b, -gain_db, gain_db, x.device)
+    mixed = add_power(x, x[j] + shift.view(b, 1, 1, 1))
+    x = torch.where(chosen.view(b, 1, 1, 1), mixed.to(x.dtype), x)
+    y = torch.where(chosen[:, None], torch.maximum(y, y[j]), y)
+    return x, y
+
+
+def concat_mix(x: torch.Tensor, y: torch.Tensor, p: float, gain_db: float):
+    """With probability p per item: from a random cut (25-75 % of the crop) on, the partner's frames, at a relative
+    level in [-gain_db, +gain_db]; labels: the union."""
+    b, t = x.shape[0], x.shape[-1]
+    chosen = torch.rand(b, device=x.device) < p
+    j = partners(b, x.device)
+    shift = level_db(x) - level_db(x[j]) + uniform(b, -gain_db, gain_db, x.device)
+    cut = (uniform(b, 0.25, 0.75, x.device) * t).long()
+    tail = (torch.arange(t, device=x.device)[None, :] >= cut[:, None]) & chosen[:, None]   # (B, T)
+    x = torch.where(tail.view(b, 1, 1, t), (x[j].float() + shift.view(b, 1, 1, 1)).to(x.dtype), x)
+    y = torch.where(chosen[:, None], torch.maximum(y, y[j]), y)
+    return x, y
+
+
+def background_mix(x: torch.Tensor, y: torch.Tensor, p: float, snr_lo: float, snr_hi: float):
+    """With probability p per item: add a partner as background, `snr` dB in [snr_lo, snr_hi] below the item's
+    level; the labels stay the item's own (a quiet other sound is background, not an event)."""
+    b = x.shape[0]
+    chosen = torch.rand(b, device=x.device) < p
+    j = partners(b, x.device)
+    shift = level_db(x) - level_db(x[j]) - uniform(b, snr_lo, snr_hi, x.device)
+    mixed = add_power(x, x[j] + shift.view(b, 1, 1, 1))
+    return torch.where(chosen.view(b, 1, 1, 1), mixed.to(x.dtype), x), y
+
+
+def level_eq(x: torch.Tensor, gain_db: float, tilt_db: float, lowpass_p: float) -> torch.Tensor:
+    """Per item: a gain in [-gain_db, gain_db], a linear spectral tilt of up to +-tilt_db from the lowest to the
+    highest band, and with probability lowpass_p a low-pass (12 dB per tenth of the bands above a random cutoff)."""
+    b, f = x.shape[0], x.shape[2]
+    band = torch.linspace(-0.5, 0.5, f, device=x.device)                                   # (F,)
+    change = uniform(b, -gain_db, gain_db, x.device)[:, None] + uniform(b, -tilt_db, tilt_db, x.device)[:, None] * band
+    cutoff = uniform(b, 0.0, 0.5, x.device)[:, None]
+    above = (band[None, :] - cutoff).clamp(min=0) * 120.0                                  # dB below the cutoff's level
+    lowpass = torch.rand(b, device=x.device)[:, None] < lowpass_p
+    change = change - torch.where(lowpass, above, torch.zeros_like(above))
+    return (x.float() + change.view(b, 1, f, 1)).to(x.dtype)
+
+
+class BatchAugment(Callback):
+    """Base: transform (x, y) of each training batch on the device; `fill` is the neutral log-mel value."""
+    run_valid = False
+    order = 60
+
+    def before_batch(self):
+        x, y = self.augment(self.xb[0], self.yb[0])
+        self.learn.xb, self.learn.yb = (x,), (y,)
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor):
+        raise NotImplementedError
+
+
+class SpecAugment(BatchAugment):
+    """Time and frequency stripes (SpecAugment), filled with the model's input mean (a neutral value)."""
+    order = 70  # after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip
+
+    def __init__(self, cfg: Config, fill: float):
+        self.n_time, self.n_freq, self.fill = cfg.time_masks, cfg.freq_masks, fill
+        self.time_width = int(cfg.crop_frames * cfg.time_mask_frac)
+        self.freq_width = int(cfg.n_mels * cfg.freq_mask_frac)
+
+    def augment(self, x, y):
+        return spec_augment(x, self.n_time, self.time_width, self.n_freq, self.freq_width, self.fill), y
+
+
+class Mixup(BatchAugment):
+    """Classic mixup: a convex mix of two clips with the same mix of their labels (alpha: Beta(alpha, alpha))."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def augment(self, x, y):
+        return mixup(x, y, self.alpha)
+
+
+class UnionMix(BatchAugment):
+    order = 61
+
+    def __init__(self, p: float, gain_db: float):
+        self.p, self.gain_db = p, gain_db
+
+    def augment(self, x, y):
+        return union_mix(x, y, self.p, self.gain_db)
+
+
+class ConcatMix(BatchAugment):
+    order = 62
+
+    def __init__(self, p: float, gain_db: float):
+        self.p, self.gain_db = p, gain_db
+
+    def augment(self, x, y):
+        return concat_mix(x, y, self.p, self.gain_db)
+
+
+class BackgroundMix(BatchAugment):
+    order = 63
+
+    def __init__(self, p: float, snr_db: tuple[float, float]):
+        self.p, self.snr_db = p, snr_db
+
+    def augment(self, x, y):
+        return background_mix(x, y, self.p, *self.snr_db)
+
+
+class LevelEQ(BatchAugment):
+    order = 64  # after mixing: the whole mixture is one recording with one level and colour
+
+    def __init__(self, gain_db: float, tilt_db: float, lowpass_p: float):
+        self.gain_db, self.tilt_db, self.lowpass_p = gain_db, tilt_db, lowpass_p
+
+    def augment(self, x, y):
+        return level_eq(x, self.gain_db, self.tilt_db, self.lowpass_p), y
+
+
+def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
+    """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
+    order they act: mixing (mixup, union, concatenation, background), level/EQ, then SpecAugment stripes."""
+    def value(name):
+        return getattr(cfg, f"{name}_{stage}")
+
+    cbs: list[Callback] = []
+    if value("mixup") > 0:
+        cbs.append(Mixup(value("mixup")))
+    if value("union_mix") > 0:
+        cbs.append(UnionMix(value("union_mix"), cfg.mix_gain_db))
+    if value("concat_mix") > 0:
+        cbs.append(ConcatMix(value("concat_mix"), cfg.mix_gain_db))
+    if value("background") > 0:
+        cbs.append(BackgroundMix(value("background"), (cfg.background_snr_min, cfg.background_snr_max)))
+    if value("level_eq"):
+        cbs.append(LevelEQ(cfg.level_gain_db, cfg.eq_tilt_db, cfg.lowpass_p))
+    if value("specaug"):
+        cbs.append(SpecAugment(cfg, fill))
+    return sorted(cbs, key=lambda cb: cb.order)
+''')
+
 _add('src/fattag/budget.py', r'''
 """Time budget: measure what a training step and an inference window really cost here, then plan epochs.
 
@@ -377,6 +604,7 @@ from .model import build_model
 OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
 MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
 MIN_EPOCHS_NOISY = 1
+SELECT_HOLDOUT = 0.1     # share of the curated clips that watch the selection scorer
 
 
 @dataclass
@@ -390,49 +618,54 @@ class Throughput:
                 f"inference {1 / self.infer_s_per_window:.0f} windows/s")
 
 
-def measure_throughput(cfg: Config, n_classes: int, device, steps: int = 3, warmup: int = 2) -> Throughput:
-    """Time a few training steps and inference batches of the real model on random input of the crop size."""
+def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,
+                       runs: int = 4) -> Throughput:
+    """Time training steps and inference batches of the real model on random input of the crop size.
+
+    The first run of each warms up and is not used, unless the next would take the measurement past
+    `max_seconds` (a small share of the budget: a slow CPU step is then measured once, and the stages' measured
+    times correct the estimate later).
+    """
     device = torch.device(device)
     model = build_model(cfg, n_classes).to(device)
     bs = cfg.batch_size
     x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
     y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    spent = [0.0]
 
     def train_step():
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, enabled=cuda):
             loss = loss_fn(model(x).float(), y)
         opt.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
-    def timed(fn, n):
-        for _ in range(warmup):
+    def infer():
+        with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
+            model(x)
+
+    def timed(fn, share: float) -> float:
+        times = []
+        while len(times) < runs:
+            t0 = time.perf_counter()
             fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / n
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            spent[0] += times[-1]
+            if max_seconds and spent[0] + times[-1] > max_seconds * share:
+                break
+        return min(times[1:] or times)
 
     model.train()
-    t_train = timed(train_step, steps) / bs
+    t_train = timed(train_step, 0.7) / bs
     model.eval()
-    xi = torch.cat([x, x])
-
-    def infer():
-        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-            model(xi)
-
-    t_infer = timed(infer, steps) / len(xi)
+    t_infer = timed(infer, 1.0) / bs
     return Throughput(t_train, t_infer, str(device))
 
 
@@ -444,6 +677,7 @@ class Workload:
     curated: int                # decodable curated clips
     curated_windows: int        # whole-clip windows over all curated clips
     test_windows: int           # whole-clip windows over all test clips
+    noisy_windows: int = 0      # whole-clip windows over all noisy clips (scored once by noisy-clip selection)
 
 
 @dataclass
@@ -455,16 +689,10 @@ class Plan:
     available_s: float
     stages: list = field(default_factory=list)   # (stage name, planned seconds)
     notes: list = field(default_factory=list)    # what was cut, and why
-    predict_test_s: float = 0.0                  # test inference per fold model, kept free by the deadline guard
 
     @property
     def total_s(self) -> float:
         return sum(s for _, s in self.stages)
-
-    @property
-    def folds_s(self) -> float:
-        """Planned seconds of all stage-2 folds: stage 1 must stop in time to leave them this much."""
-        return sum(s for name, s in self.stages if name.startswith("fold"))
 
     def table(self) -> str:
         rows = [f"{'stage':<22}{'planned':>10}"]
@@ -474,69 +702,98 @@ class Plan:
                 f"{self.folds_trained} folds, {self.tta_aug_passes} augmented TTA passes")
         return "\n".join([head, *rows, *self.notes])
 
+    def to_dict(self) -> dict:
+        return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
+                    folds_trained=self.folds_trained, tta_aug_passes=self.tta_aug_passes,
+                    available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
+                    stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
 
-def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int) -> dict:
-    """Seconds per unit of work: one stage-1 epoch, one fold epoch, and the fixed per-fold prediction work."""
+
+def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: dict | None = None) -> dict:
+    """Seconds per unit of work, from the measured throughput (times `scale[kind]`, the measured/predicted ratio
+    of work already done): a stage-1 epoch, a fold epoch, one fold's OOF predictions, one model's test TTA."""
     k = cfg.folds
     infer = tp.infer_s_per_window * OVERHEAD
     train = tp.train_s_per_clip * OVERHEAD
     per_fold_windows = w.curated_windows / k
-    return dict(
+    share = cfg.noisy_share_curated if w.noisy_train else 0.0   # stage-2 batches topped up with noisy clips
+    selecting = cfg.select_noisy and w.noisy_train > 0
+    base = dict(
         noisy_epoch=w.noisy_train * train + w.noisy_holdout_windows * infer,
-        fold_epoch=w.curated * (k - 1) / k * train + per_fold_windows * infer,
-        # OOF: centre crop + windows (+ augmented passes); test: windows x (1 + passes)
-        fold_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer + w.test_windows * (1 + passes) * infer,
+        fold_epoch=w.curated * (k - 1) / k / (1 - share) * train + per_fold_windows * infer,
+        oof_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer,   # centre crop + windows (+ passes)
+        test_predict=w.test_windows * (1 + passes) * infer,
+        # noisy-clip selection: a scorer trained on the curated clips, then one pass over every noisy clip
+        select=(cfg.select_epochs * (w.curated * train + w.curated_windows * SELECT_HOLDOUT * infer)
+                + w.noisy_windows * infer) if selecting else 0.0,
     )
+    scale = scale or {}
+    default = _geomean(list(scale.values())) if scale else 1.0
+    return {kind: secs * scale.get(kind, default) for kind, secs in base.items()}
 
 
-def _total(cfg, w, tp, e1, e2, folds, passes) -> float:
-    c = stage_costs(cfg, w, tp, passes)
-    return e1 * c["noisy_epoch"] + folds * (e2 * c["fold_epoch"] + c["fold_predict"])
+def _geomean(values: list) -> float:
+    return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
 
 
-def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None) -> Plan:
-    """Fit the preset's epochs, TTA passes and folds into `available_s` seconds (None: no budget, no cuts)."""
-    e1 = cfg.epochs_noisy if w.noisy_train else 0
-    e2, folds, passes = cfg.epochs_curated, cfg.folds, cfg.tta_aug_passes
+def fold_s(c: dict, epochs: int) -> float:
+    """One fold: its epochs, its OOF predictions and its model's share of test TTA."""
+    return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
+
+
+def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None):
+    """Cut (e1, e2, folds, passes) until total(e1, e2, folds, passes) <= available_s, in this order: both stages'
+    epochs in proportion (down to their floors), augmented TTA passes, folds, then stage 1. Returns the cut
+    values and notes saying what was cut."""
     notes = []
-    if available_s is not None:
-        def fits(a, b, f, p):
-            return _total(cfg, w, tp, a, b, f, p) <= available_s
+    if available_s is None or total(e1, e2, folds, passes) <= available_s:
+        return e1, e2, folds, passes, notes
 
-        if not fits(e1, e2, folds, passes):
-            # largest common scale of both stages' epochs that fits, above their floors
-            lo, hi = 0.0, 1.0
-            for _ in range(30):
-                mid = (lo + hi) / 2
-                a, b = _scaled(e1, mid, MIN_EPOCHS_NOISY), _scaled(e2, mid, MIN_EPOCHS_CURATED)
-                lo, hi = (mid, hi) if fits(a, b, folds, passes) else (lo, mid)
-            a, b = _scaled(e1, lo, MIN_EPOCHS_NOISY), _scaled(e2, lo, MIN_EPOCHS_CURATED)
-            if fits(a, b, folds, passes):
-                notes.append(f"epochs cut to fit the budget: stage 1 {e1} -> {a}, stage 2 {e2} -> {b}")
-                e1, e2 = a, b
-            else:
-                e1, e2 = _scaled(e1, 0, MIN_EPOCHS_NOISY), min(e2, MIN_EPOCHS_CURATED)
-                if passes and not fits(e1, e2, folds, passes):
-                    notes.append(f"augmented TTA passes cut {passes} -> 0")
-                    passes = 0
-                while folds > 1 and not fits(e1, e2, folds, passes):
-                    folds -= 1
-                if folds < cfg.folds:
-                    notes.append(f"only {folds} of {cfg.folds} folds fit the budget (the others are not trained)")
-                if e1 and not fits(e1, e2, folds, passes):
-                    notes.append("stage 1 dropped: it does not fit the budget")
-                    e1 = 0
-                notes.append(f"epochs at their floor: stage 1 {e1}, stage 2 {e2}")
-                if not fits(e1, e2, folds, passes):
-                    notes.append("WARNING: even the smallest plan exceeds the budget; the deadline guard will "
-                                 "stop training early")
-    c = stage_costs(cfg, w, tp, passes)
-    stages = []
-    if e1:
-        stages.append(("stage 1 (noisy)", e1 * c["noisy_epoch"]))
-    stages += [(f"fold {k}", e2 * c["fold_epoch"] + c["fold_predict"]) for k in range(folds)]
-    test_s = w.test_windows * (1 + passes) * tp.infer_s_per_window * OVERHEAD
-    return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, stages, notes, test_s)
+    def fits(a, b, f, p):
+        return total(a, b, f, p) <= available_s
+
+    lo, hi = 0.0, 1.0  # the largest common scale of both stages' epochs that fits, above their floors
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(_scaled(e1, mid, MIN_EPOCHS_NOISY), _scaled(e2, mid, MIN_EPOCHS_CURATED),
+                                   folds, passes) else (lo, mid)
+    a, b = _scaled(e1, lo, MIN_EPOCHS_NOISY), _scaled(e2, lo, MIN_EPOCHS_CURATED)
+    if fits(a, b, folds, passes):
+        notes.append(f"epochs cut to fit the budget: stage 1 {e1} -> {a}, stage 2 {e2} -> {b}")
+        return a, b, folds, passes, notes
+    requested_folds = folds
+    e1, e2 = _scaled(e1, 0, MIN_EPOCHS_NOISY), min(e2, MIN_EPOCHS_CURATED)
+    if passes and not fits(e1, e2, folds, passes):
+        notes.append(f"augmented TTA passes cut {passes} -> 0")
+        passes = 0
+    while folds > 1 and not fits(e1, e2, folds, passes):
+        folds -= 1
+    if folds < requested_folds:
+        notes.append(f"only {folds} of {requested_folds} folds fit the budget (the others are not trained)")
+    if e1 and not fits(e1, e2, folds, passes):
+        notes.append("stage 1 dropped: it does not fit the budget")
+        e1 = 0
+    notes.append(f"epochs at their floor: stage 1 {e1}, stage 2 {e2}")
+    if not fits(e1, e2, folds, passes):
+        notes.append("WARNING: even the smallest plan exceeds the budget; the deadline guard will stop training early")
+    return e1, e2, folds, passes, notes
+
+
+def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None,
+             scale: dict | None = None) -> Plan:
+    """Fit the preset's epochs, TTA passes and folds into `available_s` seconds (None: no budget, no cuts)."""
+    def total(e1, e2, folds, passes):
+        c = stage_costs(cfg, w, tp, passes, scale)
+        return c["select"] + e1 * c["noisy_epoch"] + folds * fold_s(c, e2)
+
+    e1 = cfg.epochs_noisy if w.noisy_train else 0
+    e1, e2, folds, passes, notes = fit_recipe(e1, cfg.epochs_curated, cfg.folds, cfg.tta_aug_passes, total,
+                                              available_s)
+    c = stage_costs(cfg, w, tp, passes, scale)
+    stages = [("select noisy clips", c["select"])] if c["select"] and e1 else []
+    stages += [("stage 1 (noisy)", e1 * c["noisy_epoch"])] if e1 else []
+    stages += [(f"fold {k}", fold_s(c, e2)) for k in range(folds)]
+    return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, stages, notes)
 
 
 def _scaled(epochs: int, scale: float, floor: int) -> int:
@@ -545,18 +802,106 @@ def _scaled(epochs: int, scale: float, floor: int) -> int:
     return max(min(floor, epochs), int(math.floor(epochs * scale)))
 
 
-def replan_fold_epochs(remaining_s: float, folds_left: int, epoch_s: float, fixed_s: float, planned: int) -> int:
-    """Epochs per remaining fold from measured times: the planned number, or fewer when behind (at least 1)."""
-    if folds_left <= 0:
-        return planned
-    per_fold = remaining_s / folds_left - fixed_s
-    fit = int(per_fold // max(epoch_s, 1e-9))
-    return max(1, min(planned, fit))
+class Budget:
+    """The run's time plan in one place: what stage 1 and each fold may spend, and when each must stop.
+
+    It starts from a plan made with the measured throughput, and after every stage it re-plans the work still to
+    do from the seconds that stage really took, upward as well as downward: epochs and folds that were cut come
+    back when the stages run faster than predicted, and go when they run slower. It never plans more than the
+    requested recipe (the preset, with any --set). Without a deadline nothing is ever cut.
+    """
+
+    def __init__(self, requested: Config, workload: Workload, tp: Throughput, deadline: float | None):
+        self.requested, self.workload, self.tp, self.deadline = requested, workload, tp, deadline
+        self.scale: dict = {}               # measured / predicted seconds, per kind of work done so far
+        self.folds_done = 0
+        self.plan = plan_run(requested, workload, tp, self.remaining())
+        self.first_plan = self.plan
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def costs(self, passes: int | None = None) -> dict:
+        passes = self.plan.tta_aug_passes if passes is None else passes
+        return stage_costs(self.requested, self.workload, self.tp, passes, self.scale)
+
+    def measured(self, kind: str, seconds: float, units: float) -> None:
+        """Record that `units` of work of `kind` (e.g. 4 fold epochs) took `seconds`: later costs follow it."""
+        predicted = stage_costs(self.requested, self.workload, self.tp, self.plan.tta_aug_passes)[kind] * units
+        if units > 0 and predicted > 0 and seconds > 0:
+            self.scale[kind] = seconds / predicted
+
+    def stage1_deadline(self) -> float | None:
+        """Stage 1 must stop in time to leave the planned folds their planned time."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self.plan.folds_trained * fold_s(self.costs(), self.plan.epochs_curated)
+
+    def select_deadline(self) -> float | None:
+        """Noisy-clip selection must stop in time to leave stage 1 and the folds their planned time."""
+        if self.deadline is None:
+            return None
+        return self.stage1_deadline() - self.plan.epochs_noisy * self.costs()["noisy_epoch"]
+
+    def noisy_kept(self, n_train: int) -> None:
+        """Stage 1 trains on fewer noisy clips than counted (selection kept `n_train`): its epochs cost less."""
+        self.workload = replace(self.workload, noisy_train=n_train)
+
+    def epochs_for(self, k: int) -> int:
+        """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k)."""
+        self.plan = self._replan_folds(k)
+        return self.plan.epochs_curated if k < self.plan.folds_trained else 0
+
+    def fold_deadline(self, k: int) -> float | None:
+        """Fold k trains until: the deadline, less its OOF predictions, test TTA for the k + 1 models trained by then,
+        and the planned later folds at their floor."""
+        if self.deadline is None:
+            return None
+        c = self.costs()
+        later = max(self.plan.folds_trained - k - 1, 0) * fold_s(c, MIN_EPOCHS_CURATED)
+        return self.deadline - c["oof_predict"] - (k + 1) * c["test_predict"] - later
+
+    def fold_done(self, k: int) -> None:
+        self.folds_done = k + 1
+
+    def _replan_folds(self, k: int) -> Plan:
+        """The folds from k on, fitted into the time left after test TTA for the k folds already trained."""
+        req = self.requested
+        fixed = self.folds_done * self.costs()["test_predict"]
+
+        def total(e1, e2, folds, passes):
+            return fixed + folds * fold_s(self.costs(passes), e2)
+
+        avail = self.remaining()
+        _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total, avail)
+        c = self.costs(passes)
+        kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold")]
+        done = [(f"fold {j}", secs) for j, (name, secs) in enumerate(
+            [st for st in self.plan.stages if st[0].startswith("fold")]) if j < k]
+        stages = kept + done + [(f"fold {j}", fold_s(c, e2)) for j in range(k, k + n)]
+        return Plan(self.plan.epochs_noisy, e2, k + n, passes, self.plan.available_s, stages, self.plan.notes + [
+            f"re-planned before fold {k} from measured times: {n} more fold(s) of {e2} epochs"
+            + (f" ({'; '.join(notes)})" if notes else "")])
+
+    def test_passes(self, n_models: int) -> int:
+        """Augmented TTA passes for the test set, decided when training is over: the plan's, fewer if they no longer
+        fit, more (up to `tta_fill_passes`) when time is left over, so that time is not wasted."""
+        planned = self.plan.tta_aug_passes
+        if self.deadline is None or n_models == 0:
+            return planned
+        per_pass = n_models * self.costs(0)["test_predict"]
+        fit = int(self.remaining() // max(per_pass, 1e-9)) - 1
+        passes = max(0, min(fit, max(planned, self.requested.tta_fill_passes)))
+        if passes != planned:
+            self.plan.notes.append(f"test TTA: {passes} augmented passes (planned {planned}) fit the time left")
+        self.plan.tta_aug_passes = passes
+        return passes
 
 
-def apply_plan(cfg: Config, plan: Plan) -> Config:
-    return replace(cfg, epochs_noisy=plan.epochs_noisy, epochs_curated=plan.epochs_curated,
-                   tta_aug_passes=plan.tta_aug_passes)
+def apply_plan(cfg: Config, plan: Plan, **more) -> Config:
+    """The config with the plan's epochs and TTA passes (and any `more` values): what the run actually uses."""
+    return replace(cfg, **{**dict(epochs_noisy=plan.epochs_noisy, epochs_curated=plan.epochs_curated,
+                                  tta_aug_passes=plan.tta_aug_passes), **more})
 
 
 def count_workload(cfg: Config, noisy, curated, test) -> Workload:
@@ -568,7 +913,291 @@ def count_workload(cfg: Config, noisy, curated, test) -> Workload:
     n_hold = max(1, int(round(len(noisy_ok) * cfg.noisy_holdout))) if len(noisy_ok) else 0
     return Workload(noisy_train=len(noisy_ok) - n_hold, noisy_holdout_windows=windows(noisy, noisy_ok[:n_hold]),
                     curated=int(curated.ok.sum()), curated_windows=windows(curated, np.flatnonzero(curated.ok)),
-                    test_windows=windows(test, np.flatnonzero(test.ok)))
+                    test_windows=windows(test, np.flatnonzero(test.ok)),
+                    noisy_windows=windows(noisy, noisy_ok) if cfg.select_noisy else 0)
+''')
+
+_add('src/fattag/callbacks.py', r'''
+"""The fastai callbacks of a training stage, one concern each: NaN guard, best epoch, weight averaging,
+checkpoints, log, deadline.
+
+Augmentations of training batches are callbacks too; they live in `augment.py`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import TrackerCallback
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .checkpoint import Resume, StageDir, cpu_state
+
+log = logging.getLogger("fattag")
+
+
+class StageCallback(Callback):
+    """Base of the per-epoch callbacks. A resumed stage replays its finished epochs (fastai's `start_epoch` skips
+    their batches but still runs `after_epoch`); those must not be scored, checkpointed or logged again."""
+
+    @property
+    def replayed(self) -> bool:
+        return self.epoch < getattr(self.learn, "resume_epoch", 0)
+
+    def epoch_values(self) -> dict:
+        """This epoch's recorded values by name: train_loss, valid_loss, lwlrap."""
+        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+        return {n: (None if v is None else float(v)) for n, v in zip(names, self.recorder.log[1:len(names) + 1])}
+
+
+class NanGuard(StageCallback):
+    """Stop at the first epoch whose training loss or score is NaN/inf. KeepBest then restores the best weights, so a
+    NaN never reaches a checkpoint or a prediction."""
+    order = 55  # after the Recorder (50), before KeepBest and the checkpoint
+
+    def __init__(self):
+        self.nan_epochs = 0
+
+    def after_epoch(self):
+        if self.replayed:
+            return
+        v = self.epoch_values()
+        if not all(x is not None and np.isfinite(x) for x in (v.get("train_loss"), v.get("lwlrap"))):
+            self.nan_epochs += 1
+            log.warning("epoch %d: non-finite loss or score (%s): discarded, back to the best weights",
+                        self.epoch + 1, v)
+            raise CancelFitException()
+
+
+class KeepBest(StageCallback, TrackerCallback):
+    """fastai's tracker on whole-clip lwlrap, keeping the best epoch's weights in memory and restoring them at the
+    end (SaveModelCallback without the disk round trip: files are EpochCheckpoint's job)."""
+    order = TrackerCallback.order + 1
+
+    def __init__(self, resume: Resume):
+        TrackerCallback.__init__(self, monitor="lwlrap", comp=np.greater, reset_on_fit=False)
+        self.best, self.best_epoch, self.best_state = resume.best_score, resume.best_epoch, resume.best_state
+        self.new_best = False
+
+    def after_epoch(self):
+        self.new_best = False
+        if self.replayed:
+            return
+        super().after_epoch()
+        if self.new_best:
+            self.best, self.best_epoch, self.best_state = float(self.best), self.epoch, cpu_state(self.model)
+
+    def after_fit(self):
+        super().after_fit()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+
+class WeightAverage(StageCallback):
+    """An exponential moving average of the weights (torch's AveragedModel, batch-norm statistics included), updated
+    after every training step. Validation, the best-epoch choice and so the saved model use the averaged weights;
+    training goes on from the raw ones. `epochs` is the averaging horizon (the EMA decay per step follows from it)."""
+    order = KeepBest.order + 4  # after_epoch: once KeepBest has taken the averaged weights, the raw ones come back
+
+    def __init__(self, epochs: float, state: dict | None = None):
+        self.horizon, self.state, self.averaged, self.raw = epochs, state, None, None
+
+    def before_fit(self):
+        decay = math.exp(-1.0 / max(self.horizon * len(self.dls.train), 1.0))
+        self.averaged = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        if self.state is not None:  # a resumed stage continues its average
+            self.averaged.load_state_dict(self.state)
+
+    def after_step(self):
+        self.averaged.update_parameters(self.model)
+
+    def before_validate(self):
+        self.raw = cpu_state(self.model)
+        self.model.load_state_dict(self.averaged.module.state_dict())
+
+    def after_epoch(self):
+        if self.raw is not None:
+            self.model.load_state_dict(self.raw)
+            self.raw = None
+
+
+class EpochCheckpoint(StageCallback):
+    """After every new epoch: its history row, and the resume files (model + optimiser (+ weight average), best
+    weights, progress)."""
+    order = KeepBest.order + 10
+
+    def __init__(self, stage_dir: StageDir, keep: KeepBest, epochs: int, history: list):
+        self.stage_dir, self.keep, self.epochs, self.history = stage_dir, keep, epochs, history
+
+    def after_epoch(self):
+        if self.replayed:
+            return
+        self.history.append({"epoch": self.epoch + 1, **self.epoch_values()})
+        state = Resume(self.epoch + 1, self.epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
+                       self.history)
+        average = next((cb.averaged for cb in self.learn.cbs if isinstance(cb, WeightAverage)), None)
+        extra = {"average": average.state_dict()} if average is not None else {}
+        self.stage_dir.save_epoch(state, self.model, self.opt.state_dict(), new_best=self.keep.new_best, **extra)
+
+
+class EpochLog(StageCallback):
+    """One plain log line per epoch (Kaggle logs have no terminal), with the epoch's wall time."""
+    order = EpochCheckpoint.order + 5
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def before_epoch(self):
+        self.t0 = time.time()
+
+    def after_epoch(self):
+        if self.replayed:
+            return
+        shown = "  ".join(f"{n} {v:.4f}" for n, v in self.epoch_values().items() if v is not None)
+        log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, self.n_epoch, shown, time.time() - self.t0)
+
+
+class Deadline(StageCallback):
+    """Stop between epochs when another epoch like the last one would not end before `deadline` (a wall-clock time,
+    from the run's Budget)."""
+    order = EpochLog.order + 5
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+
+    def before_epoch(self):
+        self.t0 = time.time()
+
+    def after_epoch(self):
+        if self.replayed or not self.deadline:
+            return
+        now = time.time()
+        if now + (now - self.t0) > self.deadline:
+            log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1, self.n_epoch)
+            raise CancelFitException()
+''')
+
+_add('src/fattag/checkpoint.py', r'''
+"""Everything a restart trusts on disk: atomic writes, model checkpoints, and each stage's resume state.
+
+A stage folder (`stage1/`, `fold{k}/`) holds, while it trains, `last.pth` (model + optimiser after the last
+finished epoch), `best.pth` (the best epoch's weights) and `progress.json`; when it is done, `model.pth` (best
+weights + the metadata prediction needs) and `history.csv`, and the resume files go. Every file is written to a
+temporary name and renamed, so a kill never leaves a half-written file that a restart would read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+log = logging.getLogger("fattag")
+
+
+def atomic_write(path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_torch_save(obj, path) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def cpu_state(model: torch.nn.Module) -> dict:
+    """A detached CPU copy of the model's weights (safe to keep while training goes on)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path, model: torch.nn.Module, meta: dict) -> Path:
+    return atomic_torch_save({"meta": meta, "state_dict": cpu_state(model)}, path)
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """(meta, state_dict) of a model.pth."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["meta"], ckpt["state_dict"]
+
+
+def update_meta(path, **changes) -> None:
+    """Rewrite a model.pth with some metadata changed (e.g. the inference settings the run ended up using)."""
+    meta, state = load_checkpoint(path)
+    atomic_torch_save({"meta": {**meta, **changes}, "state_dict": state}, path)
+
+
+@dataclass
+class Resume:
+    """Where an interrupted stage stopped: continue after `epochs_done` of `epochs`, with its best so far."""
+    epochs_done: int = 0
+    epochs: int = 0
+    best_score: float = float("-inf")
+    best_epoch: int = -1            # 0-based; -1 when no epoch was usable yet
+    best_state: dict | None = None
+    history: list = field(default_factory=list)
+    last: dict | None = None        # {"model": state_dict, "opt": optimiser state, ...} after epochs_done
+
+
+class StageDir:
+    """One stage's folder: finished-stage reuse, per-epoch resume files, and the final model."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.model_file = self.path / "model.pth"
+        self.last_file, self.best_file = self.path / "last.pth", self.path / "best.pth"
+        self.progress_file = self.path / "progress.json"
+
+    def finished(self) -> tuple[dict, dict] | None:
+        """(meta, state_dict) of a stage that an earlier run finished (same --work-dir), else None."""
+        if not self.model_file.exists():
+            return None
+        log.info("%s: already finished, reusing its weights", self.path.name)
+        return load_checkpoint(self.model_file)
+
+    def resume(self) -> Resume:
+        """The state of an interrupted stage, or a fresh Resume when there is none (or it is incomplete)."""
+        try:
+            p = json.loads(self.progress_file.read_text())
+            if not self.last_file.exists() or (p["best_epoch"] >= 0 and not self.best_file.exists()):
+                return Resume()
+            best = torch.load(self.best_file, map_location="cpu", weights_only=True) if p["best_epoch"] >= 0 else None
+            last = torch.load(self.last_file, map_location="cpu", weights_only=False)
+            return Resume(p["epochs_done"], p["epochs"], p["best_score"], p["best_epoch"], best, p["history"], last)
+        except (OSError, ValueError, KeyError):
+            return Resume()
+
+    def save_epoch(self, state: Resume, model: torch.nn.Module, opt_state: dict, new_best: bool, **extra) -> None:
+        """After a finished epoch: best weights (when they changed), model + optimiser (+ `extra` states), then the
+        progress."""
+        if new_best:
+            atomic_torch_save(state.best_state, self.best_file)
+        atomic_torch_save({"model": model.state_dict(), "opt": opt_state, **extra}, self.last_file)
+        atomic_write_text(self.progress_file, json.dumps(dict(
+            epochs_done=state.epochs_done, epochs=state.epochs, best_score=state.best_score,
+            best_epoch=state.best_epoch, history=state.history)))
+
+    def finish(self, model: torch.nn.Module, meta: dict, history: pd.DataFrame) -> None:
+        """The best weights become model.pth (which marks the stage done); the resume files go."""
+        atomic_write(self.path / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
+        save_checkpoint(self.model_file, model, meta)
+        for f in (self.last_file, self.best_file, self.progress_file):
+            f.unlink(missing_ok=True)
 ''')
 
 _add('src/fattag/cli.py', r'''
@@ -648,9 +1277,8 @@ properties, never stored twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 KAGGLE_DATA_DIR = "/kaggle/input/freesound-audio-tagging-2019"
 KAGGLE_WORK_DIR = "/kaggle/working"
@@ -676,6 +1304,7 @@ class Config:
     self_attention: bool = True
     mish: bool = True
     dropout: float = 0.2
+    input_norm: str = "global"    # global: fixed mean/std; band: also each band's median over the crop subtracted
 
     # --- training ---
     folds: int = 5
@@ -683,14 +1312,34 @@ class Config:
     lr_noisy: float = 3e-3
     lr_curated: float = 2e-3
     wd: float = 1e-2
+    average_epochs: float = 0.0   # weight averaging: EMA of the weights over about this many epochs (0 = off)
     epochs_noisy: int = 12        # stage 1 (0 skips it)
     epochs_curated: int = 30      # stage 2, per fold
-    stage1_per_fold: bool = False  # the seed trained stage 1 once per fold; one shared model is ~K times cheaper
     noisy_holdout: float = 0.05   # share of the noisy set used to watch stage 1 (its labels are noisy too)
+    select_noisy: bool = False    # before stage 1: score the noisy clips with a curated-trained model, keep agreeing
+    select_epochs: int = 10       # epochs of that scorer (on the curated clips, from scratch)
+    select_margin: int = 1        # a clip agrees when each of its n labels ranks in the model's top n + margin
+    noisy_share_curated: float = 0.0  # share of stage-2 training items drawn from the (kept) noisy clips
+    loss_noisy: str = "bce"       # per stage: bce, focal, lsep or lsoft (see losses.py)
+    loss_curated: str = "bce"
     mixup_noisy: float = 0.0      # mixup alpha per stage (0 = off)
     mixup_curated: float = 0.4
     specaug_noisy: bool = True
     specaug_curated: bool = True
+    union_mix_noisy: float = 0.0  # share of training items mixed with a partner, labels = union (0 = off)
+    union_mix_curated: float = 0.0
+    concat_mix_noisy: float = 0.0  # share of items whose crop ends with a partner's frames, labels = union
+    concat_mix_curated: float = 0.0
+    mix_gain_db: float = 6.0      # partner level relative to the item, uniform in +-this (union and concat)
+    background_noisy: float = 0.0  # share of items with a partner added far below as background (labels kept)
+    background_curated: float = 0.0
+    background_snr_min: float = 10.0  # background this many dB below the item, uniform in [min, max]
+    background_snr_max: float = 25.0
+    level_eq_noisy: bool = False  # random gain, spectral tilt and low-pass per item
+    level_eq_curated: bool = False
+    level_gain_db: float = 10.0
+    eq_tilt_db: float = 10.0
+    lowpass_p: float = 0.25
     time_masks: int = 2
     time_mask_frac: float = 0.1   # widest time mask, as a share of the crop
     freq_masks: int = 2
@@ -702,6 +1351,7 @@ class Config:
     tta_aggregate: str = "meanmax"  # per clip over windows: mean, max, or meanmax (their average)
     tta_aug_passes: int = 0       # extra passes with light SpecAugment over the windows
     fold_ensemble: str = "mean"   # arithmetic "mean" or "geomean" over folds
+    tta_fill_passes: int = 4      # with a time budget, time left at the end buys up to this many augmented passes
 
     # --- run control ---
     seed: int = 42
@@ -715,14 +1365,20 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     def feature_dict(self) -> dict:
         """The values a trained model's input depends on: weights are only valid with the same ones."""
-        keys = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max",
-                "top_db", "trim_silence", "trim_db", "crop_seconds")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in FEATURE_KEYS}
+
+    def inference_dict(self) -> dict:
+        """How test clips are predicted: may differ between training and a later predict-only run."""
+        return {k: getattr(self, k) for k in INFERENCE_KEYS}
+
+
+# Groups of settings that a checkpoint records (see model.model_meta and predict.prediction_config).
+FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
+                "trim_silence", "trim_db", "crop_seconds")
+MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm")
+INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "batch_size")
 
 
 PRESETS: dict[str, dict] = {
@@ -778,6 +1434,22 @@ def _coerce(name: str, raw: str, current):
     return raw
 
 
+def parse_sets(sets: list[str] | None, cfg: Config | None = None) -> dict:
+    """`name=value` strings (from --set) -> {name: value}, each converted to its field's type."""
+    cfg = cfg or Config()
+    known = {f.name for f in fields(Config)}
+    out = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects name=value, got {item!r}")
+        name, raw = item.split("=", 1)
+        name = name.strip().replace("-", "_")
+        if name not in known:
+            raise ValueError(f"--set: unknown setting {name!r}; known: {', '.join(sorted(known))}")
+        out[name] = _coerce(name, raw, getattr(cfg, name))
+    return out
+
+
 def make_config(preset: str | None = None, overrides: dict | None = None, sets: list[str] | None = None) -> Config:
     """Defaults, then the preset, then explicit overrides, then `name=value` strings from --set."""
     cfg = Config()
@@ -787,16 +1459,7 @@ def make_config(preset: str | None = None, overrides: dict | None = None, sets: 
         cfg = dataclasses.replace(cfg, **PRESETS[preset])
     if overrides:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(Config)}
-    for item in sets or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects name=value, got {item!r}")
-        name, raw = item.split("=", 1)
-        name = name.strip().replace("-", "_")
-        if name not in known:
-            raise ValueError(f"--set: unknown setting {name!r}; known: {', '.join(sorted(known))}")
-        cfg = dataclasses.replace(cfg, **{name: _coerce(name, raw, getattr(cfg, name))})
-    return cfg
+    return dataclasses.replace(cfg, **parse_sets(sets, cfg))
 ''')
 
 _add('src/fattag/data.py', r'''
@@ -1644,7 +2307,8 @@ _add('src/fattag/features.py', r'''
 
 Why a log-mel store rather than raw audio: FAT2019's noisy set decodes to ~25 GB of int16 audio, more than a
 Kaggle machine's RAM; its float16 log-mel (128 bands x ~64 frames/s) is ~5x smaller and needs no per-epoch STFT.
-Augmentations (random crop, SpecAugment, mixup) still differ every epoch because they act on the stored mels.
+Augmentations (random crops here, batch augmentations in `augment.py`) still differ every epoch: they act on the
+stored mels.
 
 Padding policy: a clip shorter than one crop is *repeated* (tiled) in the waveform up to the crop length before
 its spectrogram is taken, so a 0.3 s door knock becomes a 4 s train of knocks rather than a knock and silence.
@@ -1783,22 +2447,44 @@ def window_starts(n_frames: int, length: int, step: int) -> list[int]:
     return starts
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """One random crop per clip per epoch (seeded generator: same seed, same crops)."""
+@dataclass
+class Clips:
+    """Some clips of a store, by index: what a stage trains or validates on."""
+    store: MelStore
+    indices: np.ndarray
 
-    def __init__(self, store: MelStore, indices, crop_frames: int, seed: int = 0):
-        self.store, self.indices, self.length = store, np.asarray(indices), crop_frames
+    def __post_init__(self):
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.store.table.targets[self.indices]
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """One random crop per clip per epoch (seeded generator: same seed, same crops), over one or more sets of clips
+    (e.g. a curated fold's training clips and some noisy clips)."""
+
+    def __init__(self, clips: Clips | list[Clips], crop_frames: int, seed: int = 0):
+        self.parts = [clips] if isinstance(clips, Clips) else list(clips)
+        self.ends = np.cumsum([len(c) for c in self.parts])
+        self.length = crop_frames
         self.rng = np.random.default_rng(seed)
 
     def __len__(self):
-        return len(self.indices)
+        return int(self.ends[-1]) if len(self.ends) else 0
 
     def __getitem__(self, i):
-        j = self.indices[i]
-        mel = self.store.mels[j]
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        clips = self.parts[part]
+        j = clips.indices[i - (self.ends[part - 1] if part else 0)]
+        mel = clips.store.mels[j]
         start = int(self.rng.integers(0, max(mel.shape[1] - self.length, 0) + 1))
         x = torch.from_numpy(np.ascontiguousarray(crop(mel, self.length, start)))[None]
-        return x, torch.from_numpy(self.store.table.targets[j])
+        return x, torch.from_numpy(clips.store.table.targets[j])
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -1846,42 +2532,75 @@ def aggregate_windows(window_probs: torch.Tensor, clip_of: torch.Tensor, n_clips
     if how in ("max", "meanmax"):
         out.append(zeros.scatter_reduce(0, idx, window_probs, "amax", include_self=False))
     return sum(out) / len(out)
+''')
+
+_add('src/fattag/losses.py', r'''
+"""Multi-label losses on logits (B, C) against targets in [0, 1] (B, C); chosen per stage by name in the config.
+
+- bce:   binary cross-entropy, the default.
+- focal: BCE weighted by (1 - p_t)^gamma, so confident easy labels count less (6th place FAT2019: about even).
+- lsep:  a pairwise ranking loss, log(1 + sum over (positive i, negative j) of exp(s_j - s_i)); it optimises the
+         order of the scores, which is what lwlrap measures (3rd place FAT2019: +0.015 CV, faster convergence).
+- lsoft: soft bootstrapping for noisy labels: BCE against beta * label + (1 - beta) * the model's own (detached)
+         prediction, so a confidently contradicted noisy label is trusted less (1st place FAT2019, beta 0.7).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fastai.losses import BCEWithLogitsLossFlat
+from torch import nn
+
+LOSSES = ("bce", "focal", "lsep", "lsoft")
 
 
-# ---------------------------------------------------------------- batch augmentations (on the device)
+class FocalBCE(nn.Module):
+    def __init__(self, gamma: float = 2.0):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, logits, target):
+        logits, target = logits.float(), target.float()
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        p = torch.sigmoid(logits)
+        p_t = p * target + (1 - p) * (1 - target)
+        return ((1 - p_t) ** self.gamma * bce).mean()
 
 
-def spec_augment(x: torch.Tensor, n_time: int, time_frac: float, n_freq: int, freq_frac: float,
-                 fill: float = 0.0) -> torch.Tensor:
-    """SpecAugment masks on a batch (B, 1, F, T): each item gets its own random time and frequency stripes.
+class LSEP(nn.Module):
+    """Log-sum-exp pairwise ranking loss; a target >= 0.5 is a positive, below it a negative."""
 
-    Random numbers come from torch's global CPU generator, so a seeded run masks the same way on any device.
-    """
-    b, _, f, t = x.shape
-    keep = torch.ones(b, 1, f, t, dtype=torch.bool, device=x.device)
-    for n, size, frac, shape in ((n_time, t, time_frac, (b, 1, 1, t)), (n_freq, f, freq_frac, (b, 1, f, 1))):
-        widest = int(size * frac)
-        if n <= 0 or widest < 1:
-            continue
-        pos = torch.arange(size)
-        for _ in range(n):
-            width = torch.randint(0, widest + 1, (b,))
-            start = (torch.rand(b) * (size - width + 1)).long()
-            stripe = (pos[None] >= start[:, None]) & (pos[None] < (start + width)[:, None])  # (B, size)
-            keep &= ~stripe.view(shape).to(x.device)
-    return torch.where(keep, x, torch.full_like(x, fill))
+    def forward(self, logits, target):
+        s = logits.float()
+        pos, neg = target >= 0.5, target < 0.5
+        diff = s[:, None, :] - s[:, :, None]                    # [b, i, j] = s_j - s_i
+        pair = pos[:, :, None] & neg[:, None, :]                # i positive, j negative
+        diff = diff.masked_fill(~pair, float("-inf"))
+        flat = torch.cat([torch.zeros(len(s), 1, device=s.device), diff.flatten(1)], 1)  # the "1 +" term
+        return torch.logsumexp(flat, 1).mean()
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
-    """Mix each item with a shuffled partner; soft targets mix the same way (BCE is linear in the target)."""
-    b = x.shape[0]
-    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b,))
-    lam = torch.maximum(lam, 1 - lam).to(x.device)  # the original item stays dominant
-    perm = torch.randperm(b).to(x.device)
-    lx = lam.view(b, *([1] * (x.dim() - 1)))
-    mixed_x = lx * x.float() + (1 - lx) * x[perm].float()
-    mixed_y = lam[:, None] * y.float() + (1 - lam[:, None]) * y[perm].float()
-    return mixed_x.to(x.dtype), mixed_y
+class SoftBootstrap(nn.Module):
+    def __init__(self, beta: float = 0.7):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, logits, target):
+        logits = logits.float()
+        soft = self.beta * target.float() + (1 - self.beta) * torch.sigmoid(logits).detach()
+        return F.binary_cross_entropy_with_logits(logits, soft)
+
+
+def make_loss(name: str) -> nn.Module:
+    if name == "bce":
+        return BCEWithLogitsLossFlat()
+    if name == "focal":
+        return FocalBCE()
+    if name == "lsep":
+        return LSEP()
+    if name == "lsoft":
+        return SoftBootstrap()
+    raise ValueError(f"unknown loss {name!r}: {', '.join(LOSSES)}")
 ''')
 
 _add('src/fattag/metrics.py', r'''
@@ -1954,6 +2673,13 @@ def per_class_lwlrap(truth, scores) -> tuple[np.ndarray, np.ndarray]:
     per_class = np.full(positives.shape, np.nan)
     np.divide(prec_sum, positives, out=per_class, where=positives > 0)
     return per_class, positives / positives.sum()
+
+
+def chance_lwlrap(truth, draws: int = 20, seed: int = 0) -> float:
+    """The lwlrap that random scores get on `truth` (mean of `draws` seeded draws): the floor a model must beat."""
+    truth = np.asarray(truth)
+    rng = np.random.default_rng(seed)
+    return float(np.mean([lwlrap(truth, rng.random(truth.shape)) for _ in range(draws)]))
 ''')
 
 _add('src/fattag/model.py', r'''
@@ -1964,28 +2690,33 @@ prediction needs besides the metadata that guards against a mismatch (classes, f
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from fastai.vision.models.xresnet import ResBlock, XResNet, xresnet18, xresnet34, xresnet50
 from torch import nn
 
-from .config import Config
+from .config import MODEL_KEYS, Config
 
 ARCHS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
-MODEL_KEYS = ("arch", "self_attention", "mish", "dropout")
 
 
 class InputNorm(nn.Module):
-    """(x - mean) / std with fixed statistics of the training log-mels; float16 stores become float32 here."""
+    """(x - mean) / std with fixed statistics of the training log-mels; float16 stores become float32 here.
 
-    def __init__(self, mean: float = 0.0, std: float = 1.0):
+    With `per_band`, each band's median over the crop's frames is subtracted first (a per-clip, per-frequency
+    normalisation: a stationary background colour or a recording's EQ no longer shifts the input).
+    """
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, per_band: bool = False):
         super().__init__()
+        self.per_band = per_band
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
     def forward(self, x):
-        return (x.float() - self.mean) / self.std
+        x = x.float()
+        if self.per_band:
+            return (x - x.median(dim=-1, keepdim=True).values) / self.std
+        return (x - self.mean) / self.std
 
 
 def input_mean(model: nn.Module) -> float:
@@ -1995,6 +2726,8 @@ def input_mean(model: nn.Module) -> float:
 
 
 def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0) -> nn.Module:
+    if cfg.input_norm not in ("global", "band"):
+        raise ValueError(f"unknown input_norm {cfg.input_norm!r}: global or band")
     act = nn.Mish if cfg.mish else nn.ReLU
     kw = dict(c_in=1, n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
     if cfg.arch == "xresnet_tiny":  # a few hundred thousand weights: CPU demos and tests
@@ -2003,58 +2736,34 @@ def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0
         body = ARCHS[cfg.arch](**kw)
     else:
         raise ValueError(f"unknown arch {cfg.arch!r}: xresnet_tiny, {', '.join(ARCHS)}")
-    return nn.Sequential(InputNorm(mean, std), body)
+    return nn.Sequential(InputNorm(mean, std, per_band=cfg.input_norm == "band"), body)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- what a checkpoint carries
 
 
 def model_meta(cfg: Config, classes: list[str], **extra) -> dict:
-    """What prediction must know to rebuild the model and to refuse a mismatched dataset or feature setting."""
-    return dict(classes=list(classes), features=cfg.feature_dict(),
-                model={k: getattr(cfg, k) for k in MODEL_KEYS}, **extra)
+    """What prediction needs to rebuild the model and refuse a mismatched dataset: the classes, the feature and
+    model settings, and the inference settings the run used (predict-only mode starts from them)."""
+    return dict(classes=list(classes), features=cfg.feature_dict(), model={k: getattr(cfg, k) for k in MODEL_KEYS},
+                inference=cfg.inference_dict(), **extra)
 
 
-def atomic_torch_save(obj, path) -> None:
-    """Write a temporary file, then rename: a kill never leaves a half-written file that a restart would trust."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({"meta": meta, "state_dict": state}, path)
-
-
-def load_checkpoint(path) -> tuple[dict, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return ckpt["meta"], ckpt["state_dict"]
-
-
-def check_compatible(meta: dict, cfg: Config, classes: list[str], source: str = "weights") -> None:
-    """A clear error when saved weights were trained for other classes or other features than this run uses."""
+def check_classes(meta: dict, classes: list[str], source: str = "weights") -> None:
+    """A clear error when saved weights were trained for another class vocabulary than the data's."""
     if list(meta["classes"]) != list(classes):
         missing = sorted(set(classes) - set(meta["classes"]))[:5]
         extra = sorted(set(meta["classes"]) - set(classes))[:5]
         raise ValueError(f"{source}: class vocabulary differs from the data's sample_submission.csv "
                          f"({len(meta['classes'])} vs {len(classes)} classes; missing in weights: {missing}, "
                          f"not in data: {extra}{'; same names, other order' if not missing and not extra else ''})")
-    ours = cfg.feature_dict()
-    diff = {k: (meta["features"].get(k), v) for k, v in ours.items() if meta["features"].get(k) != v}
-    if diff:
-        raise ValueError(f"{source}: feature settings differ (saved, this run): {diff}")
 
 
-def model_from_checkpoint(path, cfg: Config, classes: list[str]) -> tuple[nn.Module, dict]:
-    meta, state = load_checkpoint(path)
-    check_compatible(meta, cfg, classes, source=str(path))
-    mcfg = Config(**{**cfg.to_dict(), **meta["model"]})
-    model = build_model(mcfg, len(classes))
+def model_from_state(meta: dict, state: dict) -> nn.Module:
+    """The model a checkpoint describes, with its weights (input statistics included)."""
+    model = build_model(Config(**meta["model"]), len(meta["classes"]))
     model.load_state_dict(state)
-    return model.eval(), meta
+    return model.eval()
 ''')
 
 _add('src/fattag/predict.py', r'''
@@ -2067,15 +2776,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import Config
-from .features import MelStore, WindowDataset, aggregate_windows, spec_augment
-from .model import input_mean, model_from_checkpoint
+from .checkpoint import load_checkpoint
+from .config import INFERENCE_KEYS, Config
+from .augment import spec_augment
+from .features import MelStore, WindowDataset, aggregate_windows
+from .model import check_classes, input_mean, model_from_state
 from .progress import progress
+from .submission import fill_missing, write_submission
 
 log = logging.getLogger("fattag")
 
@@ -2096,9 +2809,8 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     model = model.to(device).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
     passes = []
-    cpu_rng_state = torch.get_rng_state()
-    torch.manual_seed(seed)  # augmented passes are reproducible and leave the training RNG untouched
-    try:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # augmented passes are reproducible and leave the training RNG untouched
         for p in range(1 + aug_passes):
             probs = []
             batches = range(0, len(ds), bs)
@@ -2107,14 +2819,18 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
             for start in bar:
                 x = torch.stack([ds[w][0] for w in range(start, min(start + bs, len(ds)))]).to(device)
                 if p > 0:
-                    x = spec_augment(x, 1, cfg.time_mask_frac / 2, 1, cfg.freq_mask_frac / 2, fill=input_mean(model))
+                    x = tta_augment(x, cfg, fill=input_mean(model))
                 with torch.autocast(device.type, enabled=device.type == "cuda"):
                     probs.append(torch.sigmoid(model(x).float()))
             window_probs = torch.cat(probs) if probs else torch.zeros(0, n_outputs(model), device=device)
             passes.append(aggregate_windows(window_probs, clip_of, len(indices), cfg.tta_aggregate))
-    finally:
-        torch.set_rng_state(cpu_rng_state)
     return torch.stack(passes).mean(0).cpu().numpy().astype(np.float64)
+
+
+def tta_augment(x: torch.Tensor, cfg: Config, fill: float) -> torch.Tensor:
+    """The light augmentation of an augmented TTA pass: one time and one frequency stripe, half the training width."""
+    return spec_augment(x, 1, int(x.shape[-1] * cfg.time_mask_frac / 2), 1, int(x.shape[-2] * cfg.freq_mask_frac / 2),
+                        fill)
 
 
 def n_outputs(model: torch.nn.Module) -> int:
@@ -2131,14 +2847,42 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown fold ensemble {how!r}: mean or geomean")
 
 
-def load_fold_models(weights_dir, cfg: Config, classes: list[str]) -> list:
+def load_fold_models(weights_dir, classes: list[str]) -> list:
     """Every fold*/model.pth under `weights_dir` as (path, model, meta); a clear error when none or mismatched."""
     weights_dir = Path(weights_dir)
     paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
     if not paths:
         raise FileNotFoundError(f"no fold*/model.pth under {weights_dir}: point --weights at a training run's "
                                 "work dir (or the dataset holding its fold folders)")
-    return [(p, *model_from_checkpoint(p, cfg, classes)) for p in paths]
+    loaded = []
+    for path in paths:
+        meta, state = load_checkpoint(path)
+        check_classes(meta, classes, source=str(path))
+        loaded.append((path, model_from_state(meta, state), meta))
+    return loaded
+
+
+def prediction_config(cfg: Config, metas: dict, explicit: dict) -> Config:
+    """The settings to predict with: features, model and inference settings from the checkpoints (`metas`: path ->
+    meta; every fold must agree), then the inference settings the user `--set` explicitly. Setting a feature or
+    model value other than the weights' is an error: the weights are only valid with their own."""
+    first_path, first = next(iter(metas.items()))
+    for group in ("features", "model", "inference"):
+        for path, meta in metas.items():
+            diff = sorted(k for k in set(first.get(group, {})) | set(meta.get(group, {}))
+                          if first.get(group, {}).get(k) != meta.get(group, {}).get(k))
+            if diff:
+                raise ValueError(f"the fold checkpoints disagree on {group} settings {diff}: {first_path} has "
+                                 f"{ {k: first.get(group, {}).get(k) for k in diff} }, {path} has "
+                                 f"{ {k: meta.get(group, {}).get(k) for k in diff} }")
+    fixed = {**first["features"], **first["model"]}
+    clash = {k: (fixed[k], v) for k, v in explicit.items() if k in fixed and fixed[k] != v}
+    if clash:
+        raise ValueError("feature settings differ from the weights (saved, --set): "
+                         + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in clash.items())
+                         + "; feature and model settings come from the weights")
+    inference = {**first.get("inference", {}), **{k: v for k, v in explicit.items() if k in INFERENCE_KEYS}}
+    return replace(cfg, **fixed, **inference)
 
 
 def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int) -> np.ndarray:
@@ -2158,6 +2902,20 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
         full[idx] = probs
         per_fold.append(full)
     return ensemble(per_fold, cfg.fold_ensemble)
+
+
+def predict_and_submit(s, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
+    """Fold-ensembled whole-clip TTA on every test clip, then submission.csv: a row for every clip (the class prior
+    where a clip could not be decoded, or where no model was trained in time). Returns the probabilities written."""
+    t0 = time.time()
+    if models:
+        probs = fill_missing(predict_test(models, test, s.cfg, s.device, s.cfg.tta_aug_passes), test.ok, prior)
+    else:
+        probs = np.tile(prior, (len(data.test), 1))
+        log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
+    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
+    s.record("predict test", time.time() - t0)
+    return probs
 ''')
 
 _add('src/fattag/progress.py', r'''
@@ -2358,13 +3116,13 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .checkpoint import atomic_write, atomic_write_text
 from .metrics import per_class_lwlrap
 from .progress import fmt_seconds
 
@@ -2414,13 +3172,10 @@ class _Figures:
 
     def save(self, fig, name: str, caption: str) -> list[str]:
         self.count += 1
-        path = self.work_dir / name
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            fig.savefig(tmp, format="png", dpi=100)
+            atomic_write(self.work_dir / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         finally:
             self.plt.close(fig)
-        os.replace(tmp, path)
         return [f"![Figure {self.count}]({name})", "", f"*Figure {self.count}: {caption}*"]
 
 
@@ -2507,6 +3262,19 @@ def _folds_section(folds: list[dict] | None) -> list[str]:
 
 _SCORE_NAMES = [("oof_center", "centre crop"), ("oof_windows", "whole-clip windows"),
                 ("oof_tta", "whole clip + augmented passes (TTA)")]
+
+
+def _stage1_section(stage1: dict | None) -> list[str]:
+    if not stage1:
+        return ["Stage 1 did not run in this session (skipped, or reused from an earlier run)."]
+    per_epoch = " ".join(DASH if v is None else f"{v:.3f}" for v in stage1.get("per_epoch", []))
+    best, chance = stage1.get("best"), stage1.get("chance")
+    lines = [f"Noisy-holdout lwlrap per epoch: {per_epoch}", "",
+             f"Best {_num(best, '.3f')}; random scores get {_num(chance, '.3f')} on the same clips."]
+    if best is None or chance is None or not best > chance + 0.05:
+        lines += ["", "**Warning: stage 1 stayed near chance on its holdout: it learned little from the noisy set "
+                      "(too few epochs, too high a learning rate, or labels too noisy).**"]
+    return lines
 
 
 def _scores_section(scores: dict | None) -> list[str]:
@@ -2696,7 +3464,7 @@ def _run_section(title: str, build, *args) -> list[str]:
 def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timings: list[dict],
                  scores: dict | None = None, folds: list[dict] | None = None,
                  oof_truth=None, oof_probs=None, test_probs=None,
-                 loaded: list[str] | None = None) -> Path:
+                 loaded: list[str] | None = None, stage1: dict | None = None) -> Path:
     """Write `<work_dir>/report.md` (and its PNG figures beside it) and return its path.
 
     mode "train": dataset, time plan vs actual, per-fold lwlrap, OOF scores, training curves from
@@ -2716,6 +3484,7 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
     if mode == "train":
         sections = [("Dataset", _dataset_section, dataset),
                     ("Time: plan vs actual", _timings_section, timings),
+                    ("Stage 1 on the noisy set", _stage1_section, stage1),
                     ("Folds", _folds_section, folds),
                     ("Out-of-fold lwlrap", _scores_section, scores),
                     ("Training curves", _curves_section, work_dir, figs),
@@ -2729,18 +3498,83 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
     lines = _header(mode, work_dir, classes)
     for title, build, *args in sections:
         lines += [""] + _run_section(title, build, *args)
-    path = work_dir / REPORT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = atomic_write_text(work_dir / REPORT_NAME, "\n".join(lines) + "\n")
     log.info("report written to %s (%d figure(s))", path, figs.count)
     return path
+''')
+
+_add('src/fattag/select.py', r'''
+"""Noisy-clip selection: keep the noisy clips whose labels a curated-trained model agrees with.
+
+About a third of a FAT-style noisy set is mislabelled. One extra pass, before stage 1: a scorer model is trained on
+the curated clips (a small curated holdout watches it), every noisy clip is predicted whole (all windows), and a
+clip is kept when each of its n labels is among the scorer's top n + margin classes. Stage 1 then learns from the
+kept clips only, and stage 2 may top its batches up with them (`noisy_share_curated`). The 1st place of FAT2019
+kept 1,745 of 19,815 noisy clips this way; the 3rd and 6th used selected noisy clips too.
+
+The scorer has seen every curated clip, so the choice of noisy clips depends a little on each fold's validation
+clips; no fold model trains on its own validation clips (see tests/test_train.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from .budget import SELECT_HOLDOUT
+from .checkpoint import StageDir, atomic_write
+from .features import Clips
+from .model import build_model
+from .predict import predict_clips
+from .session import Session
+from .train import StageSpec, TrainingData, fit_stage, holdout_split
+
+log = logging.getLogger("fattag")
+
+
+def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
+    """Per clip: True when each of its n labels ranks among the top n + margin classes of `probs`."""
+    rank = (-probs).argsort(1).argsort(1)            # 0 = the highest score
+    n = labels.sum(1, keepdims=True)
+    worst = np.where(labels > 0, rank, -1).max(1)    # the rank of the clip's lowest-ranked label
+    return (n[:, 0] > 0) & (worst < n[:, 0] + margin)
+
+
+def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
+    """Indices of the noisy clips to keep (all decodable ones when selection is off or finds nothing)."""
+    cfg, pool = s.cfg, np.flatnonzero(d.noisy.ok)
+    kept_file = s.work_dir / "select" / "kept.csv"
+    if kept_file.exists():  # a restarted run reuses its selection
+        return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
+    t0 = time.time()
+    spec = StageSpec.for_stage(cfg, "curated", "selection scorer (curated)", s.work_dir / "select",
+                               cfg.select_epochs, cfg.seed + 2000, s.device)
+    train_idx, hold_idx = holdout_split(np.flatnonzero(d.curated.ok), SELECT_HOLDOUT, spec.seed)
+    model = build_model(cfg, len(d.classes), *d.stats)
+    res = fit_stage(model, Clips(d.curated, train_idx), Clips(d.curated, hold_idx), spec,
+                    s.budget.select_deadline() if s.budget else None)
+    if not res.usable:
+        log.warning("noisy-clip selection: the scorer produced no usable weights; keeping every noisy clip")
+        return pool
+    probs = predict_clips(model, d.noisy, pool, cfg, s.device, desc="score noisy clips")
+    keep = agreeing(probs, d.noisy.table.targets[pool], cfg.select_margin)
+    kept = pool[keep] if keep.sum() >= max(10, 0.05 * len(pool)) else pool
+    StageDir(spec.out_dir).finish(model, {"stage": "select", "score": res.best_score}, res.history)
+    atomic_write(kept_file, lambda tmp: pd.DataFrame({"index": kept, "fname": [d.noisy.table.fnames[i] for i in kept]})
+                 .to_csv(tmp, index=False))
+    s.record("select noisy clips", time.time() - t0)
+    log.info("noisy-clip selection: kept %d of %d noisy clips whose labels the curated scorer (holdout lwlrap %.4f) "
+             "agrees with", len(kept), len(pool), res.best_score)
+    return kept
 ''')
 
 _add('src/fattag/session.py', r'''
 """One run's context: resolved data folder, config, work folder, device, log file and the clock."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -2750,7 +3584,9 @@ from pathlib import Path
 
 import torch
 
-from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration
+from .budget import Budget
+from .checkpoint import atomic_write_text
+from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration, parse_sets
 from .data import find_data_dir
 
 log = logging.getLogger("fattag")
@@ -2783,8 +3619,10 @@ class Session:
     device: torch.device
     is_demo: bool
     started: float = PROCESS_START
+    explicit: dict = field(default_factory=dict)  # the values given with --set (predict mode needs to know them)
+    budget: Budget | None = None                  # the time plan, once throughput is measured (train mode)
     timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s"} per finished stage
-    planned: dict = field(default_factory=dict)   # stage name -> planned seconds, from the time-budget plan
+    stage1_holdout: dict | None = None            # stage 1's noisy-holdout lwlrap per epoch and the chance level
 
     @property
     def deadline(self) -> float | None:
@@ -2800,7 +3638,13 @@ class Session:
         return None if self.deadline is None else self.deadline - time.time()
 
     def record(self, stage: str, seconds: float) -> None:
-        self.timings.append(dict(stage=stage, planned_s=self.planned.get(stage), actual_s=round(seconds, 2)))
+        planned = dict(self.budget.plan.stages).get(stage) if self.budget else None
+        self.timings.append(dict(stage=stage, planned_s=planned, actual_s=round(seconds, 2)))
+
+    def save_config(self, **extra) -> None:
+        """config.json: the settings this run actually uses (after planning), with the plan and what ran."""
+        record = dict(preset=self.preset, data_dir=str(self.data_dir), settings=self.cfg.to_dict(), **extra)
+        atomic_write_text(self.work_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
 
     def timing_table(self) -> str:
         rows = [f"{'stage':<24}{'planned':>10}{'actual':>10}"]
@@ -2853,10 +3697,9 @@ def open_session(args) -> Session:
     work_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(work_dir / "log.txt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    (work_dir / "config.json").write_text(cfg.to_json() + "\n")
     log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
              work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
-    return Session(cfg, preset, Path(data_dir), work_dir, device, is_demo)
+    return Session(cfg, preset, Path(data_dir), work_dir, device, is_demo, explicit=parse_sets(args.sets))
 ''')
 
 _add('src/fattag/submission.py', r'''
@@ -2864,11 +3707,12 @@ _add('src/fattag/submission.py', r'''
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .checkpoint import atomic_write
 
 log = logging.getLogger("fattag")
 
@@ -2916,9 +3760,7 @@ def write_submission(path, sample_submission, fnames: list[str], classes: list[s
     sub = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=classes)
     sub.insert(0, "fname", list(fnames))
     validate_submission(sub, sample)
-    tmp = path.with_name(path.name + ".tmp")
-    sub.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: sub.to_csv(tmp, index=False, float_format="%.6f"))
     log.info("wrote %s (%d clips x %d classes)", path, len(sub), len(classes))
     return path
 
@@ -2929,26 +3771,21 @@ def write_oof(path, fnames: list[str], classes: list[str], probs: np.ndarray) ->
     rows = np.isfinite(probs).all(1)
     df = pd.DataFrame(probs[rows], columns=classes)
     df.insert(0, "fname", [f for f, r in zip(fnames, rows) if r])
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6f"))
     return path
 ''')
 
 _add('src/fattag/train.py', r'''
-"""Training: K folds on the curated set, one fastai Learner per stage, small callbacks for each concern.
+"""Training: the two stages as specs of one loop, and the K curated folds.
 
-Stage 1 learns from the large noisy set; stage 2 fine-tunes fold k of the curated set from stage-1 weights.
-Every epoch each fold is scored by exact lwlrap over whole validation clips (all windows, aggregated per clip),
-and the best epoch's weights are kept.
+Stage 1 learns from the large noisy set; stage 2 fine-tunes fold k of the curated set from the stage-1 weights.
+Both are `fit_stage(model, train, valid, spec, deadline)`: a fastai Learner with one-cycle on random crops, the
+stage's augmentation callbacks, and the callbacks of `callbacks.py` (NaN guard, best epoch by exact whole-clip
+lwlrap, per-epoch checkpoint for resume, log line, deadline). Stage 1 and stage 2 differ only in their StageSpec.
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -2957,26 +3794,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner, Metric
-from fastai.losses import BCEWithLogitsLossFlat
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
+from .augment import augment_policy
+from .callbacks import Deadline, EpochCheckpoint, EpochLog, KeepBest, NanGuard, WeightAverage
+from .checkpoint import Resume, StageDir
 from .config import Config
-from .features import CropDataset, MelStore, WindowDataset, aggregate_windows, mixup, spec_augment
-from .metrics import lwlrap
-from .budget import replan_fold_epochs
-from .model import (atomic_torch_save, build_model, input_mean, load_checkpoint, model_from_checkpoint,
-                    model_meta, save_checkpoint)
+from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_windows, store_stats
+from .losses import make_loss
+from .metrics import chance_lwlrap, lwlrap
+from .model import build_model, input_mean, model_from_state, model_meta
 from .predict import predict_clips
 from .session import Session
 
 log = logging.getLogger("fattag")
+HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "lwlrap"]
 
 
 def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -2997,153 +3835,33 @@ def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-# ---------------------------------------------------------------- callbacks
-
-
-class BatchAugment(Callback):
-    """SpecAugment and mixup on each training batch, on the device (validation batches untouched)."""
-    order = 60
-
-    def __init__(self, cfg: Config, specaug: bool, mixup_alpha: float, fill: float):
-        self.cfg, self.specaug, self.alpha, self.fill = cfg, specaug, mixup_alpha, fill
-
-    def before_batch(self):
-        if not self.training:
-            return
-        x, y = self.xb[0], self.yb[0]
-        if self.specaug:
-            c = self.cfg
-            x = spec_augment(x, c.time_masks, c.time_mask_frac, c.freq_masks, c.freq_mask_frac, fill=self.fill)
-        if self.alpha > 0:
-            x, y = mixup(x, y, self.alpha)
-        self.learn.xb, self.learn.yb = (x,), (y,)
-
-
-class ClipLwlrap(Metric):
-    """Exact lwlrap over whole validation clips: window predictions are aggregated per clip, then scored at once."""
-
-    def __init__(self, clip_of: np.ndarray, truth: np.ndarray, how: str):
-        self.clip_of, self.truth, self.how = torch.from_numpy(clip_of), truth, how
-        self.last_probs = None
-
-    def reset(self):
-        self.preds = []
-
-    def accumulate(self, learn):
-        self.preds.append(torch.sigmoid(learn.pred.detach().float()).cpu())
-
-    @property
-    def value(self):
-        window_probs = torch.cat(self.preds)
-        self.last_probs = aggregate_windows(window_probs, self.clip_of, len(self.truth), self.how).numpy()
-        if not np.isfinite(self.last_probs).all():
-            return float("nan")
-        return lwlrap(self.truth, self.last_probs)
-
-    @property
-    def name(self):
-        return "lwlrap"
-
-
-def _replayed(cb: Callback) -> bool:
-    """True for epochs that a resumed run skips (they were finished before the restart)."""
-    return cb.epoch < getattr(cb.learn, "resume_epoch", 0)
-
-
-class KeepBest(Callback):
-    """Keep the weights of the best-scoring epoch in memory and restore them at the end.
-
-    An epoch whose training loss or score is NaN/inf is discarded: the best weights so far are restored at once
-    and training stops, so a NaN never reaches a checkpoint or a prediction.
-    """
-    order = 70
-
-    def __init__(self, best_score: float = -math.inf, best_epoch: int = -1, best_state: dict | None = None):
-        self.best_score, self.best_epoch, self.best_state, self.nan_epochs = best_score, best_epoch, best_state, 0
-
-    def after_epoch(self):
-        if _replayed(self):
-            return
-        train_loss = float(self.recorder.log[1]) if len(self.recorder.log) > 1 else float("nan")
-        score = self.recorder.log[self.recorder.metric_names.index("lwlrap")]
-        if not np.isfinite(train_loss) or score is None or not np.isfinite(score):
-            self.nan_epochs += 1
-            log.warning("epoch %d: non-finite loss or score (loss %s, lwlrap %s): discarded, back to the best "
-                        "weights (epoch %d)", self.epoch + 1, train_loss, score, self.best_epoch + 1)
-            self._restore()
-            raise CancelFitException()
-        if score > self.best_score:
-            self.best_score, self.best_epoch = float(score), self.epoch
-            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
-
-    def after_fit(self):
-        self._restore()
-
-    def _restore(self):
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
-
-
-class EpochCheckpoint(Callback):
-    """After every epoch: model + optimiser, best weights and progress, written atomically, for resume."""
-    order = 75
-
-    def __init__(self, out_dir: Path, keep: KeepBest, epochs: int, history: list):
-        self.out_dir, self.keep, self.epochs, self.history = Path(out_dir), keep, epochs, history
-
-    def after_epoch(self):
-        if _replayed(self):
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        names = self.recorder.metric_names[1:-1]
-        values = [self.epoch + 1, *map(_num, self.recorder.log[1:len(names) + 1])]
-        self.history.append(dict(zip(["epoch", *names], values)))
-        if self.keep.best_epoch == self.epoch:
-            atomic_torch_save(self.keep.best_state, self.out_dir / "best.pth")
-        atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, self.out_dir / "last.pth")
-        _atomic_write(self.out_dir / "progress.json", json.dumps(dict(
-            epochs_done=self.epoch + 1, epochs=self.epochs, best_score=self.keep.best_score,
-            best_epoch=self.keep.best_epoch, history=self.history)))
-
-
-class EpochLog(Callback):
-    """One plain log line per epoch (Kaggle logs have no terminal), with the epoch's wall time."""
-    order = 80
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def before_epoch(self):
-        self.t0 = time.time()
-
-    def after_epoch(self):
-        if _replayed(self):
-            return
-        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
-        vals = self.recorder.log[1:len(names) + 1]
-        shown = "  ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names, vals))
-        log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, self.n_epoch, shown, time.time() - self.t0)
-
-
-class Deadline(Callback):
-    """Stop between epochs when another epoch like the last one would not end before `deadline`."""
-    order = 90
-
-    def __init__(self, deadline: float | None):
-        self.deadline = deadline
-
-    def before_epoch(self):
-        self.t0 = time.time()
-
-    def after_epoch(self):
-        if _replayed(self) or not self.deadline:
-            return
-        if time.time() + (time.time() - self.t0) > self.deadline:
-            log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1, self.n_epoch)
-            raise CancelFitException()
+def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random (train, holdout) split of the given clip indices; the holdout has at least one clip."""
+    perm = np.random.default_rng(seed).permutation(indices)
+    n_hold = max(1, int(round(len(perm) * share)))
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
 # ---------------------------------------------------------------- one stage
+
+
+@dataclass
+class StageSpec:
+    """One training run's recipe. Stage 1 and stage 2 (and the folds) differ only here."""
+    label: str           # "stage 1 (noisy)", "fold 2 (curated)": log lines and reports
+    stage: str           # "noisy" or "curated": selects the per-stage config values
+    out_dir: Path        # checkpoints, resume files, history.csv
+    epochs: int
+    lr: float
+    loss: str            # see losses.make_loss
+    seed: int            # crops, augmentation and initial weights
+    cfg: Config          # shared settings: batch size, weight decay, crop and validation windows, device
+    device: str = "cpu"
+
+    @classmethod
+    def for_stage(cls, cfg: Config, stage: str, label: str, out_dir, epochs: int, seed: int, device) -> StageSpec:
+        return cls(label, stage, Path(out_dir), epochs, getattr(cfg, f"lr_{stage}"), getattr(cfg, f"loss_{stage}"),
+                   seed, cfg, str(device))
 
 
 @dataclass
@@ -3160,132 +3878,178 @@ class StageResult:
         return self.best_epoch > 0
 
 
-def fit_stage(model: torch.nn.Module, train: MelStore, train_idx, valid: MelStore, valid_idx, cfg: Config, *,
-              epochs: int, lr: float, mixup_alpha: float, specaug: bool, label: str, device, seed: int,
-              out_dir: Path, deadline: float | None = None, extra_cbs=()) -> StageResult:
-    """Train `model` in place with one-cycle on random crops; keep the epoch with the best whole-clip lwlrap.
+class ClipLwlrap(Metric):
+    """Exact lwlrap over whole validation clips: window predictions are aggregated per clip, then scored at once."""
 
-    Progress is checkpointed in `out_dir` after every epoch; a restarted run continues after the last finished
-    epoch with the same schedule.
-    """
-    device = torch.device(device)
-    out_dir = Path(out_dir)
-    set_seed(seed, reproducible=True)
-    train_ds = CropDataset(train, train_idx, cfg.crop_frames, seed=seed)
-    valid_ds = WindowDataset(valid, valid_idx, cfg.crop_frames, cfg.tta_step_frac)
+    def __init__(self, clip_of: np.ndarray, truth: np.ndarray, how: str):
+        self.clip_of, self.truth, self.how = torch.from_numpy(clip_of), truth, how
+
+    def reset(self):
+        self.preds = []
+
+    def accumulate(self, learn):
+        self.preds.append(torch.sigmoid(learn.pred.detach().float()).cpu())
+
+    @property
+    def value(self):
+        probs = aggregate_windows(torch.cat(self.preds), self.clip_of, len(self.truth), self.how).numpy()
+        return lwlrap(self.truth, probs) if np.isfinite(probs).all() else float("nan")
+
+    @property
+    def name(self):
+        return "lwlrap"
+
+
+def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, spec: StageSpec, resume: Resume,
+                  deadline: float | None) -> Learner:
+    """A fastai Learner on random training crops and whole-clip validation windows, with the stage's callbacks."""
+    cfg, device = spec.cfg, torch.device(spec.device)
+    train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed)
+    valid_ds = WindowDataset(valid.store, valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
         DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, num_workers=cfg.num_workers,
                    device=device),
         DataLoader(valid_ds, bs=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers, device=device),
         device=device)
-    resume = _load_progress(out_dir)
-    if resume:
-        epochs = resume["epochs"]  # keep the interrupted run's schedule
-        best = None
-        if resume["best_epoch"] >= 0:
-            best = torch.load(out_dir / "best.pth", map_location="cpu", weights_only=True)
-        keep = KeepBest(resume["best_score"], resume["best_epoch"], best)
-        history = list(resume["history"])
-    else:
-        keep, history = KeepBest(), []
-    metric = ClipLwlrap(valid_ds.clip_of, valid.table.targets[np.asarray(valid_idx)], cfg.tta_aggregate)
-    cbs = [BatchAugment(cfg, specaug, mixup_alpha, input_mean(model)), keep,
-           EpochCheckpoint(out_dir, keep, epochs, history),
-           EpochLog(label), Deadline(deadline), *extra_cbs]
-    learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat(), metrics=[metric], wd=cfg.wd, cbs=cbs)
+    keep = KeepBest(resume)
+    cbs = [*augment_policy(cfg, spec.stage, input_mean(model)), NanGuard(), keep,
+           EpochCheckpoint(StageDir(spec.out_dir), keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
+           Deadline(deadline)]
+    if cfg.average_epochs > 0:
+        cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
+    learn = Learner(dls, model, loss_func=make_loss(spec.loss), wd=cfg.wd, cbs=cbs,
+                    metrics=[ClipLwlrap(valid_ds.clip_of, valid.targets, cfg.tta_aggregate)])
     learn.logger = noop  # EpochLog writes the per-epoch lines
     if not sys.stderr.isatty():
         learn.remove_cb(ProgressCallback)
     if device.type == "cuda":
         learn.to_fp16()
-    learn.resume_epoch = 0
-    if resume:
+    learn.resume_epoch = resume.epochs_done
+    if resume.last is not None:  # continue an interrupted stage: its weights, optimiser state and schedule
         learn.create_opt()
-        state = torch.load(out_dir / "last.pth", map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        learn.opt.load_state_dict(state["opt"])
-        learn.resume_epoch = resume["epochs_done"]
-        log.info("%s: resuming after epoch %d of %d (best lwlrap so far %.4f)", label, resume["epochs_done"],
-                 epochs, resume["best_score"])
+        model.load_state_dict(resume.last["model"])
+        learn.opt.load_state_dict(resume.last["opt"])
+    return learn
+
+
+def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, spec: StageSpec,
+              deadline: float | None = None) -> StageResult:
+    """Train `model` in place with one-cycle; keep the epoch with the best whole-clip lwlrap on `valid`.
+
+    Progress is checkpointed in `spec.out_dir` after every epoch; a restarted run continues after the last
+    finished epoch with the interrupted run's schedule.
+    """
+    set_seed(spec.seed, reproducible=True)
+    resume = StageDir(spec.out_dir).resume()
+    epochs = resume.epochs or spec.epochs  # a resumed stage keeps the interrupted run's schedule
+    spec = StageSpec(**{**spec.__dict__, "epochs": epochs})
+    learn = stage_learner(model, train, valid, spec, resume, deadline)
+    if resume.epochs_done:
+        log.info("%s: resuming after epoch %d of %d (best lwlrap so far %.4f)", spec.label, resume.epochs_done,
+                 epochs, resume.best_score)
+    log.info("%s: %d training clips, %d validation clips (%d windows), %d epochs, lr %.2g, loss %s, augment: %s",
+             spec.label, len(learn.dls.train.dataset), len(valid), len(learn.dls.valid.dataset), epochs, spec.lr, spec.loss,
+             ", ".join(type(cb).__name__ for cb in augment_policy(spec.cfg, spec.stage, 0.0)) or "none")
     t0 = time.time()
-    log.info("%s: %d training clips, %d validation clips (%d windows), %d epochs, lr %.2g, mixup %s, specaug %s",
-             label, len(train_ds), len(valid_idx), len(valid_ds), epochs, lr, mixup_alpha or "off",
-             "on" if specaug else "off")
     if learn.resume_epoch < epochs:
-        learn.fit_one_cycle(epochs, lr, start_epoch=learn.resume_epoch)
+        learn.fit_one_cycle(epochs, spec.lr, start_epoch=learn.resume_epoch)
     model.to("cpu")
-    cols = ["epoch", "train_loss", "valid_loss", "lwlrap"]
-    return StageResult(pd.DataFrame(history, columns=cols), keep.best_score, keep.best_epoch + 1, time.time() - t0,
-                       epochs, keep.nan_epochs)
+    keep, checkpoint, guard = (next(cb for cb in learn.cbs if isinstance(cb, t))
+                               for t in (KeepBest, EpochCheckpoint, NanGuard))
+    return StageResult(pd.DataFrame(checkpoint.history, columns=HISTORY_COLUMNS), keep.best, keep.best_epoch + 1,
+                       time.time() - t0, epochs, guard.nan_epochs)
 
 
-def _load_progress(out_dir: Path) -> dict | None:
-    """The progress of an interrupted stage, if its checkpoint files are all there and readable."""
-    try:
-        progress = json.loads((out_dir / "progress.json").read_text())
-        if not (out_dir / "last.pth").exists():
-            return None
-        if progress["best_epoch"] >= 0 and not (out_dir / "best.pth").exists():
-            return None
-        return progress
-    except (OSError, ValueError, KeyError):
-        return None
+def finish_stage(spec: StageSpec, model: torch.nn.Module, res: StageResult, meta: dict) -> None:
+    """Save the finished stage's best weights with what prediction needs to know (model.pth marks it done)."""
+    meta = {**meta, "score": res.best_score, "best_epoch": res.best_epoch, "seconds": res.seconds,
+            "epochs_run": len(res.history), "epochs_planned": res.epochs_planned}
+    StageDir(spec.out_dir).finish(model, meta, res.history)
 
 
-def _num(v):
-    return None if v is None else float(v)
+# ---------------------------------------------------------------- the two stages
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@dataclass
+class TrainingData:
+    """What both stages train from: the decoded sets, the class vocabulary, the curated folds."""
+    classes: list[str]
+    curated: MelStore
+    noisy: MelStore | None
+    folds: np.ndarray            # fold id per curated clip (-1: could not be decoded)
+    stats: tuple[float, float]   # mean and std of the curated log-mels: the model's input normalisation
+    noisy_pool: np.ndarray       # the noisy clips training may use: every decodable one, or those selection kept
+
+    @classmethod
+    def make(cls, classes: list[str], curated: MelStore, noisy: MelStore | None, cfg: Config) -> TrainingData:
+        ok = np.flatnonzero(curated.ok)
+        folds = np.full(len(curated.table), -1, dtype=np.int64)
+        folds[ok] = make_folds(curated.table.targets[ok], cfg.folds, cfg.seed)
+        pool = np.flatnonzero(noisy.ok) if noisy is not None else np.zeros(0, dtype=np.int64)
+        return cls(list(classes), curated, noisy, folds, store_stats(curated, seed=cfg.seed), pool)
+
+    def fold(self, k: int) -> tuple[Clips, Clips]:
+        """(training clips, validation clips) of fold k: every decodable curated clip is in exactly one of them."""
+        return (Clips(self.curated, np.flatnonzero((self.folds >= 0) & (self.folds != k))),
+                Clips(self.curated, np.flatnonzero(self.folds == k)))
+
+    def noisy_top_up(self, n_curated: int, share: float, seed: int) -> list[Clips]:
+        """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it."""
+        if share <= 0 or self.noisy is None or not len(self.noisy_pool):
+            return []
+        n = min(len(self.noisy_pool), int(round(n_curated * share / (1 - share))))
+        return [Clips(self.noisy, np.sort(np.random.default_rng(seed).choice(self.noisy_pool, n, replace=False)))]
 
 
-# ---------------------------------------------------------------- the two stages, with their outputs on disk
-
-
-def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random (train, holdout) split of the given clip indices; the holdout has at least one clip."""
-    perm = np.random.default_rng(seed).permutation(indices)
-    n_hold = max(1, int(round(len(perm) * share)))
-    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
-
-
-def train_stage1(s: Session, noisy: MelStore | None, classes: list[str], mean: float, std: float,
-                 out_dir: Path | None = None, seed_offset: int = 0, deadline: float | None = None) -> dict | None:
-    """Stage 1 on the noisy set (watched on a small noisy holdout); returns its weights, or None when skipped."""
-    cfg = s.cfg
-    if noisy is None or cfg.epochs_noisy <= 0 or not noisy.ok.any():
+def train_stage1(s: Session, d: TrainingData) -> dict | None:
+    """Stage 1 on the noisy set, watched on a small noisy holdout; returns its weights, or None when skipped."""
+    cfg, noisy, classes = s.cfg, d.noisy, d.classes
+    epochs = s.budget.plan.epochs_noisy if s.budget else cfg.epochs_noisy
+    if noisy is None or epochs <= 0 or len(d.noisy_pool) < 2:
         log.info("stage 1 skipped (%s)", "no noisy set" if noisy is None else
-                 "epochs_noisy=0" if cfg.epochs_noisy <= 0 else "no decodable noisy clip")
+                 "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
         return None
-    out_dir = out_dir or s.work_dir / "stage1"
-    done = _finished(out_dir, "stage 1")
+    spec = StageSpec.for_stage(cfg, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000,
+                               s.device)
+    done = StageDir(spec.out_dir).finished()
     if done is not None:
-        return done
+        return done[1]
     t0 = time.time()
-    seed = cfg.seed + 1000 + seed_offset
-    train_idx, hold_idx = holdout_split(np.flatnonzero(noisy.ok), cfg.noisy_holdout, seed)
-    set_seed(seed, reproducible=True)  # initial weights too: the same seed gives the same run
-    model = build_model(cfg, len(classes), mean, std)
-    res = fit_stage(model, noisy, train_idx, noisy, hold_idx, cfg, epochs=cfg.epochs_noisy, lr=cfg.lr_noisy,
-                    mixup_alpha=cfg.mixup_noisy, specaug=cfg.specaug_noisy, label="stage 1 (noisy)",
-                    device=s.device, seed=seed, out_dir=out_dir, deadline=deadline or s.deadline)
-    s.record("stage 1 (noisy)" + (f" fold {seed_offset}" if cfg.stage1_per_fold else ""), time.time() - t0)
+    train_idx, hold_idx = holdout_split(d.noisy_pool, cfg.noisy_holdout, spec.seed)
+    set_seed(spec.seed, reproducible=True)  # initial weights too: the same seed gives the same run
+    model = build_model(cfg, len(classes), *d.stats)
+    res = fit_stage(model, Clips(noisy, train_idx), Clips(noisy, hold_idx), spec,
+                    s.budget.stage1_deadline() if s.budget else None)
+    s.record("stage 1 (noisy)", time.time() - t0)
+    if s.budget:
+        s.budget.measured("noisy_epoch", res.seconds, len(res.history))
+    s.stage1_holdout = holdout_summary(res, noisy.table.targets[hold_idx])
     if not res.usable:
         log.warning("stage 1 produced no usable weights: stage 2 starts from scratch")
         return None
-    _save_stage(out_dir, model, res, model_meta(cfg, classes, stage="noisy", score=res.best_score))
+    finish_stage(spec, model, res, model_meta(cfg, classes, stage="noisy"))
     return model.state_dict()
+
+
+def holdout_summary(res: StageResult, truth: np.ndarray) -> dict:
+    """Stage 1's noisy-holdout lwlrap per epoch against what random scores get: a dead stage 1 shows here."""
+    chance = chance_lwlrap(truth)
+    per_epoch = [None if v is None or not np.isfinite(v) else round(float(v), 4) for v in res.history["lwlrap"]]
+    best = max((v for v in per_epoch if v is not None), default=float("nan"))
+    log.info("stage 1 noisy-holdout lwlrap per epoch: %s (random scores: %.3f)",
+             " ".join(f"{v:.3f}" if v is not None else "nan" for v in per_epoch), chance)
+    if not best > chance + 0.05:
+        log.warning("stage 1 stayed near chance on its noisy holdout (best %.3f, random %.3f): it learned little "
+                    "from the noisy set", best, chance)
+    return dict(per_epoch=per_epoch, best=best, chance=round(chance, 4))
 
 
 @dataclass
 class FoldsResult:
     folds: np.ndarray          # fold id per curated clip (-1 for clips that could not be decoded)
-    model_paths: list          # one checkpoint per trained fold
-    results: list              # dict per trained fold: fold, best_lwlrap, best_epoch, epochs_run, seconds
+    models: list               # one trained model per fold, in fold order
+    results: list              # dict per trained fold: fold, best_lwlrap, best_epoch, epochs_run, seconds, OOF scores
     oof_center: np.ndarray     # OOF probabilities from one centred window (no TTA); NaN rows where not predicted
     oof_windows: np.ndarray    # OOF probabilities over whole-clip windows
     oof_tta: np.ndarray        # whole-clip windows plus augmented passes (equals oof_windows when there are none)
@@ -3295,101 +4059,78 @@ class FoldsResult:
         return np.isfinite(self.oof_windows).all(1)
 
 
-def train_folds(s: Session, curated: MelStore, noisy: MelStore | None, classes: list[str], mean: float, std: float,
-                shared_stage1: dict | None, folds_to_train: int | None = None,
-                predict_reserve_s: float = 0.0) -> FoldsResult:
-    """Stage 2 on each curated fold, warm-started from stage 1; writes fold weights and out-of-fold predictions.
+def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[torch.nn.Module, dict] | None:
+    """Stage 2 on fold k: train on the other folds from the stage-1 weights (`init`), validate on fold k.
 
-    With a time budget, the epochs of the remaining folds are re-planned from the measured epoch time before each
-    fold, and training stops early enough that `predict_reserve_s` per trained fold is left for test inference.
+    Returns (model, meta) with the fold's score, or None when it was not trained (no time, or no usable epoch).
     """
     cfg = s.cfg
-    ok = np.flatnonzero(curated.ok)
-    folds = np.full(len(curated.table), -1, dtype=np.int64)
-    folds[ok] = make_folds(curated.table.targets[ok], cfg.folds, cfg.seed)
-    n, c = len(curated.table), len(classes)
-    oof = {name: np.full((n, c), np.nan) for name in ("center", "windows", "tta")}
-    paths, results = [], []
-    folds_to_train = folds_to_train or cfg.folds
-    epochs, epoch_s, fixed_s = cfg.epochs_curated, None, 0.0
-    for k in range(folds_to_train):
+    epochs = s.budget.epochs_for(k) if s.budget else cfg.epochs_curated
+    spec = StageSpec.for_stage(cfg, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k,
+                               s.device)
+    done = StageDir(spec.out_dir).finished()
+    if done is not None:
+        return model_from_state(*done), done[0]
+    if epochs <= 0:
+        return None
+    set_seed(spec.seed, reproducible=True)
+    model = build_model(cfg, len(d.classes), *d.stats)
+    if init is not None:
+        model.load_state_dict(init)
+    train, valid = d.fold(k)
+    train = [train, *d.noisy_top_up(len(train), cfg.noisy_share_curated, spec.seed)]
+    res = fit_stage(model, train, valid, spec, s.budget.fold_deadline(k) if s.budget else None)
+    if s.budget:
+        s.budget.measured("fold_epoch", res.seconds, len(res.history))
+    if not res.usable:
+        log.warning("fold %d produced no usable weights: left out of the ensemble", k)
+        return None
+    meta = model_meta(cfg, d.classes, stage="curated", fold=k, warm_start=init is not None)
+    finish_stage(spec, model, res, meta)
+    return model, {**meta, "score": res.best_score, "best_epoch": res.best_epoch, "epochs_run": len(res.history),
+                   "seconds": res.seconds}
+
+
+def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device) -> dict:
+    """Out-of-fold probabilities of a fold model on its own validation clips: centre crop, windows, windows + TTA."""
+    center = predict_clips(model, clips.store, clips.indices, cfg, device, center_only=True)
+    windows = predict_clips(model, clips.store, clips.indices, cfg, device)
+    tta = windows if cfg.tta_aug_passes == 0 else predict_clips(model, clips.store, clips.indices, cfg, device,
+                                                                 aug_passes=cfg.tta_aug_passes)
+    return dict(center=center, windows=windows, tta=tta)
+
+
+def train_folds(s: Session, d: TrainingData, stage1: dict | None) -> FoldsResult:
+    """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions."""
+    oof = {name: np.full((len(d.curated.table), len(d.classes)), np.nan) for name in ("center", "windows", "tta")}
+    models, results = [], []
+    for k in range(s.cfg.folds):
         t0 = time.time()
-        train_idx, valid_idx = np.flatnonzero((folds >= 0) & (folds != k)), np.flatnonzero(folds == k)
-        out_dir = s.work_dir / f"fold{k}"
-        train_deadline = None
-        if s.deadline:
-            train_deadline = s.deadline - predict_reserve_s * (k + 1)
-            if epoch_s is not None:
-                epochs = replan_fold_epochs(train_deadline - time.time(), folds_to_train - k, epoch_s, fixed_s,
-                                            cfg.epochs_curated)
-                if epochs < cfg.epochs_curated:
-                    log.warning("time budget: behind plan, fold %d gets %d epochs (planned %d)", k, epochs,
-                                cfg.epochs_curated)
-            if time.time() + (epoch_s or 0) > train_deadline and k > 0:
-                log.warning("time budget: no time left to train fold %d; %d of %d folds trained", k, k, cfg.folds)
+        trained = train_fold(s, k, d, stage1)
+        if trained is None:
+            if s.budget and s.budget.plan.folds_trained <= k:
+                log.warning("time budget: %d of %d folds trained", len(models), s.cfg.folds)
                 break
-        model = _finished_model(out_dir, cfg, classes)
-        if model is None:
-            init = shared_stage1
-            if cfg.stage1_per_fold:
-                init = train_stage1(s, noisy, classes, mean, std, out_dir / "stage1", seed_offset=k,
-                                    deadline=train_deadline)
-            set_seed(cfg.seed + k, reproducible=True)
-            model = build_model(cfg, len(classes), mean, std)
-            if init is not None:
-                model.load_state_dict(init)
-            res = fit_stage(model, curated, train_idx, curated, valid_idx, cfg, epochs=epochs, lr=cfg.lr_curated,
-                            mixup_alpha=cfg.mixup_curated, specaug=cfg.specaug_curated, label=f"fold {k} (curated)",
-                            device=s.device, seed=cfg.seed + k, out_dir=out_dir, deadline=train_deadline)
-            if not res.usable:
-                log.warning("fold %d produced no usable weights: left out of the ensemble", k)
-                continue
-            _save_stage(out_dir, model, res, model_meta(cfg, classes, stage="curated", fold=k,
-                                                         score=res.best_score, warm_start=init is not None))
-            epoch_s = res.seconds / max(len(res.history), 1)
-        t_pred = time.time()
-        oof["center"][valid_idx] = predict_clips(model, curated, valid_idx, cfg, s.device, center_only=True)
-        oof["windows"][valid_idx] = predict_clips(model, curated, valid_idx, cfg, s.device)
-        oof["tta"][valid_idx] = (oof["windows"][valid_idx] if cfg.tta_aug_passes == 0 else
-                                 predict_clips(model, curated, valid_idx, cfg, s.device, aug_passes=cfg.tta_aug_passes))
-        fixed_s = time.time() - t_pred + predict_reserve_s
-        meta = load_checkpoint(out_dir / "model.pth")[0]
-        truth = curated.table.targets[valid_idx]
-        results.append(dict(fold=k, best_lwlrap=meta["score"], best_epoch=meta["best_epoch"],
-                            epochs_run=meta["epochs_run"], seconds=meta["seconds"],
-                            oof_windows=lwlrap(truth, oof["windows"][valid_idx]),
-                            oof_center=lwlrap(truth, oof["center"][valid_idx])))
-        log.info("fold %d: best lwlrap %.4f at epoch %d; OOF whole-clip windows %.4f, centre crop %.4f", k,
-                 meta["score"], meta["best_epoch"], results[-1]["oof_windows"], results[-1]["oof_center"])
+            continue
+        model, meta = trained
+        t_pred, valid = time.time(), d.fold(k)[1]
+        for name, probs in predict_oof(model, valid, s.cfg, s.device).items():
+            oof[name][valid.indices] = probs
+        if s.budget:
+            s.budget.measured("oof_predict", time.time() - t_pred, 1)
+            s.budget.fold_done(k)
+        results.append(fold_summary(k, meta, valid.targets, oof["windows"][valid.indices], oof["center"][valid.indices]))
         s.record(f"fold {k}", time.time() - t0)
-        paths.append(out_dir / "model.pth")
-    return FoldsResult(folds, paths, results, oof["center"], oof["windows"], oof["tta"])
+        models.append(model)
+    return FoldsResult(d.folds, models, results, oof["center"], oof["windows"], oof["tta"])
 
 
-def _finished(out_dir: Path, label: str) -> dict | None:
-    """Weights of a stage that a previous run already finished (restart with the same --work-dir)."""
-    if not (out_dir / "model.pth").exists():
-        return None
-    log.info("%s: already finished in %s, reusing its weights", label, out_dir)
-    return load_checkpoint(out_dir / "model.pth")[1]
-
-
-def _finished_model(out_dir: Path, cfg: Config, classes: list[str]) -> torch.nn.Module | None:
-    if not (out_dir / "model.pth").exists():
-        return None
-    log.info("%s: already finished, reusing its weights", out_dir.name)
-    return model_from_checkpoint(out_dir / "model.pth", cfg, classes)[0]
-
-
-def _save_stage(out_dir: Path, model: torch.nn.Module, res: StageResult, meta: dict) -> None:
-    """The finished stage's best weights (model.pth marks the stage done), its history; resume files go."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    res.history.to_csv(out_dir / "history.csv", index=False)
-    meta = {**meta, "best_epoch": res.best_epoch, "seconds": res.seconds, "epochs_run": len(res.history),
-            "epochs_planned": res.epochs_planned}
-    save_checkpoint(out_dir / "model.pth", model, meta)
-    for name in ("last.pth", "best.pth", "progress.json"):
-        (out_dir / name).unlink(missing_ok=True)
+def fold_summary(k: int, meta: dict, truth: np.ndarray, windows: np.ndarray, center: np.ndarray) -> dict:
+    row = dict(fold=k, best_lwlrap=meta["score"], best_epoch=meta["best_epoch"], epochs_run=meta["epochs_run"],
+               seconds=meta["seconds"], oof_windows=lwlrap(truth, windows), oof_center=lwlrap(truth, center))
+    log.info("fold %d: best lwlrap %.4f at epoch %d; OOF whole-clip windows %.4f, centre crop %.4f", k,
+             row["best_lwlrap"], row["best_epoch"], row["oof_windows"], row["oof_center"])
+    return row
 ''')
 
 _add('src/run.py', r'''
@@ -3410,19 +4151,21 @@ import numpy as np
 if __package__ in (None, "") and "fattag" not in sys.modules:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fattag.budget import apply_plan, count_workload, measure_throughput, plan_run  # noqa: E402
+from fattag.budget import Budget, apply_plan, count_workload, measure_throughput  # noqa: E402
+from fattag.checkpoint import load_checkpoint, update_meta  # noqa: E402
 from fattag.cli import parse_args  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
-from fattag.features import build_store, store_stats  # noqa: E402
+from fattag.features import build_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
-from fattag.model import model_from_checkpoint  # noqa: E402
-from fattag.predict import load_fold_models, predict_test  # noqa: E402
+from fattag.predict import load_fold_models, predict_and_submit, prediction_config  # noqa: E402
 from fattag.report import write_report  # noqa: E402
+from fattag.select import select_noisy  # noqa: E402
 from fattag.session import open_session  # noqa: E402
-from fattag.submission import class_prior, fill_missing, write_oof, write_submission  # noqa: E402
-from fattag.train import train_folds, train_stage1  # noqa: E402
+from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
 
 log = logging.getLogger("fattag")
+MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throughput
 
 
 def main(argv=None, defaults: dict | None = None) -> int:
@@ -3444,40 +4187,36 @@ def main(argv=None, defaults: dict | None = None) -> int:
     curated = build_store(data.curated, s.cfg, s.device)
     noisy = build_store(data.noisy, s.cfg, s.device) if data.noisy is not None and s.cfg.epochs_noisy > 0 else None
     s.record("decode + log-mel", time.time() - t0)
-    mean, std = store_stats(curated, seed=s.cfg.seed)
+    d = TrainingData.make(data.classes, curated, noisy, s.cfg)
 
     # 2. Plan epochs, folds and TTA passes to fit the time budget, from measured throughput.
-    plan = make_plan(s, data.classes, noisy, curated, test)
+    plan_budget(s, len(data.classes), noisy, curated, test)
 
-    # 3. Stage 1 on the noisy set (one shared model), 4. stage 2 on each curated fold, warm-started from it.
-    stage1_deadline = s.deadline - plan.folds_s if s.deadline else None
-    stage1 = None if s.cfg.stage1_per_fold else train_stage1(s, noisy, data.classes, mean, std,
-                                                             deadline=stage1_deadline)
-    folds = train_folds(s, curated, noisy, data.classes, mean, std, stage1, plan.folds_trained,
-                        predict_reserve_s=plan.predict_test_s)
+    # 3. Stage 1 on the noisy set (one shared model; optionally only the noisy clips a curated-trained scorer agrees
+    #    with), 4. stage 2 on each curated fold, warm-started from it.
+    if s.cfg.select_noisy and s.budget.plan.epochs_noisy and len(d.noisy_pool):
+        d.noisy_pool = select_noisy(s, d)
+        s.budget.noisy_kept(len(d.noisy_pool))
+    stage1 = train_stage1(s, d)
+    folds = train_folds(s, d, stage1)
 
     # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes.
     scores = score_oof(data.curated.targets, folds)
     write_oof(s.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
-    # 6. Test: whole-clip TTA with every fold model, fold ensemble; every test clip gets a row.
-    t0 = time.time()
-    models = [model_from_checkpoint(path, s.cfg, data.classes)[0] for path in folds.model_paths]
-    if models:
-        probs = fill_missing(predict_test(models, test, s.cfg, s.device, s.cfg.tta_aug_passes), test.ok, prior)
-        write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
-                         probs)
-    else:
-        probs = np.tile(prior, (len(data.test), 1))
-        log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
-    s.record("predict test", time.time() - t0)
-    (s.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results), indent=2) + "\n")
+    # 6. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
+    #    every test clip gets a row. The checkpoints and config.json record how it was done.
+    s.cfg = apply_plan(s.cfg, s.budget.plan, tta_aug_passes=s.budget.test_passes(len(folds.models)))
+    record_settings(s, folds)
+    probs = predict_and_submit(s, data, folds.models, test, prior)
+    (s.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
+                                                            stage1_holdout=s.stage1_holdout), indent=2) + "\n")
     log.info("time plan vs actual:\n%s", s.timing_table())
 
     # 7. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
     rows = folds.predicted
     write_report(s.work_dir, mode="train", classes=data.classes, timings=s.timings, scores=scores,
-                 dataset=dataset_summary(s, [curated, noisy, test]), folds=folds.results,
+                 dataset=dataset_summary(s, [curated, noisy, test]), folds=folds.results, stage1=s.stage1_holdout,
                  oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
     return 0
 
@@ -3486,15 +4225,26 @@ def dataset_summary(s, stores) -> dict:
     return dict(data_dir=str(s.data_dir), demo=s.is_demo, sets=[st.summary() for st in stores if st is not None])
 
 
-def make_plan(s, classes, noisy, curated, test):
+def plan_budget(s, n_classes, noisy, curated, test) -> None:
     """Measure this machine's speed and fit the preset into what is left of the budget (or keep it as is)."""
-    tp = measure_throughput(s.cfg, len(classes), s.device)
-    workload = count_workload(s.cfg, noisy, curated, test)
-    plan = plan_run(s.cfg, workload, tp, s.remaining())
-    s.cfg = apply_plan(s.cfg, plan)
-    s.planned.update(dict(plan.stages))
-    log.info("measured %s\n%s", tp.describe(), plan.table())
-    return plan
+    t0 = time.time()
+    remaining = s.remaining()
+    tp = measure_throughput(s.cfg, n_classes, s.device, max_seconds=remaining and remaining * MEASURE_SHARE)
+    s.record("measure throughput", time.time() - t0)
+    s.budget = Budget(s.cfg, count_workload(s.cfg, noisy, curated, test), tp, s.deadline)
+    s.cfg = apply_plan(s.cfg, s.budget.plan)
+    s.save_config(plan=s.budget.plan.to_dict())
+    log.info("measured %s\n%s", tp.describe(), s.budget.plan.table())
+
+
+def record_settings(s, folds) -> None:
+    """config.json: the settings and plan the run used; each fold checkpoint: the inference settings of the test
+    predictions, so that a predict-only run from these weights makes the same submission."""
+    for row in folds.results:
+        path = s.work_dir / f"fold{row['fold']}" / "model.pth"
+        if load_checkpoint(path)[0].get("inference") != s.cfg.inference_dict():
+            update_meta(path, inference=s.cfg.inference_dict())
+    s.save_config(plan=s.budget.plan.to_dict(), folds_run=folds.results)
 
 
 def score_oof(targets, folds) -> dict:
@@ -3509,17 +4259,15 @@ def score_oof(targets, folds) -> dict:
 
 
 def predict_only(s, data, weights_dir, prior) -> int:
-    """Kaggle-style inference from attached fold weights: no training data is decoded."""
+    """Kaggle-style inference from attached fold weights: the weights say how to predict; no training data is read."""
     if not weights_dir:
         raise SystemExit("--mode predict needs --weights DIR (a training run's work dir)")
-    t0 = time.time()
-    models = load_fold_models(weights_dir, s.cfg, data.classes)
+    models = load_fold_models(weights_dir, data.classes)
+    s.cfg = prediction_config(s.cfg, {str(path): meta for path, _, meta in models}, s.explicit)
+    s.save_config(weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
     test = build_store(data.test, s.cfg, s.device)
-    probs = fill_missing(predict_test([m for _, m, _ in models], test, s.cfg, s.device, s.cfg.tta_aug_passes),
-                         test.ok, prior)
-    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
-    s.record("predict test", time.time() - t0)
+    probs = predict_and_submit(s, data, [m for _, m, _ in models], test, prior)
     log.info("time:\n%s", s.timing_table())
     write_report(s.work_dir, mode="predict", classes=data.classes, timings=s.timings, test_probs=probs,
                  dataset=dataset_summary(s, [test]),

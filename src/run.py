@@ -15,19 +15,21 @@ import numpy as np
 if __package__ in (None, "") and "fattag" not in sys.modules:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fattag.budget import apply_plan, count_workload, measure_throughput, plan_run  # noqa: E402
+from fattag.budget import Budget, apply_plan, count_workload, measure_throughput  # noqa: E402
+from fattag.checkpoint import load_checkpoint, update_meta  # noqa: E402
 from fattag.cli import parse_args  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
-from fattag.features import build_store, store_stats  # noqa: E402
+from fattag.features import build_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
-from fattag.model import model_from_checkpoint  # noqa: E402
-from fattag.predict import load_fold_models, predict_test  # noqa: E402
+from fattag.predict import load_fold_models, predict_and_submit, prediction_config  # noqa: E402
 from fattag.report import write_report  # noqa: E402
+from fattag.select import select_noisy  # noqa: E402
 from fattag.session import open_session  # noqa: E402
-from fattag.submission import class_prior, fill_missing, write_oof, write_submission  # noqa: E402
-from fattag.train import train_folds, train_stage1  # noqa: E402
+from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
 
 log = logging.getLogger("fattag")
+MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throughput
 
 
 def main(argv=None, defaults: dict | None = None) -> int:
@@ -49,40 +51,36 @@ def main(argv=None, defaults: dict | None = None) -> int:
     curated = build_store(data.curated, s.cfg, s.device)
     noisy = build_store(data.noisy, s.cfg, s.device) if data.noisy is not None and s.cfg.epochs_noisy > 0 else None
     s.record("decode + log-mel", time.time() - t0)
-    mean, std = store_stats(curated, seed=s.cfg.seed)
+    d = TrainingData.make(data.classes, curated, noisy, s.cfg)
 
     # 2. Plan epochs, folds and TTA passes to fit the time budget, from measured throughput.
-    plan = make_plan(s, data.classes, noisy, curated, test)
+    plan_budget(s, len(data.classes), noisy, curated, test)
 
-    # 3. Stage 1 on the noisy set (one shared model), 4. stage 2 on each curated fold, warm-started from it.
-    stage1_deadline = s.deadline - plan.folds_s if s.deadline else None
-    stage1 = None if s.cfg.stage1_per_fold else train_stage1(s, noisy, data.classes, mean, std,
-                                                             deadline=stage1_deadline)
-    folds = train_folds(s, curated, noisy, data.classes, mean, std, stage1, plan.folds_trained,
-                        predict_reserve_s=plan.predict_test_s)
+    # 3. Stage 1 on the noisy set (one shared model; optionally only the noisy clips a curated-trained scorer agrees
+    #    with), 4. stage 2 on each curated fold, warm-started from it.
+    if s.cfg.select_noisy and s.budget.plan.epochs_noisy and len(d.noisy_pool):
+        d.noisy_pool = select_noisy(s, d)
+        s.budget.noisy_kept(len(d.noisy_pool))
+    stage1 = train_stage1(s, d)
+    folds = train_folds(s, d, stage1)
 
     # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes.
     scores = score_oof(data.curated.targets, folds)
     write_oof(s.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
-    # 6. Test: whole-clip TTA with every fold model, fold ensemble; every test clip gets a row.
-    t0 = time.time()
-    models = [model_from_checkpoint(path, s.cfg, data.classes)[0] for path in folds.model_paths]
-    if models:
-        probs = fill_missing(predict_test(models, test, s.cfg, s.device, s.cfg.tta_aug_passes), test.ok, prior)
-        write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
-                         probs)
-    else:
-        probs = np.tile(prior, (len(data.test), 1))
-        log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
-    s.record("predict test", time.time() - t0)
-    (s.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results), indent=2) + "\n")
+    # 6. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
+    #    every test clip gets a row. The checkpoints and config.json record how it was done.
+    s.cfg = apply_plan(s.cfg, s.budget.plan, tta_aug_passes=s.budget.test_passes(len(folds.models)))
+    record_settings(s, folds)
+    probs = predict_and_submit(s, data, folds.models, test, prior)
+    (s.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
+                                                            stage1_holdout=s.stage1_holdout), indent=2) + "\n")
     log.info("time plan vs actual:\n%s", s.timing_table())
 
     # 7. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
     rows = folds.predicted
     write_report(s.work_dir, mode="train", classes=data.classes, timings=s.timings, scores=scores,
-                 dataset=dataset_summary(s, [curated, noisy, test]), folds=folds.results,
+                 dataset=dataset_summary(s, [curated, noisy, test]), folds=folds.results, stage1=s.stage1_holdout,
                  oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
     return 0
 
@@ -91,15 +89,26 @@ def dataset_summary(s, stores) -> dict:
     return dict(data_dir=str(s.data_dir), demo=s.is_demo, sets=[st.summary() for st in stores if st is not None])
 
 
-def make_plan(s, classes, noisy, curated, test):
+def plan_budget(s, n_classes, noisy, curated, test) -> None:
     """Measure this machine's speed and fit the preset into what is left of the budget (or keep it as is)."""
-    tp = measure_throughput(s.cfg, len(classes), s.device)
-    workload = count_workload(s.cfg, noisy, curated, test)
-    plan = plan_run(s.cfg, workload, tp, s.remaining())
-    s.cfg = apply_plan(s.cfg, plan)
-    s.planned.update(dict(plan.stages))
-    log.info("measured %s\n%s", tp.describe(), plan.table())
-    return plan
+    t0 = time.time()
+    remaining = s.remaining()
+    tp = measure_throughput(s.cfg, n_classes, s.device, max_seconds=remaining and remaining * MEASURE_SHARE)
+    s.record("measure throughput", time.time() - t0)
+    s.budget = Budget(s.cfg, count_workload(s.cfg, noisy, curated, test), tp, s.deadline)
+    s.cfg = apply_plan(s.cfg, s.budget.plan)
+    s.save_config(plan=s.budget.plan.to_dict())
+    log.info("measured %s\n%s", tp.describe(), s.budget.plan.table())
+
+
+def record_settings(s, folds) -> None:
+    """config.json: the settings and plan the run used; each fold checkpoint: the inference settings of the test
+    predictions, so that a predict-only run from these weights makes the same submission."""
+    for row in folds.results:
+        path = s.work_dir / f"fold{row['fold']}" / "model.pth"
+        if load_checkpoint(path)[0].get("inference") != s.cfg.inference_dict():
+            update_meta(path, inference=s.cfg.inference_dict())
+    s.save_config(plan=s.budget.plan.to_dict(), folds_run=folds.results)
 
 
 def score_oof(targets, folds) -> dict:
@@ -114,17 +123,15 @@ def score_oof(targets, folds) -> dict:
 
 
 def predict_only(s, data, weights_dir, prior) -> int:
-    """Kaggle-style inference from attached fold weights: no training data is decoded."""
+    """Kaggle-style inference from attached fold weights: the weights say how to predict; no training data is read."""
     if not weights_dir:
         raise SystemExit("--mode predict needs --weights DIR (a training run's work dir)")
-    t0 = time.time()
-    models = load_fold_models(weights_dir, s.cfg, data.classes)
+    models = load_fold_models(weights_dir, data.classes)
+    s.cfg = prediction_config(s.cfg, {str(path): meta for path, _, meta in models}, s.explicit)
+    s.save_config(weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
     test = build_store(data.test, s.cfg, s.device)
-    probs = fill_missing(predict_test([m for _, m, _ in models], test, s.cfg, s.device, s.cfg.tta_aug_passes),
-                         test.ok, prior)
-    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
-    s.record("predict test", time.time() - t0)
+    probs = predict_and_submit(s, data, [m for _, m, _ in models], test, prior)
     log.info("time:\n%s", s.timing_table())
     write_report(s.work_dir, mode="predict", classes=data.classes, timings=s.timings, test_probs=probs,
                  dataset=dataset_summary(s, [test]),

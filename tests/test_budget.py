@@ -1,8 +1,11 @@
 """Time budget planner, deadline guard, resume after a kill, NaN survival."""
+import json
 import signal
 import subprocess
 import sys
 import time
+
+from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
@@ -11,13 +14,13 @@ import torch
 from fastai.callback.core import Callback
 
 from conftest import REPO, RUN, TINY, run_pipeline
-from fattag.budget import Throughput, Workload, plan_run, replan_fold_epochs
+from fattag.budget import MIN_EPOCHS_CURATED, Budget, Throughput, Workload, plan_run, stage_costs
 from fattag.config import make_config, parse_duration
 from fattag.data import load_dataset
-from fattag.features import build_store
+from fattag.features import Clips, build_store
 from fattag.model import build_model
 from fattag.submission import validate_submission
-from fattag.train import fit_stage
+from fattag.train import StageSpec, fit_stage
 
 FAT2019 = Workload(noisy_train=18800, noisy_holdout_windows=4000, curated=4970, curated_windows=15000,
                    test_windows=15000)
@@ -50,10 +53,56 @@ def test_a_slower_step_makes_the_planner_shrink_epochs():
     assert "plan:" in crawl.table()
 
 
-def test_replan_when_behind():
-    assert replan_fold_epochs(1000, 4, 10, 50, 20) == 20           # on time: as planned
-    assert replan_fold_epochs(400, 4, 10, 50, 20) == 5             # behind: 100 s per fold, 50 fixed -> 5 epochs
-    assert replan_fold_epochs(10, 4, 10, 50, 20) == 1              # hopeless: still one epoch
+def _budget(tp, seconds, cfg=None):
+    cfg = cfg or make_config("kaggle-1h")
+    return Budget(cfg, FAT2019, tp, time.time() + seconds)
+
+
+def test_budget_replans_upward_when_stages_run_faster_than_measured():
+    """A pessimistic measurement cuts folds; once the stages are seen to run 4x faster, the cut folds and epochs
+    come back (never beyond the requested recipe)."""
+    b = _budget(Throughput(1 / 100, 1 / 400, "slow measurement"), 3000)
+    assert b.plan.folds_trained < 5 or b.plan.epochs_curated < 35
+    first = b.plan
+    for kind in ("noisy_epoch", "fold_epoch", "oof_predict"):
+        predicted = stage_costs(b.requested, FAT2019, b.tp, 0)[kind]
+        b.measured(kind, predicted / 4, 1)
+    epochs = b.epochs_for(0)
+    assert (b.plan.folds_trained, epochs) > (first.folds_trained, first.epochs_curated)
+    assert epochs <= 35 and b.plan.folds_trained <= 5
+    assert any("re-planned before fold 0" in n for n in b.plan.notes)
+
+
+def test_budget_replans_downward_when_stages_run_slower():
+    b = _budget(Throughput(1 / 2000, 1 / 8000, "fast measurement"), 3000)
+    assert (b.plan.folds_trained, b.plan.epochs_curated) == (5, 35)
+    predicted = stage_costs(b.requested, FAT2019, b.tp, 0)["fold_epoch"]
+    b.measured("fold_epoch", predicted * 8, 1)   # eight times slower than measured
+    epochs = b.epochs_for(0)
+    assert epochs < 35 or b.plan.folds_trained < 5
+    c = b.costs()
+    need = b.plan.folds_trained * (epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"])
+    assert need <= b.remaining()
+
+
+def test_budget_deadlines_leave_the_later_work_its_time():
+    b = _budget(Throughput(1 / 300, 1 / 1200, "gpu-ish"), 3000)
+    c = b.costs()
+    fold_cost = b.plan.epochs_curated * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
+    assert b.stage1_deadline() == pytest.approx(b.deadline - b.plan.folds_trained * fold_cost)
+    b.epochs_for(0)
+    floor = MIN_EPOCHS_CURATED * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
+    n = b.plan.folds_trained
+    for k in (0, 1):  # its own OOF, test TTA of the k + 1 models so far, the later folds at their floor
+        expected = b.deadline - c["oof_predict"] - (k + 1) * c["test_predict"] - (n - k - 1) * floor
+        assert b.fold_deadline(k) == pytest.approx(expected)
+
+
+def test_no_deadline_never_cuts():
+    cfg = make_config("kaggle-1h")
+    b = Budget(cfg, FAT2019, Throughput(1, 1, "crawl"), None)
+    assert b.stage1_deadline() is None and b.fold_deadline(3) is None
+    assert b.epochs_for(4) == cfg.epochs_curated and b.plan.folds_trained == 5
 
 
 class ForceNaN(Callback):
@@ -70,8 +119,9 @@ def test_a_nan_loss_is_survived(tiny_data, tmp_path):
     store = build_store(data.curated, cfg, "cpu", progress=False)
     model = build_model(cfg, len(data.classes), -40.0, 20.0)
     idx = np.arange(len(data.curated))
-    res = fit_stage(model, store, idx[6:], store, idx[:6], cfg, epochs=3, lr=1e-3, mixup_alpha=0, specaug=False,
-                    label="nan test", device="cpu", seed=0, out_dir=tmp_path, extra_cbs=[ForceNaN()])
+    spec = StageSpec("nan test", "curated", tmp_path, epochs=3, lr=1e-3, loss="bce", seed=0, cfg=cfg)
+    with patch("fattag.train.augment_policy", lambda cfg, stage, fill: [ForceNaN()]):
+        res = fit_stage(model, Clips(store, idx[6:]), Clips(store, idx[:6]), spec)
     assert res.nan_epochs == 1 and res.best_epoch == 1
     assert len(res.history) == 1  # the NaN epoch is discarded, and training stopped there
     assert all(torch.isfinite(p).all() for p in model.state_dict().values())
@@ -87,6 +137,9 @@ def test_tiny_budget_ends_in_time_with_a_valid_submission(tiny_data, tmp_path):
     assert took < budget + 10, f"run took {took:.0f} s for a {budget} s budget"
     assert "epochs cut" in proc.stderr or "time budget" in proc.stderr
     validate_submission(pd.read_csv(tmp_path / "submission.csv"), pd.read_csv(tiny_data / "sample_submission.csv"))
+    config = json.loads((tmp_path / "config.json").read_text())  # what actually ran, not the request
+    assert 0 < config["settings"]["epochs_curated"] < 500 and config["plan"]["epochs_curated"] < 500
+    assert config["plan"]["notes"] and all(f["epochs_run"] < 500 for f in config["folds_run"])
 
 
 def test_killed_run_resumes_without_redoing_finished_folds(tiny_data, tmp_path):
@@ -113,9 +166,39 @@ def test_killed_run_resumes_without_redoing_finished_folds(tiny_data, tmp_path):
     again = run_pipeline(["--data-dir", tiny_data, "--work-dir", tmp_path, *TINY, "--set", "epochs_curated=4"])
     assert again.returncode == 0, again.stderr[-3000:]
     second = log.read_text()[len(first_log):]
-    assert "stage 1: already finished" in second and "fold0: already finished" in second
+    assert "stage1: already finished" in second and "fold0: already finished" in second
     assert "fold 0 (curated) epoch" not in second        # finished fold not retrained
     assert "fold 1 (curated): resuming after epoch" in second
     assert "fold 1 (curated) epoch 1/4" not in second    # its finished epoch not redone either
     assert (tmp_path / "fold0" / "model.pth").stat().st_mtime == fold0_mtime
+    for stage, epochs in (("stage1", 1), ("fold0", 4), ("fold1", 4)):  # every epoch once, in order, none skipped
+        hist = pd.read_csv(tmp_path / stage / "history.csv")
+        assert hist["epoch"].tolist() == list(range(1, epochs + 1)), (stage, hist["epoch"].tolist())
+        assert hist[["train_loss", "valid_loss", "lwlrap"]].notna().all().all()
     validate_submission(pd.read_csv(tmp_path / "submission.csv"), pd.read_csv(tiny_data / "sample_submission.csv"))
+
+
+def test_time_left_at_the_end_buys_augmented_test_passes():
+    cfg = make_config("kaggle-1h", sets=["tta_fill_passes=3"])
+    b = Budget(cfg, FAT2019, Throughput(1 / 300, 1 / 1200, "gpu-ish"), time.time() + 10_000)
+    per_pass = 5 * b.costs(0)["test_predict"]
+    b.deadline = time.time() + 2.5 * per_pass        # room for the plain pass and one augmented one
+    assert b.test_passes(5) == 1 and b.plan.tta_aug_passes == 1
+    b.deadline = time.time() + 100 * per_pass        # plenty: capped by tta_fill_passes
+    assert b.test_passes(5) == 3
+    b.deadline = time.time() + 0.5 * per_pass        # not even the plain pass: no augmented ones
+    assert b.test_passes(5) == 0
+    assert Budget(cfg, FAT2019, Throughput(1, 1, "x"), None).test_passes(5) == cfg.tta_aug_passes  # no budget
+
+
+def test_selection_and_noisy_top_up_are_priced():
+    tp = Throughput(1 / 300, 1 / 1200, "gpu-ish")
+    plain = stage_costs(make_config("kaggle-1h"), FAT2019, tp, 0)
+    w = Workload(**{**FAT2019.__dict__, "noisy_windows": 80000})
+    sel = stage_costs(make_config("kaggle-1h", sets=["select_noisy=true", "select_epochs=4"]), w, tp, 0)
+    assert plain["select"] == 0 and sel["select"] > 80000 / 1200 + 4 * 4970 / 300
+    topped = stage_costs(make_config("kaggle-1h", sets=["noisy_share_curated=0.5"]), FAT2019, tp, 0)
+    train_part = plain["fold_epoch"] - 15000 / 5 / 1200 * 1.15
+    assert topped["fold_epoch"] == pytest.approx(plain["fold_epoch"] + train_part, rel=1e-6)  # twice the clips
+    plan = plan_run(make_config("kaggle-1h", sets=["select_noisy=true"]), w, tp, None)
+    assert plan.stages[0][0] == "select noisy clips"

@@ -144,6 +144,42 @@ def test_bundle_embeds_every_source_verbatim(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{12}", kernel.BUILD_HASH)
 
 
+AWKWARD = {  # sources that the verbatim raw literal cannot hold, or only just
+    "both triple quotes": 'A = """one"""\nB = \'\'\'two\'\'\'\n',
+    "ends in a backslash": 'PATH = r"C:\\dir"  # \\',
+    "ends in a quote": 'X = 1\nY = "a"',
+    "raw escapes": 'RE = r"\\d+\\s*\\\\"\nNL = "\\n"\n',
+    "non-ascii and tabs": '# caf\u00e9 \u2014 \u00b5s\nY = "\t\u00fc"\nif Y:\n\tZ = 1\n',
+    "no final newline": 'Z = 3',
+    "empty": '',
+    "starts with a quote": '"""Doc."""\nW = 4\n',
+}
+
+
+@pytest.mark.parametrize("name", list(AWKWARD))
+def test_literal_round_trips_awkward_sources(name):
+    text = AWKWARD[name]
+    assert ast.literal_eval(bk._literal(text)) == "\n" + text
+
+
+def test_awkward_sources_are_embedded_verbatim_and_run(tmp_path):
+    files = {f"fattag/m{i}.py": text for i, text in enumerate(AWKWARD.values())}
+    files["fattag/__init__.py"] = '"""pkg"""\n'
+    files["run.py"] = ("import sys\n\ndef main(argv=None, defaults=None):\n"
+                       + "".join(f"    import fattag.m{i}\n" for i in range(len(AWKWARD)))
+                       + "    print('ALL', fattag.m0.A, fattag.m0.B, fattag.m3.NL == chr(10))\n    return 0\n")
+    src = tmp_path / "src"
+    for rel, text in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(text.encode("utf-8"))
+    built = bk.build(tmp_path / "out", src)
+    kernel = load_kernel(built["kernel.py"])
+    assert kernel.SOURCES == {f"src/{rel}": text for rel, text in sorted(files.items())}
+    proc = run_bundle(built["kernel.py"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ALL one two True" in proc.stdout
+
+
 def test_bundle_imports_only_the_kaggle_image(tmp_path):
     files = bk.build(tmp_path)
     kernel_text = files["kernel.py"].read_text()

@@ -61,14 +61,60 @@ def test_validation_rejects_wrong_files(tiny_run, tiny_data):
         validate_submission(bad, sample)
 
 
-def test_predict_only_reproduces_the_training_submission(tiny_run, tiny_data, tmp_path):
-    proc = run_pipeline(["--mode", "predict", "--weights", tiny_run, "--data-dir", tiny_data,
-                         "--work-dir", tmp_path, *TINY])
+OTHER_FEATURES = ["--set", "n_mels=40", "--set", "hop_length=200", "--set", "crop_seconds=1.5", "--set",
+                  "tta_aggregate=max", "--set", "tta_step_frac=0.25"]
+
+
+@pytest.fixture(scope="module")
+def other_features_run(tiny_data, tmp_path_factory):
+    """A training run whose feature and inference settings are not any preset's."""
+    work = tmp_path_factory.mktemp("run-other")
+    proc = run_pipeline(["--data-dir", tiny_data, "--work-dir", work, *TINY, "--set", "epochs_curated=1",
+                         *OTHER_FEATURES])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = pd.read_csv(tiny_run / "submission.csv")
+    return work
+
+
+@pytest.mark.parametrize("run", ["tiny_run", "other_features_run"])
+def test_predict_only_from_the_weights_alone_reproduces_the_training_submission(run, tiny_data, tmp_path, request):
+    """No --preset, no --set: the checkpoints say which features, model and inference settings to use."""
+    weights = request.getfixturevalue(run)
+    proc = run_pipeline(["--mode", "predict", "--weights", weights, "--data-dir", tiny_data, "--work-dir", tmp_path])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = pd.read_csv(weights / "submission.csv")
     b = pd.read_csv(tmp_path / "submission.csv")
     pd.testing.assert_frame_equal(a, b)
     assert not (tmp_path / "fold0").exists()  # nothing was trained
+    used = json.loads((tmp_path / "config.json").read_text())["settings"]
+    trained = json.loads((weights / "config.json").read_text())["settings"]
+    for key in ("n_mels", "hop_length", "crop_seconds", "arch", "tta_aggregate", "tta_step_frac"):
+        assert used[key] == trained[key], key
+
+
+def test_predict_only_may_change_inference_settings(tiny_run, tiny_data, tmp_path):
+    proc = run_pipeline(["--mode", "predict", "--weights", tiny_run, "--data-dir", tiny_data, "--work-dir", tmp_path,
+                         "--set", "tta_aggregate=max"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = pd.read_csv(tiny_run / "submission.csv").iloc[:, 1:].to_numpy()
+    b = pd.read_csv(tmp_path / "submission.csv").iloc[:, 1:].to_numpy()
+    assert (b >= a - 1e-6).all() and (b > a + 1e-4).any()  # max over windows >= their mean-max average
+    assert json.loads((tmp_path / "config.json").read_text())["settings"]["tta_aggregate"] == "max"
+
+
+def test_fold_checkpoints_that_disagree_are_a_clear_error(tiny_run, tiny_data, tmp_path):
+    import torch
+    weights = tmp_path / "weights"
+    for k in (0, 1):
+        (weights / f"fold{k}").mkdir(parents=True)
+        shutil.copy(tiny_run / f"fold{k}" / "model.pth", weights / f"fold{k}" / "model.pth")
+    ckpt = torch.load(weights / "fold1" / "model.pth", weights_only=False)
+    ckpt["meta"]["features"]["n_mels"] = 64
+    torch.save(ckpt, weights / "fold1" / "model.pth")
+    proc = run_pipeline(["--mode", "predict", "--weights", weights, "--data-dir", tiny_data, "--work-dir",
+                         tmp_path / "w"])
+    assert proc.returncode != 0
+    assert "disagree on features settings ['n_mels']" in proc.stderr
+    assert "fold0/model.pth" in proc.stderr and "fold1/model.pth" in proc.stderr
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tiny_run, tiny_data, tmp_path):
@@ -77,15 +123,14 @@ def test_vocabulary_mismatch_is_a_clear_error(tiny_run, tiny_data, tmp_path):
     old = pd.read_csv(data / "sample_submission.csv").columns[1]
     for name in ("sample_submission.csv", "train_curated.csv", "train_noisy.csv"):  # the data stays consistent
         (data / name).write_text((data / name).read_text().replace(old, "Another_class"))
-    proc = run_pipeline(["--mode", "predict", "--weights", tiny_run, "--data-dir", data, "--work-dir", tmp_path / "w",
-                         *TINY])
+    proc = run_pipeline(["--mode", "predict", "--weights", tiny_run, "--data-dir", data, "--work-dir", tmp_path / "w"])
     assert proc.returncode != 0
     assert "class vocabulary differs" in proc.stderr
 
 
 def test_feature_mismatch_is_a_clear_error(tiny_run, tiny_data, tmp_path):
     proc = run_pipeline(["--mode", "predict", "--weights", tiny_run, "--data-dir", tiny_data, "--work-dir", tmp_path,
-                         *TINY, "--set", "n_mels=32"])
+                         "--set", "n_mels=32"])
     assert proc.returncode != 0
     assert "feature settings differ" in proc.stderr and "n_mels" in proc.stderr
 

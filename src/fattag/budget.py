@@ -22,6 +22,7 @@ from .model import build_model
 OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
 MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
 MIN_EPOCHS_NOISY = 1
+SELECT_HOLDOUT = 0.1     # share of the curated clips that watch the selection scorer
 
 
 @dataclass
@@ -35,49 +36,54 @@ class Throughput:
                 f"inference {1 / self.infer_s_per_window:.0f} windows/s")
 
 
-def measure_throughput(cfg: Config, n_classes: int, device, steps: int = 3, warmup: int = 2) -> Throughput:
-    """Time a few training steps and inference batches of the real model on random input of the crop size."""
+def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,
+                       runs: int = 4) -> Throughput:
+    """Time training steps and inference batches of the real model on random input of the crop size.
+
+    The first run of each warms up and is not used, unless the next would take the measurement past
+    `max_seconds` (a small share of the budget: a slow CPU step is then measured once, and the stages' measured
+    times correct the estimate later).
+    """
     device = torch.device(device)
     model = build_model(cfg, n_classes).to(device)
     bs = cfg.batch_size
     x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
     y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    spent = [0.0]
 
     def train_step():
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, enabled=cuda):
             loss = loss_fn(model(x).float(), y)
         opt.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
-    def timed(fn, n):
-        for _ in range(warmup):
+    def infer():
+        with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
+            model(x)
+
+    def timed(fn, share: float) -> float:
+        times = []
+        while len(times) < runs:
+            t0 = time.perf_counter()
             fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / n
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            spent[0] += times[-1]
+            if max_seconds and spent[0] + times[-1] > max_seconds * share:
+                break
+        return min(times[1:] or times)
 
     model.train()
-    t_train = timed(train_step, steps) / bs
+    t_train = timed(train_step, 0.7) / bs
     model.eval()
-    xi = torch.cat([x, x])
-
-    def infer():
-        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-            model(xi)
-
-    t_infer = timed(infer, steps) / len(xi)
+    t_infer = timed(infer, 1.0) / bs
     return Throughput(t_train, t_infer, str(device))
 
 
@@ -89,6 +95,7 @@ class Workload:
     curated: int                # decodable curated clips
     curated_windows: int        # whole-clip windows over all curated clips
     test_windows: int           # whole-clip windows over all test clips
+    noisy_windows: int = 0      # whole-clip windows over all noisy clips (scored once by noisy-clip selection)
 
 
 @dataclass
@@ -100,16 +107,10 @@ class Plan:
     available_s: float
     stages: list = field(default_factory=list)   # (stage name, planned seconds)
     notes: list = field(default_factory=list)    # what was cut, and why
-    predict_test_s: float = 0.0                  # test inference per fold model, kept free by the deadline guard
 
     @property
     def total_s(self) -> float:
         return sum(s for _, s in self.stages)
-
-    @property
-    def folds_s(self) -> float:
-        """Planned seconds of all stage-2 folds: stage 1 must stop in time to leave them this much."""
-        return sum(s for name, s in self.stages if name.startswith("fold"))
 
     def table(self) -> str:
         rows = [f"{'stage':<22}{'planned':>10}"]
@@ -119,69 +120,98 @@ class Plan:
                 f"{self.folds_trained} folds, {self.tta_aug_passes} augmented TTA passes")
         return "\n".join([head, *rows, *self.notes])
 
+    def to_dict(self) -> dict:
+        return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
+                    folds_trained=self.folds_trained, tta_aug_passes=self.tta_aug_passes,
+                    available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
+                    stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
 
-def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int) -> dict:
-    """Seconds per unit of work: one stage-1 epoch, one fold epoch, and the fixed per-fold prediction work."""
+
+def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: dict | None = None) -> dict:
+    """Seconds per unit of work, from the measured throughput (times `scale[kind]`, the measured/predicted ratio
+    of work already done): a stage-1 epoch, a fold epoch, one fold's OOF predictions, one model's test TTA."""
     k = cfg.folds
     infer = tp.infer_s_per_window * OVERHEAD
     train = tp.train_s_per_clip * OVERHEAD
     per_fold_windows = w.curated_windows / k
-    return dict(
+    share = cfg.noisy_share_curated if w.noisy_train else 0.0   # stage-2 batches topped up with noisy clips
+    selecting = cfg.select_noisy and w.noisy_train > 0
+    base = dict(
         noisy_epoch=w.noisy_train * train + w.noisy_holdout_windows * infer,
-        fold_epoch=w.curated * (k - 1) / k * train + per_fold_windows * infer,
-        # OOF: centre crop + windows (+ augmented passes); test: windows x (1 + passes)
-        fold_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer + w.test_windows * (1 + passes) * infer,
+        fold_epoch=w.curated * (k - 1) / k / (1 - share) * train + per_fold_windows * infer,
+        oof_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer,   # centre crop + windows (+ passes)
+        test_predict=w.test_windows * (1 + passes) * infer,
+        # noisy-clip selection: a scorer trained on the curated clips, then one pass over every noisy clip
+        select=(cfg.select_epochs * (w.curated * train + w.curated_windows * SELECT_HOLDOUT * infer)
+                + w.noisy_windows * infer) if selecting else 0.0,
     )
+    scale = scale or {}
+    default = _geomean(list(scale.values())) if scale else 1.0
+    return {kind: secs * scale.get(kind, default) for kind, secs in base.items()}
 
 
-def _total(cfg, w, tp, e1, e2, folds, passes) -> float:
-    c = stage_costs(cfg, w, tp, passes)
-    return e1 * c["noisy_epoch"] + folds * (e2 * c["fold_epoch"] + c["fold_predict"])
+def _geomean(values: list) -> float:
+    return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
 
 
-def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None) -> Plan:
-    """Fit the preset's epochs, TTA passes and folds into `available_s` seconds (None: no budget, no cuts)."""
-    e1 = cfg.epochs_noisy if w.noisy_train else 0
-    e2, folds, passes = cfg.epochs_curated, cfg.folds, cfg.tta_aug_passes
+def fold_s(c: dict, epochs: int) -> float:
+    """One fold: its epochs, its OOF predictions and its model's share of test TTA."""
+    return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
+
+
+def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None):
+    """Cut (e1, e2, folds, passes) until total(e1, e2, folds, passes) <= available_s, in this order: both stages'
+    epochs in proportion (down to their floors), augmented TTA passes, folds, then stage 1. Returns the cut
+    values and notes saying what was cut."""
     notes = []
-    if available_s is not None:
-        def fits(a, b, f, p):
-            return _total(cfg, w, tp, a, b, f, p) <= available_s
+    if available_s is None or total(e1, e2, folds, passes) <= available_s:
+        return e1, e2, folds, passes, notes
 
-        if not fits(e1, e2, folds, passes):
-            # largest common scale of both stages' epochs that fits, above their floors
-            lo, hi = 0.0, 1.0
-            for _ in range(30):
-                mid = (lo + hi) / 2
-                a, b = _scaled(e1, mid, MIN_EPOCHS_NOISY), _scaled(e2, mid, MIN_EPOCHS_CURATED)
-                lo, hi = (mid, hi) if fits(a, b, folds, passes) else (lo, mid)
-            a, b = _scaled(e1, lo, MIN_EPOCHS_NOISY), _scaled(e2, lo, MIN_EPOCHS_CURATED)
-            if fits(a, b, folds, passes):
-                notes.append(f"epochs cut to fit the budget: stage 1 {e1} -> {a}, stage 2 {e2} -> {b}")
-                e1, e2 = a, b
-            else:
-                e1, e2 = _scaled(e1, 0, MIN_EPOCHS_NOISY), min(e2, MIN_EPOCHS_CURATED)
-                if passes and not fits(e1, e2, folds, passes):
-                    notes.append(f"augmented TTA passes cut {passes} -> 0")
-                    passes = 0
-                while folds > 1 and not fits(e1, e2, folds, passes):
-                    folds -= 1
-                if folds < cfg.folds:
-                    notes.append(f"only {folds} of {cfg.folds} folds fit the budget (the others are not trained)")
-                if e1 and not fits(e1, e2, folds, passes):
-                    notes.append("stage 1 dropped: it does not fit the budget")
-                    e1 = 0
-                notes.append(f"epochs at their floor: stage 1 {e1}, stage 2 {e2}")
-                if not fits(e1, e2, folds, passes):
-                    notes.append("WARNING: even the smallest plan exceeds the budget; the deadline guard will "
-                                 "stop training early")
-    c = stage_costs(cfg, w, tp, passes)
-    stages = []
-    if e1:
-        stages.append(("stage 1 (noisy)", e1 * c["noisy_epoch"]))
-    stages += [(f"fold {k}", e2 * c["fold_epoch"] + c["fold_predict"]) for k in range(folds)]
-    test_s = w.test_windows * (1 + passes) * tp.infer_s_per_window * OVERHEAD
-    return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, stages, notes, test_s)
+    def fits(a, b, f, p):
+        return total(a, b, f, p) <= available_s
+
+    lo, hi = 0.0, 1.0  # the largest common scale of both stages' epochs that fits, above their floors
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(_scaled(e1, mid, MIN_EPOCHS_NOISY), _scaled(e2, mid, MIN_EPOCHS_CURATED),
+                                   folds, passes) else (lo, mid)
+    a, b = _scaled(e1, lo, MIN_EPOCHS_NOISY), _scaled(e2, lo, MIN_EPOCHS_CURATED)
+    if fits(a, b, folds, passes):
+        notes.append(f"epochs cut to fit the budget: stage 1 {e1} -> {a}, stage 2 {e2} -> {b}")
+        return a, b, folds, passes, notes
+    requested_folds = folds
+    e1, e2 = _scaled(e1, 0, MIN_EPOCHS_NOISY), min(e2, MIN_EPOCHS_CURATED)
+    if passes and not fits(e1, e2, folds, passes):
+        notes.append(f"augmented TTA passes cut {passes} -> 0")
+        passes = 0
+    while folds > 1 and not fits(e1, e2, folds, passes):
+        folds -= 1
+    if folds < requested_folds:
+        notes.append(f"only {folds} of {requested_folds} folds fit the budget (the others are not trained)")
+    if e1 and not fits(e1, e2, folds, passes):
+        notes.append("stage 1 dropped: it does not fit the budget")
+        e1 = 0
+    notes.append(f"epochs at their floor: stage 1 {e1}, stage 2 {e2}")
+    if not fits(e1, e2, folds, passes):
+        notes.append("WARNING: even the smallest plan exceeds the budget; the deadline guard will stop training early")
+    return e1, e2, folds, passes, notes
+
+
+def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None,
+             scale: dict | None = None) -> Plan:
+    """Fit the preset's epochs, TTA passes and folds into `available_s` seconds (None: no budget, no cuts)."""
+    def total(e1, e2, folds, passes):
+        c = stage_costs(cfg, w, tp, passes, scale)
+        return c["select"] + e1 * c["noisy_epoch"] + folds * fold_s(c, e2)
+
+    e1 = cfg.epochs_noisy if w.noisy_train else 0
+    e1, e2, folds, passes, notes = fit_recipe(e1, cfg.epochs_curated, cfg.folds, cfg.tta_aug_passes, total,
+                                              available_s)
+    c = stage_costs(cfg, w, tp, passes, scale)
+    stages = [("select noisy clips", c["select"])] if c["select"] and e1 else []
+    stages += [("stage 1 (noisy)", e1 * c["noisy_epoch"])] if e1 else []
+    stages += [(f"fold {k}", fold_s(c, e2)) for k in range(folds)]
+    return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, stages, notes)
 
 
 def _scaled(epochs: int, scale: float, floor: int) -> int:
@@ -190,18 +220,106 @@ def _scaled(epochs: int, scale: float, floor: int) -> int:
     return max(min(floor, epochs), int(math.floor(epochs * scale)))
 
 
-def replan_fold_epochs(remaining_s: float, folds_left: int, epoch_s: float, fixed_s: float, planned: int) -> int:
-    """Epochs per remaining fold from measured times: the planned number, or fewer when behind (at least 1)."""
-    if folds_left <= 0:
-        return planned
-    per_fold = remaining_s / folds_left - fixed_s
-    fit = int(per_fold // max(epoch_s, 1e-9))
-    return max(1, min(planned, fit))
+class Budget:
+    """The run's time plan in one place: what stage 1 and each fold may spend, and when each must stop.
+
+    It starts from a plan made with the measured throughput, and after every stage it re-plans the work still to
+    do from the seconds that stage really took, upward as well as downward: epochs and folds that were cut come
+    back when the stages run faster than predicted, and go when they run slower. It never plans more than the
+    requested recipe (the preset, with any --set). Without a deadline nothing is ever cut.
+    """
+
+    def __init__(self, requested: Config, workload: Workload, tp: Throughput, deadline: float | None):
+        self.requested, self.workload, self.tp, self.deadline = requested, workload, tp, deadline
+        self.scale: dict = {}               # measured / predicted seconds, per kind of work done so far
+        self.folds_done = 0
+        self.plan = plan_run(requested, workload, tp, self.remaining())
+        self.first_plan = self.plan
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def costs(self, passes: int | None = None) -> dict:
+        passes = self.plan.tta_aug_passes if passes is None else passes
+        return stage_costs(self.requested, self.workload, self.tp, passes, self.scale)
+
+    def measured(self, kind: str, seconds: float, units: float) -> None:
+        """Record that `units` of work of `kind` (e.g. 4 fold epochs) took `seconds`: later costs follow it."""
+        predicted = stage_costs(self.requested, self.workload, self.tp, self.plan.tta_aug_passes)[kind] * units
+        if units > 0 and predicted > 0 and seconds > 0:
+            self.scale[kind] = seconds / predicted
+
+    def stage1_deadline(self) -> float | None:
+        """Stage 1 must stop in time to leave the planned folds their planned time."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self.plan.folds_trained * fold_s(self.costs(), self.plan.epochs_curated)
+
+    def select_deadline(self) -> float | None:
+        """Noisy-clip selection must stop in time to leave stage 1 and the folds their planned time."""
+        if self.deadline is None:
+            return None
+        return self.stage1_deadline() - self.plan.epochs_noisy * self.costs()["noisy_epoch"]
+
+    def noisy_kept(self, n_train: int) -> None:
+        """Stage 1 trains on fewer noisy clips than counted (selection kept `n_train`): its epochs cost less."""
+        self.workload = replace(self.workload, noisy_train=n_train)
+
+    def epochs_for(self, k: int) -> int:
+        """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k)."""
+        self.plan = self._replan_folds(k)
+        return self.plan.epochs_curated if k < self.plan.folds_trained else 0
+
+    def fold_deadline(self, k: int) -> float | None:
+        """Fold k trains until: the deadline, less its OOF predictions, test TTA for the k + 1 models trained by then,
+        and the planned later folds at their floor."""
+        if self.deadline is None:
+            return None
+        c = self.costs()
+        later = max(self.plan.folds_trained - k - 1, 0) * fold_s(c, MIN_EPOCHS_CURATED)
+        return self.deadline - c["oof_predict"] - (k + 1) * c["test_predict"] - later
+
+    def fold_done(self, k: int) -> None:
+        self.folds_done = k + 1
+
+    def _replan_folds(self, k: int) -> Plan:
+        """The folds from k on, fitted into the time left after test TTA for the k folds already trained."""
+        req = self.requested
+        fixed = self.folds_done * self.costs()["test_predict"]
+
+        def total(e1, e2, folds, passes):
+            return fixed + folds * fold_s(self.costs(passes), e2)
+
+        avail = self.remaining()
+        _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total, avail)
+        c = self.costs(passes)
+        kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold")]
+        done = [(f"fold {j}", secs) for j, (name, secs) in enumerate(
+            [st for st in self.plan.stages if st[0].startswith("fold")]) if j < k]
+        stages = kept + done + [(f"fold {j}", fold_s(c, e2)) for j in range(k, k + n)]
+        return Plan(self.plan.epochs_noisy, e2, k + n, passes, self.plan.available_s, stages, self.plan.notes + [
+            f"re-planned before fold {k} from measured times: {n} more fold(s) of {e2} epochs"
+            + (f" ({'; '.join(notes)})" if notes else "")])
+
+    def test_passes(self, n_models: int) -> int:
+        """Augmented TTA passes for the test set, decided when training is over: the plan's, fewer if they no longer
+        fit, more (up to `tta_fill_passes`) when time is left over, so that time is not wasted."""
+        planned = self.plan.tta_aug_passes
+        if self.deadline is None or n_models == 0:
+            return planned
+        per_pass = n_models * self.costs(0)["test_predict"]
+        fit = int(self.remaining() // max(per_pass, 1e-9)) - 1
+        passes = max(0, min(fit, max(planned, self.requested.tta_fill_passes)))
+        if passes != planned:
+            self.plan.notes.append(f"test TTA: {passes} augmented passes (planned {planned}) fit the time left")
+        self.plan.tta_aug_passes = passes
+        return passes
 
 
-def apply_plan(cfg: Config, plan: Plan) -> Config:
-    return replace(cfg, epochs_noisy=plan.epochs_noisy, epochs_curated=plan.epochs_curated,
-                   tta_aug_passes=plan.tta_aug_passes)
+def apply_plan(cfg: Config, plan: Plan, **more) -> Config:
+    """The config with the plan's epochs and TTA passes (and any `more` values): what the run actually uses."""
+    return replace(cfg, **{**dict(epochs_noisy=plan.epochs_noisy, epochs_curated=plan.epochs_curated,
+                                  tta_aug_passes=plan.tta_aug_passes), **more})
 
 
 def count_workload(cfg: Config, noisy, curated, test) -> Workload:
@@ -213,4 +331,5 @@ def count_workload(cfg: Config, noisy, curated, test) -> Workload:
     n_hold = max(1, int(round(len(noisy_ok) * cfg.noisy_holdout))) if len(noisy_ok) else 0
     return Workload(noisy_train=len(noisy_ok) - n_hold, noisy_holdout_windows=windows(noisy, noisy_ok[:n_hold]),
                     curated=int(curated.ok.sum()), curated_windows=windows(curated, np.flatnonzero(curated.ok)),
-                    test_windows=windows(test, np.flatnonzero(test.ok)))
+                    test_windows=windows(test, np.flatnonzero(test.ok)),
+                    noisy_windows=windows(noisy, noisy_ok) if cfg.select_noisy else 0)

@@ -7,9 +7,8 @@ properties, never stored twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 KAGGLE_DATA_DIR = "/kaggle/input/freesound-audio-tagging-2019"
 KAGGLE_WORK_DIR = "/kaggle/working"
@@ -35,6 +34,7 @@ class Config:
     self_attention: bool = True
     mish: bool = True
     dropout: float = 0.2
+    input_norm: str = "global"    # global: fixed mean/std; band: also each band's median over the crop subtracted
 
     # --- training ---
     folds: int = 5
@@ -42,14 +42,34 @@ class Config:
     lr_noisy: float = 3e-3
     lr_curated: float = 2e-3
     wd: float = 1e-2
+    average_epochs: float = 0.0   # weight averaging: EMA of the weights over about this many epochs (0 = off)
     epochs_noisy: int = 12        # stage 1 (0 skips it)
     epochs_curated: int = 30      # stage 2, per fold
-    stage1_per_fold: bool = False  # the seed trained stage 1 once per fold; one shared model is ~K times cheaper
     noisy_holdout: float = 0.05   # share of the noisy set used to watch stage 1 (its labels are noisy too)
+    select_noisy: bool = False    # before stage 1: score the noisy clips with a curated-trained model, keep agreeing
+    select_epochs: int = 10       # epochs of that scorer (on the curated clips, from scratch)
+    select_margin: int = 1        # a clip agrees when each of its n labels ranks in the model's top n + margin
+    noisy_share_curated: float = 0.0  # share of stage-2 training items drawn from the (kept) noisy clips
+    loss_noisy: str = "bce"       # per stage: bce, focal, lsep or lsoft (see losses.py)
+    loss_curated: str = "bce"
     mixup_noisy: float = 0.0      # mixup alpha per stage (0 = off)
     mixup_curated: float = 0.4
     specaug_noisy: bool = True
     specaug_curated: bool = True
+    union_mix_noisy: float = 0.0  # share of training items mixed with a partner, labels = union (0 = off)
+    union_mix_curated: float = 0.0
+    concat_mix_noisy: float = 0.0  # share of items whose crop ends with a partner's frames, labels = union
+    concat_mix_curated: float = 0.0
+    mix_gain_db: float = 6.0      # partner level relative to the item, uniform in +-this (union and concat)
+    background_noisy: float = 0.0  # share of items with a partner added far below as background (labels kept)
+    background_curated: float = 0.0
+    background_snr_min: float = 10.0  # background this many dB below the item, uniform in [min, max]
+    background_snr_max: float = 25.0
+    level_eq_noisy: bool = False  # random gain, spectral tilt and low-pass per item
+    level_eq_curated: bool = False
+    level_gain_db: float = 10.0
+    eq_tilt_db: float = 10.0
+    lowpass_p: float = 0.25
     time_masks: int = 2
     time_mask_frac: float = 0.1   # widest time mask, as a share of the crop
     freq_masks: int = 2
@@ -61,6 +81,7 @@ class Config:
     tta_aggregate: str = "meanmax"  # per clip over windows: mean, max, or meanmax (their average)
     tta_aug_passes: int = 0       # extra passes with light SpecAugment over the windows
     fold_ensemble: str = "mean"   # arithmetic "mean" or "geomean" over folds
+    tta_fill_passes: int = 4      # with a time budget, time left at the end buys up to this many augmented passes
 
     # --- run control ---
     seed: int = 42
@@ -74,14 +95,20 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     def feature_dict(self) -> dict:
         """The values a trained model's input depends on: weights are only valid with the same ones."""
-        keys = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max",
-                "top_db", "trim_silence", "trim_db", "crop_seconds")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in FEATURE_KEYS}
+
+    def inference_dict(self) -> dict:
+        """How test clips are predicted: may differ between training and a later predict-only run."""
+        return {k: getattr(self, k) for k in INFERENCE_KEYS}
+
+
+# Groups of settings that a checkpoint records (see model.model_meta and predict.prediction_config).
+FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
+                "trim_silence", "trim_db", "crop_seconds")
+MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm")
+INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "batch_size")
 
 
 PRESETS: dict[str, dict] = {
@@ -137,6 +164,22 @@ def _coerce(name: str, raw: str, current):
     return raw
 
 
+def parse_sets(sets: list[str] | None, cfg: Config | None = None) -> dict:
+    """`name=value` strings (from --set) -> {name: value}, each converted to its field's type."""
+    cfg = cfg or Config()
+    known = {f.name for f in fields(Config)}
+    out = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects name=value, got {item!r}")
+        name, raw = item.split("=", 1)
+        name = name.strip().replace("-", "_")
+        if name not in known:
+            raise ValueError(f"--set: unknown setting {name!r}; known: {', '.join(sorted(known))}")
+        out[name] = _coerce(name, raw, getattr(cfg, name))
+    return out
+
+
 def make_config(preset: str | None = None, overrides: dict | None = None, sets: list[str] | None = None) -> Config:
     """Defaults, then the preset, then explicit overrides, then `name=value` strings from --set."""
     cfg = Config()
@@ -146,13 +189,4 @@ def make_config(preset: str | None = None, overrides: dict | None = None, sets: 
         cfg = dataclasses.replace(cfg, **PRESETS[preset])
     if overrides:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(Config)}
-    for item in sets or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects name=value, got {item!r}")
-        name, raw = item.split("=", 1)
-        name = name.strip().replace("-", "_")
-        if name not in known:
-            raise ValueError(f"--set: unknown setting {name!r}; known: {', '.join(sorted(known))}")
-        cfg = dataclasses.replace(cfg, **{name: _coerce(name, raw, getattr(cfg, name))})
-    return cfg
+    return dataclasses.replace(cfg, **parse_sets(sets, cfg))

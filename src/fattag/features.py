@@ -2,7 +2,8 @@
 
 Why a log-mel store rather than raw audio: FAT2019's noisy set decodes to ~25 GB of int16 audio, more than a
 Kaggle machine's RAM; its float16 log-mel (128 bands x ~64 frames/s) is ~5x smaller and needs no per-epoch STFT.
-Augmentations (random crop, SpecAugment, mixup) still differ every epoch because they act on the stored mels.
+Augmentations (random crops here, batch augmentations in `augment.py`) still differ every epoch: they act on the
+stored mels.
 
 Padding policy: a clip shorter than one crop is *repeated* (tiled) in the waveform up to the crop length before
 its spectrogram is taken, so a 0.3 s door knock becomes a 4 s train of knocks rather than a knock and silence.
@@ -141,22 +142,44 @@ def window_starts(n_frames: int, length: int, step: int) -> list[int]:
     return starts
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """One random crop per clip per epoch (seeded generator: same seed, same crops)."""
+@dataclass
+class Clips:
+    """Some clips of a store, by index: what a stage trains or validates on."""
+    store: MelStore
+    indices: np.ndarray
 
-    def __init__(self, store: MelStore, indices, crop_frames: int, seed: int = 0):
-        self.store, self.indices, self.length = store, np.asarray(indices), crop_frames
+    def __post_init__(self):
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.store.table.targets[self.indices]
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """One random crop per clip per epoch (seeded generator: same seed, same crops), over one or more sets of clips
+    (e.g. a curated fold's training clips and some noisy clips)."""
+
+    def __init__(self, clips: Clips | list[Clips], crop_frames: int, seed: int = 0):
+        self.parts = [clips] if isinstance(clips, Clips) else list(clips)
+        self.ends = np.cumsum([len(c) for c in self.parts])
+        self.length = crop_frames
         self.rng = np.random.default_rng(seed)
 
     def __len__(self):
-        return len(self.indices)
+        return int(self.ends[-1]) if len(self.ends) else 0
 
     def __getitem__(self, i):
-        j = self.indices[i]
-        mel = self.store.mels[j]
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        clips = self.parts[part]
+        j = clips.indices[i - (self.ends[part - 1] if part else 0)]
+        mel = clips.store.mels[j]
         start = int(self.rng.integers(0, max(mel.shape[1] - self.length, 0) + 1))
         x = torch.from_numpy(np.ascontiguousarray(crop(mel, self.length, start)))[None]
-        return x, torch.from_numpy(self.store.table.targets[j])
+        return x, torch.from_numpy(clips.store.table.targets[j])
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -204,39 +227,3 @@ def aggregate_windows(window_probs: torch.Tensor, clip_of: torch.Tensor, n_clips
     if how in ("max", "meanmax"):
         out.append(zeros.scatter_reduce(0, idx, window_probs, "amax", include_self=False))
     return sum(out) / len(out)
-
-
-# ---------------------------------------------------------------- batch augmentations (on the device)
-
-
-def spec_augment(x: torch.Tensor, n_time: int, time_frac: float, n_freq: int, freq_frac: float,
-                 fill: float = 0.0) -> torch.Tensor:
-    """SpecAugment masks on a batch (B, 1, F, T): each item gets its own random time and frequency stripes.
-
-    Random numbers come from torch's global CPU generator, so a seeded run masks the same way on any device.
-    """
-    b, _, f, t = x.shape
-    keep = torch.ones(b, 1, f, t, dtype=torch.bool, device=x.device)
-    for n, size, frac, shape in ((n_time, t, time_frac, (b, 1, 1, t)), (n_freq, f, freq_frac, (b, 1, f, 1))):
-        widest = int(size * frac)
-        if n <= 0 or widest < 1:
-            continue
-        pos = torch.arange(size)
-        for _ in range(n):
-            width = torch.randint(0, widest + 1, (b,))
-            start = (torch.rand(b) * (size - width + 1)).long()
-            stripe = (pos[None] >= start[:, None]) & (pos[None] < (start + width)[:, None])  # (B, size)
-            keep &= ~stripe.view(shape).to(x.device)
-    return torch.where(keep, x, torch.full_like(x, fill))
-
-
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
-    """Mix each item with a shuffled partner; soft targets mix the same way (BCE is linear in the target)."""
-    b = x.shape[0]
-    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b,))
-    lam = torch.maximum(lam, 1 - lam).to(x.device)  # the original item stays dominant
-    perm = torch.randperm(b).to(x.device)
-    lx = lam.view(b, *([1] * (x.dim() - 1)))
-    mixed_x = lx * x.float() + (1 - lx) * x[perm].float()
-    mixed_y = lam[:, None] * y.float() + (1 - lam[:, None]) * y[perm].float()
-    return mixed_x.to(x.dtype), mixed_y

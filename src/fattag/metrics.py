@@ -67,3 +67,10 @@ def per_class_lwlrap(truth, scores) -> tuple[np.ndarray, np.ndarray]:
     per_class = np.full(positives.shape, np.nan)
     np.divide(prec_sum, positives, out=per_class, where=positives > 0)
     return per_class, positives / positives.sum()
+
+
+def chance_lwlrap(truth, draws: int = 20, seed: int = 0) -> float:
+    """The lwlrap that random scores get on `truth` (mean of `draws` seeded draws): the floor a model must beat."""
+    truth = np.asarray(truth)
+    rng = np.random.default_rng(seed)
+    return float(np.mean([lwlrap(truth, rng.random(truth.shape)) for _ in range(draws)]))

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import Config
-from .features import MelStore, WindowDataset, aggregate_windows, spec_augment
-from .model import input_mean, model_from_checkpoint
+from .checkpoint import load_checkpoint
+from .config import INFERENCE_KEYS, Config
+from .augment import spec_augment
+from .features import MelStore, WindowDataset, aggregate_windows
+from .model import check_classes, input_mean, model_from_state
 from .progress import progress
+from .submission import fill_missing, write_submission
 
 log = logging.getLogger("fattag")
 
@@ -36,9 +40,8 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     model = model.to(device).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
     passes = []
-    cpu_rng_state = torch.get_rng_state()
-    torch.manual_seed(seed)  # augmented passes are reproducible and leave the training RNG untouched
-    try:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # augmented passes are reproducible and leave the training RNG untouched
         for p in range(1 + aug_passes):
             probs = []
             batches = range(0, len(ds), bs)
@@ -47,14 +50,18 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
             for start in bar:
                 x = torch.stack([ds[w][0] for w in range(start, min(start + bs, len(ds)))]).to(device)
                 if p > 0:
-                    x = spec_augment(x, 1, cfg.time_mask_frac / 2, 1, cfg.freq_mask_frac / 2, fill=input_mean(model))
+                    x = tta_augment(x, cfg, fill=input_mean(model))
                 with torch.autocast(device.type, enabled=device.type == "cuda"):
                     probs.append(torch.sigmoid(model(x).float()))
             window_probs = torch.cat(probs) if probs else torch.zeros(0, n_outputs(model), device=device)
             passes.append(aggregate_windows(window_probs, clip_of, len(indices), cfg.tta_aggregate))
-    finally:
-        torch.set_rng_state(cpu_rng_state)
     return torch.stack(passes).mean(0).cpu().numpy().astype(np.float64)
+
+
+def tta_augment(x: torch.Tensor, cfg: Config, fill: float) -> torch.Tensor:
+    """The light augmentation of an augmented TTA pass: one time and one frequency stripe, half the training width."""
+    return spec_augment(x, 1, int(x.shape[-1] * cfg.time_mask_frac / 2), 1, int(x.shape[-2] * cfg.freq_mask_frac / 2),
+                        fill)
 
 
 def n_outputs(model: torch.nn.Module) -> int:
@@ -71,14 +78,42 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown fold ensemble {how!r}: mean or geomean")
 
 
-def load_fold_models(weights_dir, cfg: Config, classes: list[str]) -> list:
+def load_fold_models(weights_dir, classes: list[str]) -> list:
     """Every fold*/model.pth under `weights_dir` as (path, model, meta); a clear error when none or mismatched."""
     weights_dir = Path(weights_dir)
     paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
     if not paths:
         raise FileNotFoundError(f"no fold*/model.pth under {weights_dir}: point --weights at a training run's "
                                 "work dir (or the dataset holding its fold folders)")
-    return [(p, *model_from_checkpoint(p, cfg, classes)) for p in paths]
+    loaded = []
+    for path in paths:
+        meta, state = load_checkpoint(path)
+        check_classes(meta, classes, source=str(path))
+        loaded.append((path, model_from_state(meta, state), meta))
+    return loaded
+
+
+def prediction_config(cfg: Config, metas: dict, explicit: dict) -> Config:
+    """The settings to predict with: features, model and inference settings from the checkpoints (`metas`: path ->
+    meta; every fold must agree), then the inference settings the user `--set` explicitly. Setting a feature or
+    model value other than the weights' is an error: the weights are only valid with their own."""
+    first_path, first = next(iter(metas.items()))
+    for group in ("features", "model", "inference"):
+        for path, meta in metas.items():
+            diff = sorted(k for k in set(first.get(group, {})) | set(meta.get(group, {}))
+                          if first.get(group, {}).get(k) != meta.get(group, {}).get(k))
+            if diff:
+                raise ValueError(f"the fold checkpoints disagree on {group} settings {diff}: {first_path} has "
+                                 f"{ {k: first.get(group, {}).get(k) for k in diff} }, {path} has "
+                                 f"{ {k: meta.get(group, {}).get(k) for k in diff} }")
+    fixed = {**first["features"], **first["model"]}
+    clash = {k: (fixed[k], v) for k, v in explicit.items() if k in fixed and fixed[k] != v}
+    if clash:
+        raise ValueError("feature settings differ from the weights (saved, --set): "
+                         + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in clash.items())
+                         + "; feature and model settings come from the weights")
+    inference = {**first.get("inference", {}), **{k: v for k, v in explicit.items() if k in INFERENCE_KEYS}}
+    return replace(cfg, **fixed, **inference)
 
 
 def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int) -> np.ndarray:
@@ -98,3 +133,17 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
         full[idx] = probs
         per_fold.append(full)
     return ensemble(per_fold, cfg.fold_ensemble)
+
+
+def predict_and_submit(s, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
+    """Fold-ensembled whole-clip TTA on every test clip, then submission.csv: a row for every clip (the class prior
+    where a clip could not be decoded, or where no model was trained in time). Returns the probabilities written."""
+    t0 = time.time()
+    if models:
+        probs = fill_missing(predict_test(models, test, s.cfg, s.device, s.cfg.tta_aug_passes), test.ok, prior)
+    else:
+        probs = np.tile(prior, (len(data.test), 1))
+        log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
+    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
+    s.record("predict test", time.time() - t0)
+    return probs

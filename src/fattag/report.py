@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .checkpoint import atomic_write, atomic_write_text
 from .metrics import per_class_lwlrap
 from .progress import fmt_seconds
 
@@ -68,13 +68,10 @@ class _Figures:
 
     def save(self, fig, name: str, caption: str) -> list[str]:
         self.count += 1
-        path = self.work_dir / name
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            fig.savefig(tmp, format="png", dpi=100)
+            atomic_write(self.work_dir / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         finally:
             self.plt.close(fig)
-        os.replace(tmp, path)
         return [f"![Figure {self.count}]({name})", "", f"*Figure {self.count}: {caption}*"]
 
 
@@ -161,6 +158,19 @@ def _folds_section(folds: list[dict] | None) -> list[str]:
 
 _SCORE_NAMES = [("oof_center", "centre crop"), ("oof_windows", "whole-clip windows"),
                 ("oof_tta", "whole clip + augmented passes (TTA)")]
+
+
+def _stage1_section(stage1: dict | None) -> list[str]:
+    if not stage1:
+        return ["Stage 1 did not run in this session (skipped, or reused from an earlier run)."]
+    per_epoch = " ".join(DASH if v is None else f"{v:.3f}" for v in stage1.get("per_epoch", []))
+    best, chance = stage1.get("best"), stage1.get("chance")
+    lines = [f"Noisy-holdout lwlrap per epoch: {per_epoch}", "",
+             f"Best {_num(best, '.3f')}; random scores get {_num(chance, '.3f')} on the same clips."]
+    if best is None or chance is None or not best > chance + 0.05:
+        lines += ["", "**Warning: stage 1 stayed near chance on its holdout: it learned little from the noisy set "
+                      "(too few epochs, too high a learning rate, or labels too noisy).**"]
+    return lines
 
 
 def _scores_section(scores: dict | None) -> list[str]:
@@ -350,7 +360,7 @@ def _run_section(title: str, build, *args) -> list[str]:
 def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timings: list[dict],
                  scores: dict | None = None, folds: list[dict] | None = None,
                  oof_truth=None, oof_probs=None, test_probs=None,
-                 loaded: list[str] | None = None) -> Path:
+                 loaded: list[str] | None = None, stage1: dict | None = None) -> Path:
     """Write `<work_dir>/report.md` (and its PNG figures beside it) and return its path.
 
     mode "train": dataset, time plan vs actual, per-fold lwlrap, OOF scores, training curves from
@@ -370,6 +380,7 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
     if mode == "train":
         sections = [("Dataset", _dataset_section, dataset),
                     ("Time: plan vs actual", _timings_section, timings),
+                    ("Stage 1 on the noisy set", _stage1_section, stage1),
                     ("Folds", _folds_section, folds),
                     ("Out-of-fold lwlrap", _scores_section, scores),
                     ("Training curves", _curves_section, work_dir, figs),
@@ -383,9 +394,6 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
     lines = _header(mode, work_dir, classes)
     for title, build, *args in sections:
         lines += [""] + _run_section(title, build, *args)
-    path = work_dir / REPORT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = atomic_write_text(work_dir / REPORT_NAME, "\n".join(lines) + "\n")
     log.info("report written to %s (%d figure(s))", path, figs.count)
     return path

@@ -1,6 +1,7 @@
 """One run's context: resolved data folder, config, work folder, device, log file and the clock."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration
+from .budget import Budget
+from .checkpoint import atomic_write_text
+from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration, parse_sets
 from .data import find_data_dir
 
 log = logging.getLogger("fattag")
@@ -43,8 +46,10 @@ class Session:
     device: torch.device
     is_demo: bool
     started: float = PROCESS_START
+    explicit: dict = field(default_factory=dict)  # the values given with --set (predict mode needs to know them)
+    budget: Budget | None = None                  # the time plan, once throughput is measured (train mode)
     timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s"} per finished stage
-    planned: dict = field(default_factory=dict)   # stage name -> planned seconds, from the time-budget plan
+    stage1_holdout: dict | None = None            # stage 1's noisy-holdout lwlrap per epoch and the chance level
 
     @property
     def deadline(self) -> float | None:
@@ -60,7 +65,13 @@ class Session:
         return None if self.deadline is None else self.deadline - time.time()
 
     def record(self, stage: str, seconds: float) -> None:
-        self.timings.append(dict(stage=stage, planned_s=self.planned.get(stage), actual_s=round(seconds, 2)))
+        planned = dict(self.budget.plan.stages).get(stage) if self.budget else None
+        self.timings.append(dict(stage=stage, planned_s=planned, actual_s=round(seconds, 2)))
+
+    def save_config(self, **extra) -> None:
+        """config.json: the settings this run actually uses (after planning), with the plan and what ran."""
+        record = dict(preset=self.preset, data_dir=str(self.data_dir), settings=self.cfg.to_dict(), **extra)
+        atomic_write_text(self.work_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
 
     def timing_table(self) -> str:
         rows = [f"{'stage':<24}{'planned':>10}{'actual':>10}"]
@@ -113,7 +124,6 @@ def open_session(args) -> Session:
     work_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(work_dir / "log.txt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    (work_dir / "config.json").write_text(cfg.to_json() + "\n")
     log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
              work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
-    return Session(cfg, preset, Path(data_dir), work_dir, device, is_demo)
+    return Session(cfg, preset, Path(data_dir), work_dir, device, is_demo, explicit=parse_sets(args.sets))

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .checkpoint import atomic_write
 
 log = logging.getLogger("fattag")
 
@@ -54,9 +55,7 @@ def write_submission(path, sample_submission, fnames: list[str], classes: list[s
     sub = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=classes)
     sub.insert(0, "fname", list(fnames))
     validate_submission(sub, sample)
-    tmp = path.with_name(path.name + ".tmp")
-    sub.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: sub.to_csv(tmp, index=False, float_format="%.6f"))
     log.info("wrote %s (%d clips x %d classes)", path, len(sub), len(classes))
     return path
 
@@ -67,7 +66,5 @@ def write_oof(path, fnames: list[str], classes: list[str], probs: np.ndarray) ->
     rows = np.isfinite(probs).all(1)
     df = pd.DataFrame(probs[rows], columns=classes)
     df.insert(0, "fname", [f for f, r in zip(fnames, rows) if r])
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6f"))
     return path

@@ -1,16 +1,13 @@
-"""Training: K folds on the curated set, one fastai Learner per stage, small callbacks for each concern.
+"""Training: the two stages as specs of one loop, and the K curated folds.
 
-Stage 1 learns from the large noisy set; stage 2 fine-tunes fold k of the curated set from stage-1 weights.
-Every epoch each fold is scored by exact lwlrap over whole validation clips (all windows, aggregated per clip),
-and the best epoch's weights are kept.
+Stage 1 learns from the large noisy set; stage 2 fine-tunes fold k of the curated set from the stage-1 weights.
+Both are `fit_stage(model, train, valid, spec, deadline)`: a fastai Learner with one-cycle on random crops, the
+stage's augmentation callbacks, and the callbacks of `callbacks.py` (NaN guard, best epoch by exact whole-clip
+lwlrap, per-epoch checkpoint for resume, log line, deadline). Stage 1 and stage 2 differ only in their StageSpec.
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,26 +16,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner, Metric
-from fastai.losses import BCEWithLogitsLossFlat
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
+from .augment import augment_policy
+from .callbacks import Deadline, EpochCheckpoint, EpochLog, KeepBest, NanGuard, WeightAverage
+from .checkpoint import Resume, StageDir
 from .config import Config
-from .features import CropDataset, MelStore, WindowDataset, aggregate_windows, mixup, spec_augment
-from .metrics import lwlrap
-from .budget import replan_fold_epochs
-from .model import (atomic_torch_save, build_model, input_mean, load_checkpoint, model_from_checkpoint,
-                    model_meta, save_checkpoint)
+from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_windows, store_stats
+from .losses import make_loss
+from .metrics import chance_lwlrap, lwlrap
+from .model import build_model, input_mean, model_from_state, model_meta
 from .predict import predict_clips
 from .session import Session
 
 log = logging.getLogger("fattag")
+HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "lwlrap"]
 
 
 def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -59,153 +57,33 @@ def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-# ---------------------------------------------------------------- callbacks
-
-
-class BatchAugment(Callback):
-    """SpecAugment and mixup on each training batch, on the device (validation batches untouched)."""
-    order = 60
-
-    def __init__(self, cfg: Config, specaug: bool, mixup_alpha: float, fill: float):
-        self.cfg, self.specaug, self.alpha, self.fill = cfg, specaug, mixup_alpha, fill
-
-    def before_batch(self):
-        if not self.training:
-            return
-        x, y = self.xb[0], self.yb[0]
-        if self.specaug:
-            c = self.cfg
-            x = spec_augment(x, c.time_masks, c.time_mask_frac, c.freq_masks, c.freq_mask_frac, fill=self.fill)
-        if self.alpha > 0:
-            x, y = mixup(x, y, self.alpha)
-        self.learn.xb, self.learn.yb = (x,), (y,)
-
-
-class ClipLwlrap(Metric):
-    """Exact lwlrap over whole validation clips: window predictions are aggregated per clip, then scored at once."""
-
-    def __init__(self, clip_of: np.ndarray, truth: np.ndarray, how: str):
-        self.clip_of, self.truth, self.how = torch.from_numpy(clip_of), truth, how
-        self.last_probs = None
-
-    def reset(self):
-        self.preds = []
-
-    def accumulate(self, learn):
-        self.preds.append(torch.sigmoid(learn.pred.detach().float()).cpu())
-
-    @property
-    def value(self):
-        window_probs = torch.cat(self.preds)
-        self.last_probs = aggregate_windows(window_probs, self.clip_of, len(self.truth), self.how).numpy()
-        if not np.isfinite(self.last_probs).all():
-            return float("nan")
-        return lwlrap(self.truth, self.last_probs)
-
-    @property
-    def name(self):
-        return "lwlrap"
-
-
-def _replayed(cb: Callback) -> bool:
-    """True for epochs that a resumed run skips (they were finished before the restart)."""
-    return cb.epoch < getattr(cb.learn, "resume_epoch", 0)
-
-
-class KeepBest(Callback):
-    """Keep the weights of the best-scoring epoch in memory and restore them at the end.
-
-    An epoch whose training loss or score is NaN/inf is discarded: the best weights so far are restored at once
-    and training stops, so a NaN never reaches a checkpoint or a prediction.
-    """
-    order = 70
-
-    def __init__(self, best_score: float = -math.inf, best_epoch: int = -1, best_state: dict | None = None):
-        self.best_score, self.best_epoch, self.best_state, self.nan_epochs = best_score, best_epoch, best_state, 0
-
-    def after_epoch(self):
-        if _replayed(self):
-            return
-        train_loss = float(self.recorder.log[1]) if len(self.recorder.log) > 1 else float("nan")
-        score = self.recorder.log[self.recorder.metric_names.index("lwlrap")]
-        if not np.isfinite(train_loss) or score is None or not np.isfinite(score):
-            self.nan_epochs += 1
-            log.warning("epoch %d: non-finite loss or score (loss %s, lwlrap %s): discarded, back to the best "
-                        "weights (epoch %d)", self.epoch + 1, train_loss, score, self.best_epoch + 1)
-            self._restore()
-            raise CancelFitException()
-        if score > self.best_score:
-            self.best_score, self.best_epoch = float(score), self.epoch
-            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
-
-    def after_fit(self):
-        self._restore()
-
-    def _restore(self):
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
-
-
-class EpochCheckpoint(Callback):
-    """After every epoch: model + optimiser, best weights and progress, written atomically, for resume."""
-    order = 75
-
-    def __init__(self, out_dir: Path, keep: KeepBest, epochs: int, history: list):
-        self.out_dir, self.keep, self.epochs, self.history = Path(out_dir), keep, epochs, history
-
-    def after_epoch(self):
-        if _replayed(self):
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        names = self.recorder.metric_names[1:-1]
-        values = [self.epoch + 1, *map(_num, self.recorder.log[1:len(names) + 1])]
-        self.history.append(dict(zip(["epoch", *names], values)))
-        if self.keep.best_epoch == self.epoch:
-            atomic_torch_save(self.keep.best_state, self.out_dir / "best.pth")
-        atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, self.out_dir / "last.pth")
-        _atomic_write(self.out_dir / "progress.json", json.dumps(dict(
-            epochs_done=self.epoch + 1, epochs=self.epochs, best_score=self.keep.best_score,
-            best_epoch=self.keep.best_epoch, history=self.history)))
-
-
-class EpochLog(Callback):
-    """One plain log line per epoch (Kaggle logs have no terminal), with the epoch's wall time."""
-    order = 80
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def before_epoch(self):
-        self.t0 = time.time()
-
-    def after_epoch(self):
-        if _replayed(self):
-            return
-        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
-        vals = self.recorder.log[1:len(names) + 1]
-        shown = "  ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names, vals))
-        log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, self.n_epoch, shown, time.time() - self.t0)
-
-
-class Deadline(Callback):
-    """Stop between epochs when another epoch like the last one would not end before `deadline`."""
-    order = 90
-
-    def __init__(self, deadline: float | None):
-        self.deadline = deadline
-
-    def before_epoch(self):
-        self.t0 = time.time()
-
-    def after_epoch(self):
-        if _replayed(self) or not self.deadline:
-            return
-        if time.time() + (time.time() - self.t0) > self.deadline:
-            log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1, self.n_epoch)
-            raise CancelFitException()
+def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random (train, holdout) split of the given clip indices; the holdout has at least one clip."""
+    perm = np.random.default_rng(seed).permutation(indices)
+    n_hold = max(1, int(round(len(perm) * share)))
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
 # ---------------------------------------------------------------- one stage
+
+
+@dataclass
+class StageSpec:
+    """One training run's recipe. Stage 1 and stage 2 (and the folds) differ only here."""
+    label: str           # "stage 1 (noisy)", "fold 2 (curated)": log lines and reports
+    stage: str           # "noisy" or "curated": selects the per-stage config values
+    out_dir: Path        # checkpoints, resume files, history.csv
+    epochs: int
+    lr: float
+    loss: str            # see losses.make_loss
+    seed: int            # crops, augmentation and initial weights
+    cfg: Config          # shared settings: batch size, weight decay, crop and validation windows, device
+    device: str = "cpu"
+
+    @classmethod
+    def for_stage(cls, cfg: Config, stage: str, label: str, out_dir, epochs: int, seed: int, device) -> StageSpec:
+        return cls(label, stage, Path(out_dir), epochs, getattr(cfg, f"lr_{stage}"), getattr(cfg, f"loss_{stage}"),
+                   seed, cfg, str(device))
 
 
 @dataclass
@@ -222,132 +100,178 @@ class StageResult:
         return self.best_epoch > 0
 
 
-def fit_stage(model: torch.nn.Module, train: MelStore, train_idx, valid: MelStore, valid_idx, cfg: Config, *,
-              epochs: int, lr: float, mixup_alpha: float, specaug: bool, label: str, device, seed: int,
-              out_dir: Path, deadline: float | None = None, extra_cbs=()) -> StageResult:
-    """Train `model` in place with one-cycle on random crops; keep the epoch with the best whole-clip lwlrap.
+class ClipLwlrap(Metric):
+    """Exact lwlrap over whole validation clips: window predictions are aggregated per clip, then scored at once."""
 
-    Progress is checkpointed in `out_dir` after every epoch; a restarted run continues after the last finished
-    epoch with the same schedule.
-    """
-    device = torch.device(device)
-    out_dir = Path(out_dir)
-    set_seed(seed, reproducible=True)
-    train_ds = CropDataset(train, train_idx, cfg.crop_frames, seed=seed)
-    valid_ds = WindowDataset(valid, valid_idx, cfg.crop_frames, cfg.tta_step_frac)
+    def __init__(self, clip_of: np.ndarray, truth: np.ndarray, how: str):
+        self.clip_of, self.truth, self.how = torch.from_numpy(clip_of), truth, how
+
+    def reset(self):
+        self.preds = []
+
+    def accumulate(self, learn):
+        self.preds.append(torch.sigmoid(learn.pred.detach().float()).cpu())
+
+    @property
+    def value(self):
+        probs = aggregate_windows(torch.cat(self.preds), self.clip_of, len(self.truth), self.how).numpy()
+        return lwlrap(self.truth, probs) if np.isfinite(probs).all() else float("nan")
+
+    @property
+    def name(self):
+        return "lwlrap"
+
+
+def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, spec: StageSpec, resume: Resume,
+                  deadline: float | None) -> Learner:
+    """A fastai Learner on random training crops and whole-clip validation windows, with the stage's callbacks."""
+    cfg, device = spec.cfg, torch.device(spec.device)
+    train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed)
+    valid_ds = WindowDataset(valid.store, valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
         DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, num_workers=cfg.num_workers,
                    device=device),
         DataLoader(valid_ds, bs=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers, device=device),
         device=device)
-    resume = _load_progress(out_dir)
-    if resume:
-        epochs = resume["epochs"]  # keep the interrupted run's schedule
-        best = None
-        if resume["best_epoch"] >= 0:
-            best = torch.load(out_dir / "best.pth", map_location="cpu", weights_only=True)
-        keep = KeepBest(resume["best_score"], resume["best_epoch"], best)
-        history = list(resume["history"])
-    else:
-        keep, history = KeepBest(), []
-    metric = ClipLwlrap(valid_ds.clip_of, valid.table.targets[np.asarray(valid_idx)], cfg.tta_aggregate)
-    cbs = [BatchAugment(cfg, specaug, mixup_alpha, input_mean(model)), keep,
-           EpochCheckpoint(out_dir, keep, epochs, history),
-           EpochLog(label), Deadline(deadline), *extra_cbs]
-    learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat(), metrics=[metric], wd=cfg.wd, cbs=cbs)
+    keep = KeepBest(resume)
+    cbs = [*augment_policy(cfg, spec.stage, input_mean(model)), NanGuard(), keep,
+           EpochCheckpoint(StageDir(spec.out_dir), keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
+           Deadline(deadline)]
+    if cfg.average_epochs > 0:
+        cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
+    learn = Learner(dls, model, loss_func=make_loss(spec.loss), wd=cfg.wd, cbs=cbs,
+                    metrics=[ClipLwlrap(valid_ds.clip_of, valid.targets, cfg.tta_aggregate)])
     learn.logger = noop  # EpochLog writes the per-epoch lines
     if not sys.stderr.isatty():
         learn.remove_cb(ProgressCallback)
     if device.type == "cuda":
         learn.to_fp16()
-    learn.resume_epoch = 0
-    if resume:
+    learn.resume_epoch = resume.epochs_done
+    if resume.last is not None:  # continue an interrupted stage: its weights, optimiser state and schedule
         learn.create_opt()
-        state = torch.load(out_dir / "last.pth", map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        learn.opt.load_state_dict(state["opt"])
-        learn.resume_epoch = resume["epochs_done"]
-        log.info("%s: resuming after epoch %d of %d (best lwlrap so far %.4f)", label, resume["epochs_done"],
-                 epochs, resume["best_score"])
+        model.load_state_dict(resume.last["model"])
+        learn.opt.load_state_dict(resume.last["opt"])
+    return learn
+
+
+def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, spec: StageSpec,
+              deadline: float | None = None) -> StageResult:
+    """Train `model` in place with one-cycle; keep the epoch with the best whole-clip lwlrap on `valid`.
+
+    Progress is checkpointed in `spec.out_dir` after every epoch; a restarted run continues after the last
+    finished epoch with the interrupted run's schedule.
+    """
+    set_seed(spec.seed, reproducible=True)
+    resume = StageDir(spec.out_dir).resume()
+    epochs = resume.epochs or spec.epochs  # a resumed stage keeps the interrupted run's schedule
+    spec = StageSpec(**{**spec.__dict__, "epochs": epochs})
+    learn = stage_learner(model, train, valid, spec, resume, deadline)
+    if resume.epochs_done:
+        log.info("%s: resuming after epoch %d of %d (best lwlrap so far %.4f)", spec.label, resume.epochs_done,
+                 epochs, resume.best_score)
+    log.info("%s: %d training clips, %d validation clips (%d windows), %d epochs, lr %.2g, loss %s, augment: %s",
+             spec.label, len(learn.dls.train.dataset), len(valid), len(learn.dls.valid.dataset), epochs, spec.lr, spec.loss,
+             ", ".join(type(cb).__name__ for cb in augment_policy(spec.cfg, spec.stage, 0.0)) or "none")
     t0 = time.time()
-    log.info("%s: %d training clips, %d validation clips (%d windows), %d epochs, lr %.2g, mixup %s, specaug %s",
-             label, len(train_ds), len(valid_idx), len(valid_ds), epochs, lr, mixup_alpha or "off",
-             "on" if specaug else "off")
     if learn.resume_epoch < epochs:
-        learn.fit_one_cycle(epochs, lr, start_epoch=learn.resume_epoch)
+        learn.fit_one_cycle(epochs, spec.lr, start_epoch=learn.resume_epoch)
     model.to("cpu")
-    cols = ["epoch", "train_loss", "valid_loss", "lwlrap"]
-    return StageResult(pd.DataFrame(history, columns=cols), keep.best_score, keep.best_epoch + 1, time.time() - t0,
-                       epochs, keep.nan_epochs)
+    keep, checkpoint, guard = (next(cb for cb in learn.cbs if isinstance(cb, t))
+                               for t in (KeepBest, EpochCheckpoint, NanGuard))
+    return StageResult(pd.DataFrame(checkpoint.history, columns=HISTORY_COLUMNS), keep.best, keep.best_epoch + 1,
+                       time.time() - t0, epochs, guard.nan_epochs)
 
 
-def _load_progress(out_dir: Path) -> dict | None:
-    """The progress of an interrupted stage, if its checkpoint files are all there and readable."""
-    try:
-        progress = json.loads((out_dir / "progress.json").read_text())
-        if not (out_dir / "last.pth").exists():
-            return None
-        if progress["best_epoch"] >= 0 and not (out_dir / "best.pth").exists():
-            return None
-        return progress
-    except (OSError, ValueError, KeyError):
-        return None
+def finish_stage(spec: StageSpec, model: torch.nn.Module, res: StageResult, meta: dict) -> None:
+    """Save the finished stage's best weights with what prediction needs to know (model.pth marks it done)."""
+    meta = {**meta, "score": res.best_score, "best_epoch": res.best_epoch, "seconds": res.seconds,
+            "epochs_run": len(res.history), "epochs_planned": res.epochs_planned}
+    StageDir(spec.out_dir).finish(model, meta, res.history)
 
 
-def _num(v):
-    return None if v is None else float(v)
+# ---------------------------------------------------------------- the two stages
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@dataclass
+class TrainingData:
+    """What both stages train from: the decoded sets, the class vocabulary, the curated folds."""
+    classes: list[str]
+    curated: MelStore
+    noisy: MelStore | None
+    folds: np.ndarray            # fold id per curated clip (-1: could not be decoded)
+    stats: tuple[float, float]   # mean and std of the curated log-mels: the model's input normalisation
+    noisy_pool: np.ndarray       # the noisy clips training may use: every decodable one, or those selection kept
+
+    @classmethod
+    def make(cls, classes: list[str], curated: MelStore, noisy: MelStore | None, cfg: Config) -> TrainingData:
+        ok = np.flatnonzero(curated.ok)
+        folds = np.full(len(curated.table), -1, dtype=np.int64)
+        folds[ok] = make_folds(curated.table.targets[ok], cfg.folds, cfg.seed)
+        pool = np.flatnonzero(noisy.ok) if noisy is not None else np.zeros(0, dtype=np.int64)
+        return cls(list(classes), curated, noisy, folds, store_stats(curated, seed=cfg.seed), pool)
+
+    def fold(self, k: int) -> tuple[Clips, Clips]:
+        """(training clips, validation clips) of fold k: every decodable curated clip is in exactly one of them."""
+        return (Clips(self.curated, np.flatnonzero((self.folds >= 0) & (self.folds != k))),
+                Clips(self.curated, np.flatnonzero(self.folds == k)))
+
+    def noisy_top_up(self, n_curated: int, share: float, seed: int) -> list[Clips]:
+        """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it."""
+        if share <= 0 or self.noisy is None or not len(self.noisy_pool):
+            return []
+        n = min(len(self.noisy_pool), int(round(n_curated * share / (1 - share))))
+        return [Clips(self.noisy, np.sort(np.random.default_rng(seed).choice(self.noisy_pool, n, replace=False)))]
 
 
-# ---------------------------------------------------------------- the two stages, with their outputs on disk
-
-
-def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random (train, holdout) split of the given clip indices; the holdout has at least one clip."""
-    perm = np.random.default_rng(seed).permutation(indices)
-    n_hold = max(1, int(round(len(perm) * share)))
-    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
-
-
-def train_stage1(s: Session, noisy: MelStore | None, classes: list[str], mean: float, std: float,
-                 out_dir: Path | None = None, seed_offset: int = 0, deadline: float | None = None) -> dict | None:
-    """Stage 1 on the noisy set (watched on a small noisy holdout); returns its weights, or None when skipped."""
-    cfg = s.cfg
-    if noisy is None or cfg.epochs_noisy <= 0 or not noisy.ok.any():
+def train_stage1(s: Session, d: TrainingData) -> dict | None:
+    """Stage 1 on the noisy set, watched on a small noisy holdout; returns its weights, or None when skipped."""
+    cfg, noisy, classes = s.cfg, d.noisy, d.classes
+    epochs = s.budget.plan.epochs_noisy if s.budget else cfg.epochs_noisy
+    if noisy is None or epochs <= 0 or len(d.noisy_pool) < 2:
         log.info("stage 1 skipped (%s)", "no noisy set" if noisy is None else
-                 "epochs_noisy=0" if cfg.epochs_noisy <= 0 else "no decodable noisy clip")
+                 "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
         return None
-    out_dir = out_dir or s.work_dir / "stage1"
-    done = _finished(out_dir, "stage 1")
+    spec = StageSpec.for_stage(cfg, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000,
+                               s.device)
+    done = StageDir(spec.out_dir).finished()
     if done is not None:
-        return done
+        return done[1]
     t0 = time.time()
-    seed = cfg.seed + 1000 + seed_offset
-    train_idx, hold_idx = holdout_split(np.flatnonzero(noisy.ok), cfg.noisy_holdout, seed)
-    set_seed(seed, reproducible=True)  # initial weights too: the same seed gives the same run
-    model = build_model(cfg, len(classes), mean, std)
-    res = fit_stage(model, noisy, train_idx, noisy, hold_idx, cfg, epochs=cfg.epochs_noisy, lr=cfg.lr_noisy,
-                    mixup_alpha=cfg.mixup_noisy, specaug=cfg.specaug_noisy, label="stage 1 (noisy)",
-                    device=s.device, seed=seed, out_dir=out_dir, deadline=deadline or s.deadline)
-    s.record("stage 1 (noisy)" + (f" fold {seed_offset}" if cfg.stage1_per_fold else ""), time.time() - t0)
+    train_idx, hold_idx = holdout_split(d.noisy_pool, cfg.noisy_holdout, spec.seed)
+    set_seed(spec.seed, reproducible=True)  # initial weights too: the same seed gives the same run
+    model = build_model(cfg, len(classes), *d.stats)
+    res = fit_stage(model, Clips(noisy, train_idx), Clips(noisy, hold_idx), spec,
+                    s.budget.stage1_deadline() if s.budget else None)
+    s.record("stage 1 (noisy)", time.time() - t0)
+    if s.budget:
+        s.budget.measured("noisy_epoch", res.seconds, len(res.history))
+    s.stage1_holdout = holdout_summary(res, noisy.table.targets[hold_idx])
     if not res.usable:
         log.warning("stage 1 produced no usable weights: stage 2 starts from scratch")
         return None
-    _save_stage(out_dir, model, res, model_meta(cfg, classes, stage="noisy", score=res.best_score))
+    finish_stage(spec, model, res, model_meta(cfg, classes, stage="noisy"))
     return model.state_dict()
+
+
+def holdout_summary(res: StageResult, truth: np.ndarray) -> dict:
+    """Stage 1's noisy-holdout lwlrap per epoch against what random scores get: a dead stage 1 shows here."""
+    chance = chance_lwlrap(truth)
+    per_epoch = [None if v is None or not np.isfinite(v) else round(float(v), 4) for v in res.history["lwlrap"]]
+    best = max((v for v in per_epoch if v is not None), default=float("nan"))
+    log.info("stage 1 noisy-holdout lwlrap per epoch: %s (random scores: %.3f)",
+             " ".join(f"{v:.3f}" if v is not None else "nan" for v in per_epoch), chance)
+    if not best > chance + 0.05:
+        log.warning("stage 1 stayed near chance on its noisy holdout (best %.3f, random %.3f): it learned little "
+                    "from the noisy set", best, chance)
+    return dict(per_epoch=per_epoch, best=best, chance=round(chance, 4))
 
 
 @dataclass
 class FoldsResult:
     folds: np.ndarray          # fold id per curated clip (-1 for clips that could not be decoded)
-    model_paths: list          # one checkpoint per trained fold
-    results: list              # dict per trained fold: fold, best_lwlrap, best_epoch, epochs_run, seconds
+    models: list               # one trained model per fold, in fold order
+    results: list              # dict per trained fold: fold, best_lwlrap, best_epoch, epochs_run, seconds, OOF scores
     oof_center: np.ndarray     # OOF probabilities from one centred window (no TTA); NaN rows where not predicted
     oof_windows: np.ndarray    # OOF probabilities over whole-clip windows
     oof_tta: np.ndarray        # whole-clip windows plus augmented passes (equals oof_windows when there are none)
@@ -357,98 +281,75 @@ class FoldsResult:
         return np.isfinite(self.oof_windows).all(1)
 
 
-def train_folds(s: Session, curated: MelStore, noisy: MelStore | None, classes: list[str], mean: float, std: float,
-                shared_stage1: dict | None, folds_to_train: int | None = None,
-                predict_reserve_s: float = 0.0) -> FoldsResult:
-    """Stage 2 on each curated fold, warm-started from stage 1; writes fold weights and out-of-fold predictions.
+def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[torch.nn.Module, dict] | None:
+    """Stage 2 on fold k: train on the other folds from the stage-1 weights (`init`), validate on fold k.
 
-    With a time budget, the epochs of the remaining folds are re-planned from the measured epoch time before each
-    fold, and training stops early enough that `predict_reserve_s` per trained fold is left for test inference.
+    Returns (model, meta) with the fold's score, or None when it was not trained (no time, or no usable epoch).
     """
     cfg = s.cfg
-    ok = np.flatnonzero(curated.ok)
-    folds = np.full(len(curated.table), -1, dtype=np.int64)
-    folds[ok] = make_folds(curated.table.targets[ok], cfg.folds, cfg.seed)
-    n, c = len(curated.table), len(classes)
-    oof = {name: np.full((n, c), np.nan) for name in ("center", "windows", "tta")}
-    paths, results = [], []
-    folds_to_train = folds_to_train or cfg.folds
-    epochs, epoch_s, fixed_s = cfg.epochs_curated, None, 0.0
-    for k in range(folds_to_train):
+    epochs = s.budget.epochs_for(k) if s.budget else cfg.epochs_curated
+    spec = StageSpec.for_stage(cfg, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k,
+                               s.device)
+    done = StageDir(spec.out_dir).finished()
+    if done is not None:
+        return model_from_state(*done), done[0]
+    if epochs <= 0:
+        return None
+    set_seed(spec.seed, reproducible=True)
+    model = build_model(cfg, len(d.classes), *d.stats)
+    if init is not None:
+        model.load_state_dict(init)
+    train, valid = d.fold(k)
+    train = [train, *d.noisy_top_up(len(train), cfg.noisy_share_curated, spec.seed)]
+    res = fit_stage(model, train, valid, spec, s.budget.fold_deadline(k) if s.budget else None)
+    if s.budget:
+        s.budget.measured("fold_epoch", res.seconds, len(res.history))
+    if not res.usable:
+        log.warning("fold %d produced no usable weights: left out of the ensemble", k)
+        return None
+    meta = model_meta(cfg, d.classes, stage="curated", fold=k, warm_start=init is not None)
+    finish_stage(spec, model, res, meta)
+    return model, {**meta, "score": res.best_score, "best_epoch": res.best_epoch, "epochs_run": len(res.history),
+                   "seconds": res.seconds}
+
+
+def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device) -> dict:
+    """Out-of-fold probabilities of a fold model on its own validation clips: centre crop, windows, windows + TTA."""
+    center = predict_clips(model, clips.store, clips.indices, cfg, device, center_only=True)
+    windows = predict_clips(model, clips.store, clips.indices, cfg, device)
+    tta = windows if cfg.tta_aug_passes == 0 else predict_clips(model, clips.store, clips.indices, cfg, device,
+                                                                 aug_passes=cfg.tta_aug_passes)
+    return dict(center=center, windows=windows, tta=tta)
+
+
+def train_folds(s: Session, d: TrainingData, stage1: dict | None) -> FoldsResult:
+    """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions."""
+    oof = {name: np.full((len(d.curated.table), len(d.classes)), np.nan) for name in ("center", "windows", "tta")}
+    models, results = [], []
+    for k in range(s.cfg.folds):
         t0 = time.time()
-        train_idx, valid_idx = np.flatnonzero((folds >= 0) & (folds != k)), np.flatnonzero(folds == k)
-        out_dir = s.work_dir / f"fold{k}"
-        train_deadline = None
-        if s.deadline:
-            train_deadline = s.deadline - predict_reserve_s * (k + 1)
-            if epoch_s is not None:
-                epochs = replan_fold_epochs(train_deadline - time.time(), folds_to_train - k, epoch_s, fixed_s,
-                                            cfg.epochs_curated)
-                if epochs < cfg.epochs_curated:
-                    log.warning("time budget: behind plan, fold %d gets %d epochs (planned %d)", k, epochs,
-                                cfg.epochs_curated)
-            if time.time() + (epoch_s or 0) > train_deadline and k > 0:
-                log.warning("time budget: no time left to train fold %d; %d of %d folds trained", k, k, cfg.folds)
+        trained = train_fold(s, k, d, stage1)
+        if trained is None:
+            if s.budget and s.budget.plan.folds_trained <= k:
+                log.warning("time budget: %d of %d folds trained", len(models), s.cfg.folds)
                 break
-        model = _finished_model(out_dir, cfg, classes)
-        if model is None:
-            init = shared_stage1
-            if cfg.stage1_per_fold:
-                init = train_stage1(s, noisy, classes, mean, std, out_dir / "stage1", seed_offset=k,
-                                    deadline=train_deadline)
-            set_seed(cfg.seed + k, reproducible=True)
-            model = build_model(cfg, len(classes), mean, std)
-            if init is not None:
-                model.load_state_dict(init)
-            res = fit_stage(model, curated, train_idx, curated, valid_idx, cfg, epochs=epochs, lr=cfg.lr_curated,
-                            mixup_alpha=cfg.mixup_curated, specaug=cfg.specaug_curated, label=f"fold {k} (curated)",
-                            device=s.device, seed=cfg.seed + k, out_dir=out_dir, deadline=train_deadline)
-            if not res.usable:
-                log.warning("fold %d produced no usable weights: left out of the ensemble", k)
-                continue
-            _save_stage(out_dir, model, res, model_meta(cfg, classes, stage="curated", fold=k,
-                                                         score=res.best_score, warm_start=init is not None))
-            epoch_s = res.seconds / max(len(res.history), 1)
-        t_pred = time.time()
-        oof["center"][valid_idx] = predict_clips(model, curated, valid_idx, cfg, s.device, center_only=True)
-        oof["windows"][valid_idx] = predict_clips(model, curated, valid_idx, cfg, s.device)
-        oof["tta"][valid_idx] = (oof["windows"][valid_idx] if cfg.tta_aug_passes == 0 else
-                                 predict_clips(model, curated, valid_idx, cfg, s.device, aug_passes=cfg.tta_aug_passes))
-        fixed_s = time.time() - t_pred + predict_reserve_s
-        meta = load_checkpoint(out_dir / "model.pth")[0]
-        truth = curated.table.targets[valid_idx]
-        results.append(dict(fold=k, best_lwlrap=meta["score"], best_epoch=meta["best_epoch"],
-                            epochs_run=meta["epochs_run"], seconds=meta["seconds"],
-                            oof_windows=lwlrap(truth, oof["windows"][valid_idx]),
-                            oof_center=lwlrap(truth, oof["center"][valid_idx])))
-        log.info("fold %d: best lwlrap %.4f at epoch %d; OOF whole-clip windows %.4f, centre crop %.4f", k,
-                 meta["score"], meta["best_epoch"], results[-1]["oof_windows"], results[-1]["oof_center"])
+            continue
+        model, meta = trained
+        t_pred, valid = time.time(), d.fold(k)[1]
+        for name, probs in predict_oof(model, valid, s.cfg, s.device).items():
+            oof[name][valid.indices] = probs
+        if s.budget:
+            s.budget.measured("oof_predict", time.time() - t_pred, 1)
+            s.budget.fold_done(k)
+        results.append(fold_summary(k, meta, valid.targets, oof["windows"][valid.indices], oof["center"][valid.indices]))
         s.record(f"fold {k}", time.time() - t0)
-        paths.append(out_dir / "model.pth")
-    return FoldsResult(folds, paths, results, oof["center"], oof["windows"], oof["tta"])
+        models.append(model)
+    return FoldsResult(d.folds, models, results, oof["center"], oof["windows"], oof["tta"])
 
 
-def _finished(out_dir: Path, label: str) -> dict | None:
-    """Weights of a stage that a previous run already finished (restart with the same --work-dir)."""
-    if not (out_dir / "model.pth").exists():
-        return None
-    log.info("%s: already finished in %s, reusing its weights", label, out_dir)
-    return load_checkpoint(out_dir / "model.pth")[1]
-
-
-def _finished_model(out_dir: Path, cfg: Config, classes: list[str]) -> torch.nn.Module | None:
-    if not (out_dir / "model.pth").exists():
-        return None
-    log.info("%s: already finished, reusing its weights", out_dir.name)
-    return model_from_checkpoint(out_dir / "model.pth", cfg, classes)[0]
-
-
-def _save_stage(out_dir: Path, model: torch.nn.Module, res: StageResult, meta: dict) -> None:
-    """The finished stage's best weights (model.pth marks the stage done), its history; resume files go."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    res.history.to_csv(out_dir / "history.csv", index=False)
-    meta = {**meta, "best_epoch": res.best_epoch, "seconds": res.seconds, "epochs_run": len(res.history),
-            "epochs_planned": res.epochs_planned}
-    save_checkpoint(out_dir / "model.pth", model, meta)
-    for name in ("last.pth", "best.pth", "progress.json"):
-        (out_dir / name).unlink(missing_ok=True)
+def fold_summary(k: int, meta: dict, truth: np.ndarray, windows: np.ndarray, center: np.ndarray) -> dict:
+    row = dict(fold=k, best_lwlrap=meta["score"], best_epoch=meta["best_epoch"], epochs_run=meta["epochs_run"],
+               seconds=meta["seconds"], oof_windows=lwlrap(truth, windows), oof_center=lwlrap(truth, center))
+    log.info("fold %d: best lwlrap %.4f at epoch %d; OOF whole-clip windows %.4f, centre crop %.4f", k,
+             row["best_lwlrap"], row["best_epoch"], row["oof_windows"], row["oof_center"])
+    return row

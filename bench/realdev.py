@@ -1,0 +1,205 @@
+"""Real-recording dev benchmark: test lwlrap on the two realdev families, one row per variant.
+
+    python bench/realdev.py --preset cpu --seeds 0,1,2                       # the preset as it is
+    python bench/realdev.py --variant "no_stage1:epochs_noisy=0" --seeds 0   # a variant (repeatable)
+    python bench/realdev.py --ablation --seeds 0,1,2                         # every row of the README table
+
+realdev (built by `../shared/realdev/build.sh`, see its README) is FAT2019-shaped data made of real recordings
+whose test clips come from sources no training clip uses: `instruments` (sample banks) and `everyday` (game sound
+packages split by source or speaker). OOF lwlrap over-promises there (0.9+ while test is 0.5-0.7), so every
+modelling choice is judged by *test* lwlrap on both families; OOF and the OOF-test gap are printed beside it.
+
+Each (variant, family, seed) is one full `src/run.py` run in its own work dir under --out; a finished run's
+result.json is reused unless --force (so a table can be grown a variant at a time). Datasets are looked for
+under --root (default $FATTAG_REALDEV, else <repo>/.cache/realdev) and built there with build.sh when missing.
+This is a benchmark, not a test: a run takes minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import machine_info, print_json, print_table  # noqa: E402
+from fattag.metrics import lwlrap  # noqa: E402
+
+BUILD_SCRIPT = REPO.parent / "shared" / "realdev" / "build.sh"
+FAMILIES = {"instruments": "realdev", "everyday": "realdev-everyday"}  # --family -> folder build.sh writes
+
+# The README's ablation table: each row is the cpu preset with these --set values (the first row: as it is).
+ABLATION = {
+    "cpu preset": [],
+    "no stage 1": ["epochs_noisy=0"],
+    "no union mixing": ["union_mix_curated=0", "union_mix_noisy=0"],
+    "no background mixing": ["background_curated=0", "background_noisy=0"],
+    "no level/EQ augmentation": ["level_eq_curated=false", "level_eq_noisy=false"],
+    "per-band normalisation": ["band_norm=true"],
+    "mixup instead of union mixing": ["union_mix_curated=0", "union_mix_noisy=0", "mixup_curated=0.4"],
+    "time-concatenation mixing": ["concat_mix_curated=0.5", "concat_mix_noisy=0.5"],
+    "stage 1 with Lsoft loss": ["loss_noisy=lsoft"],
+    "noisy clips in stage-2 batches": ["noisy_share_curated=0.4"],
+    "noisy-clip selection": ["select_noisy=true"],
+    "no weight averaging": ["ema_decay=0"],
+    "focal loss": ["loss_curated=focal", "loss_noisy=focal"],
+    "LSEP ranking loss": ["loss_curated=lsep", "loss_noisy=lsep"],
+    "as landed (demo preset)": ["@demo"],
+}
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("FATTAG_REALDEV") or REPO / ".cache" / "realdev")
+
+
+def dataset_dir(root: Path, family: str, data_seed: int) -> Path:
+    """Where build.sh puts a family: ROOT/<folder> for data seed 0, ROOT/data-seed<N>/<folder> otherwise."""
+    base = root if data_seed == 0 else root / f"data-seed{data_seed}"
+    return base / FAMILIES[family]
+
+
+def ensure_dataset(root: Path, family: str, data_seed: int) -> Path:
+    path = dataset_dir(root, family, data_seed)
+    if (path / "test_labels.csv").is_file():
+        return path
+    if not BUILD_SCRIPT.is_file():
+        raise SystemExit(f"{path} not found and no build script at {BUILD_SCRIPT}: build realdev first "
+                         f"(`bash ../shared/realdev/build.sh {path.parent} --family {family}`) or pass --root")
+    print(f"building realdev {family} (data seed {data_seed}) into {path.parent} ...", flush=True)
+    subprocess.run(["bash", str(BUILD_SCRIPT), str(path.parent), "--family", family, "--seed", str(data_seed)],
+                   check=True)
+    return path
+
+
+def test_lwlrap(data_dir: Path, submission: Path) -> float:
+    """lwlrap of a submission against realdev's test_labels.csv (same layout as the submission)."""
+    truth = pd.read_csv(data_dir / "test_labels.csv").set_index("fname")
+    sub = pd.read_csv(submission).set_index("fname")
+    classes = list(truth.columns)
+    return lwlrap(truth.loc[sub.index, classes].to_numpy(float), sub[classes].to_numpy(float))
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'name:a=1,b=2' -> ('name', ['a=1', 'b=2']); '@preset' as an item switches the preset."""
+    name, _, sets = text.partition(":")
+    return name.strip(), [s.strip() for s in sets.split(",") if s.strip()]
+
+
+def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_dir: Path) -> dict:
+    preset = next((s[1:] for s in sets if s.startswith("@")), args.preset)
+    sets = [s for s in sets if not s.startswith("@")] + list(args.sets)
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
+    work = Path(args.out) / slug / f"{family}-d{args.data_seed}" / f"seed{seed}"
+    result_file = work / "result.json"
+    key = dict(preset=preset, sets=sets, seed=seed, data=str(data_dir))
+    if result_file.is_file() and not args.force:
+        old = json.loads(result_file.read_text())
+        if old.get("key") == key:
+            return old
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in ("submission.csv", "scores.json"):
+        (work / stale).unlink(missing_ok=True)
+    cmd = [sys.executable, str(REPO / "src" / "run.py"), "--data-dir", str(data_dir), "--work-dir", str(work),
+           "--preset", preset, "--seed", str(seed), *[x for s in sets for x in ("--set", s)]]
+    env = dict(os.environ)
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    t0 = time.time()
+    with open(work / "stdout.txt", "w") as out:
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} / {family} / seed {seed} failed (exit {proc.returncode}); see {work}/stdout.txt")
+    scores = json.loads((work / "scores.json").read_text())
+    stage1 = work / "stage1" / "history.csv"
+    hold = pd.read_csv(stage1)["lwlrap"].tolist() if stage1.is_file() else []
+    result = dict(key=key, variant=variant, family=family, seed=seed, test=test_lwlrap(data_dir, work / "submission.csv"),
+                  oof=scores.get("oof_tta"), wall_s=wall, stage1_holdout=hold)
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"  {variant:<32} {family:<11} seed {seed}: test {result['test']:.4f}  OOF {result['oof'] or float('nan'):.4f}"
+          f"  ({wall:.0f} s)", flush=True)
+    return result
+
+
+def summarise(results: list[dict], variants: list[str], families: list[str]) -> list[list]:
+    rows = []
+    for v in variants:
+        row = [v]
+        walls = []
+        for fam in families:
+            rs = [r for r in results if r["variant"] == v and r["family"] == fam]
+            test = np.array([r["test"] for r in rs])
+            oof = np.array([r["oof"] for r in rs if r["oof"] is not None])
+            walls += [r["wall_s"] for r in rs]
+            sd = test.std(ddof=1) if len(test) > 1 else float("nan")
+            row += [test.mean() if len(test) else None, sd, oof.mean() if len(oof) else None,
+                    (oof.mean() - test.mean()) if len(oof) and len(test) else None]
+        row += [len(walls) and max(walls)]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", help="preset of every run (default cpu); '@name' in a variant "
+                                                   "switches it for that variant")
+    p.add_argument("--seeds", default="0", help="comma-separated run seeds (default 0)")
+    p.add_argument("--families", default="instruments,everyday", help="instruments, everyday or both")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:SET,SET",
+                   help="a variant: a name and --set values, e.g. 'no_stage1:epochs_noisy=0' (repeatable)")
+    p.add_argument("--ablation", action="store_true", help="run every row of the README's ablation table")
+    p.add_argument("--only", default=None, help="with --ablation: comma-separated row names to run")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                   help="an extra --set for every run")
+    p.add_argument("--root", type=Path, default=None, help="folder holding the realdev builds")
+    p.add_argument("--data-seed", type=int, default=0, help="realdev build seed (another seed = another dataset)")
+    p.add_argument("--out", default=str(REPO / "runs" / "realdev"), help="work dirs of the runs")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (give each --threads 1 on 2 cores)")
+    p.add_argument("--threads", type=int, default=None, help="OMP threads per run (default: torch's own)")
+    p.add_argument("--force", action="store_true", help="rerun even when a finished result exists")
+    args = p.parse_args(argv)
+
+    variants = dict(parse_variant(v) for v in args.variant)
+    if args.ablation:
+        only = set(args.only.split(",")) if args.only else set(ABLATION)
+        variants.update({k: v for k, v in ABLATION.items() if k in only})
+    if not variants:
+        variants = {f"{args.preset} preset": []}
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    for fam in families:
+        if fam not in FAMILIES:
+            raise SystemExit(f"unknown family {fam!r}: {', '.join(FAMILIES)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root = args.root or default_root()
+    data = {fam: ensure_dataset(root, fam, args.data_seed) for fam in families}
+    info = machine_info()
+    print(f"== realdev: preset {args.preset}, seeds {seeds}, families {families}, data seed {args.data_seed}, "
+          f"{len(variants)} variant(s), {args.jobs} job(s)\nmachine: {info['cpu']} | {info['cores']} cores", flush=True)
+
+    jobs = [(v, sets, fam, s) for v, sets in variants.items() for fam in families for s in seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda j: run_one(args, *j, data[j[2]]), jobs))
+
+    headers = ["variant"]
+    for fam in families:
+        headers += [f"{fam} test", "sd", "OOF", "gap"]
+    headers.append("max wall s")
+    print_table(headers, summarise(results, list(variants), families),
+                f"test lwlrap (mean over seeds {seeds}), OOF lwlrap and the OOF-test gap; preset {args.preset}")
+    return print_json("realdev", info, {"runs": [{k: r[k] for k in ("variant", "family", "seed", "test", "oof",
+                                                                     "wall_s")} for r in results]},
+                      preset=args.preset, seeds=seeds, data_seed=args.data_seed)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,219 @@
+"""Augmentations of training batches, on the device, as small fastai callbacks (one concern each).
+
+Each callback acts on `learn.xb`/`learn.yb` before a training batch (`run_valid = False`: validation batches are
+never touched). Inputs are log-mel crops (B, 1, n_mels, T) in dB of power; targets are multi-hot (B, C). Which
+ones a stage uses, and how strongly, is its augmentation policy (`augment_policy`), read from the config.
+
+Mixing is done in the power domain (two sounds add as powers, not as dB values), with the partner's level set
+relative to the clip's own level, so "-6 dB" means what it means for the test mixtures:
+- UnionMix: add a partner clip at a random relative gain; the labels are the union (FAT2019 1st/3rd place).
+- ConcatMix: the clip up to a random cut, then the partner; the labels are the union (1st place).
+- BackgroundMix: add a partner far below the clip's level as background; the labels stay the clip's own.
+- LevelEQ: random overall gain, a spectral tilt and sometimes a low-pass: level and colour of a recording should
+  not decide its class.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torchaudio
+from fastai.callback.core import Callback
+
+from .config import Config
+
+
+def spec_augment(x: torch.Tensor, n_time: int, time_width: int, n_freq: int, freq_width: int,
+                 fill: float) -> torch.Tensor:
+    """SpecAugment with torchaudio's masks, drawn independently per item: `n_time` time stripes of up to
+    `time_width` frames and `n_freq` frequency stripes of up to `freq_width` bands, set to `fill`."""
+    for _ in range(n_time if time_width >= 1 else 0):
+        x = torchaudio.transforms.TimeMasking(time_width, iid_masks=True)(x, fill)
+    for _ in range(n_freq if freq_width >= 1 else 0):
+        x = torchaudio.transforms.FrequencyMasking(freq_width, iid_masks=True)(x, fill)
+    return x
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """Mix each item with a shuffled partner; soft targets mix the same way (BCE is linear in the target)."""
+    b = x.shape[0]
+    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b,))
+    lam = torch.maximum(lam, 1 - lam).to(x.device)  # the original item stays dominant
+    perm = torch.randperm(b).to(x.device)
+    lx = lam.view(b, *([1] * (x.dim() - 1)))
+    mixed_x = lx * x.float() + (1 - lx) * x[perm].float()
+    mixed_y = lam[:, None] * y.float() + (1 - lam[:, None]) * y[perm].float()
+    return mixed_x.to(x.dtype), mixed_y
+
+
+DB = 10.0 / math.log(10.0)  # dB per neper of power: x_dB = DB * ln(power)
+
+
+def level_db(x: torch.Tensor) -> torch.Tensor:
+    """Each item's mean power over its frames, in dB (B,): the level that relative gains refer to."""
+    frame = torch.logsumexp(x.float() / DB, dim=2)                 # (B, 1, T): power summed over bands
+    return DB * (torch.logsumexp(frame, dim=-1) - math.log(x.shape[-1])).flatten()
+
+
+def add_power(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The dB log-mel of two sounds played together (their powers add)."""
+    return DB * torch.logaddexp(x.float() / DB, other.float() / DB)
+
+
+def partners(b: int, device) -> torch.Tensor:
+    """A random partner for every item of a batch, never itself (when the batch has more than one item)."""
+    if b < 2:
+        return torch.zeros(b, dtype=torch.long, device=device)
+    return (torch.arange(b, device=device) + torch.randint(1, b, (b,), device=device)) % b
+
+
+def uniform(n: int, lo: float, hi: float, device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, device=device)
+
+
+def union_mix(x: torch.Tensor, y: torch.Tensor, p: float, gain_db: float):
+    """With probability p per item: add a partner at a relative level in [-gain_db, +gain_db]; labels: the union."""
+    b = x.shape[0]
+    chosen = torch.rand(b, device=x.device) < p
+    j = partners(b, x.device)
+    shift = level_db(x) - level_db(x[j]) + uniform(b, -gain_db, gain_db, x.device)
+    mixed = add_power(x, x[j] + shift.view(b, 1, 1, 1))
+    x = torch.where(chosen.view(b, 1, 1, 1), mixed.to(x.dtype), x)
+    y = torch.where(chosen[:, None], torch.maximum(y, y[j]), y)
+    return x, y
+
+
+def concat_mix(x: torch.Tensor, y: torch.Tensor, p: float, gain_db: float):
+    """With probability p per item: from a random cut (25-75 % of the crop) on, the partner's frames, at a relative
+    level in [-gain_db, +gain_db]; labels: the union."""
+    b, t = x.shape[0], x.shape[-1]
+    chosen = torch.rand(b, device=x.device) < p
+    j = partners(b, x.device)
+    shift = level_db(x) - level_db(x[j]) + uniform(b, -gain_db, gain_db, x.device)
+    cut = (uniform(b, 0.25, 0.75, x.device) * t).long()
+    tail = (torch.arange(t, device=x.device)[None, :] >= cut[:, None]) & chosen[:, None]   # (B, T)
+    x = torch.where(tail.view(b, 1, 1, t), (x[j].float() + shift.view(b, 1, 1, 1)).to(x.dtype), x)
+    y = torch.where(chosen[:, None], torch.maximum(y, y[j]), y)
+    return x, y
+
+
+def background_mix(x: torch.Tensor, y: torch.Tensor, p: float, snr_lo: float, snr_hi: float):
+    """With probability p per item: add a partner as background, `snr` dB in [snr_lo, snr_hi] below the item's
+    level; the labels stay the item's own (a quiet other sound is background, not an event)."""
+    b = x.shape[0]
+    chosen = torch.rand(b, device=x.device) < p
+    j = partners(b, x.device)
+    shift = level_db(x) - level_db(x[j]) - uniform(b, snr_lo, snr_hi, x.device)
+    mixed = add_power(x, x[j] + shift.view(b, 1, 1, 1))
+    return torch.where(chosen.view(b, 1, 1, 1), mixed.to(x.dtype), x), y
+
+
+def level_eq(x: torch.Tensor, gain_db: float, tilt_db: float, lowpass_p: float) -> torch.Tensor:
+    """Per item: a gain in [-gain_db, gain_db], a linear spectral tilt of up to +-tilt_db from the lowest to the
+    highest band, and with probability lowpass_p a low-pass (12 dB per tenth of the bands above a random cutoff)."""
+    b, f = x.shape[0], x.shape[2]
+    band = torch.linspace(-0.5, 0.5, f, device=x.device)                                   # (F,)
+    change = uniform(b, -gain_db, gain_db, x.device)[:, None] + uniform(b, -tilt_db, tilt_db, x.device)[:, None] * band
+    cutoff = uniform(b, 0.0, 0.5, x.device)[:, None]
+    above = (band[None, :] - cutoff).clamp(min=0) * 120.0                                  # dB below the cutoff's level
+    lowpass = torch.rand(b, device=x.device)[:, None] < lowpass_p
+    change = change - torch.where(lowpass, above, torch.zeros_like(above))
+    return (x.float() + change.view(b, 1, f, 1)).to(x.dtype)
+
+
+class BatchAugment(Callback):
+    """Base: transform (x, y) of each training batch on the device; `fill` is the neutral log-mel value."""
+    run_valid = False
+    order = 60
+
+    def before_batch(self):
+        x, y = self.augment(self.xb[0], self.yb[0])
+        self.learn.xb, self.learn.yb = (x,), (y,)
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor):
+        raise NotImplementedError
+
+
+class SpecAugment(BatchAugment):
+    """Time and frequency stripes (SpecAugment), filled with the model's input mean (a neutral value)."""
+    order = 70  # after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip
+
+    def __init__(self, cfg: Config, fill: float):
+        self.n_time, self.n_freq, self.fill = cfg.time_masks, cfg.freq_masks, fill
+        self.time_width = int(cfg.crop_frames * cfg.time_mask_frac)
+        self.freq_width = int(cfg.n_mels * cfg.freq_mask_frac)
+
+    def augment(self, x, y):
+        return spec_augment(x, self.n_time, self.time_width, self.n_freq, self.freq_width, self.fill), y
+
+
+class Mixup(BatchAugment):
+    """Classic mixup: a convex mix of two clips with the same mix of their labels (alpha: Beta(alpha, alpha))."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def augment(self, x, y):
+        return mixup(x, y, self.alpha)
+
+
+class UnionMix(BatchAugment):
+    order = 61
+
+    def __init__(self, p: float, gain_db: float):
+        self.p, self.gain_db = p, gain_db
+
+    def augment(self, x, y):
+        return union_mix(x, y, self.p, self.gain_db)
+
+
+class ConcatMix(BatchAugment):
+    order = 62
+
+    def __init__(self, p: float, gain_db: float):
+        self.p, self.gain_db = p, gain_db
+
+    def augment(self, x, y):
+        return concat_mix(x, y, self.p, self.gain_db)
+
+
+class BackgroundMix(BatchAugment):
+    order = 63
+
+    def __init__(self, p: float, snr_db: tuple[float, float]):
+        self.p, self.snr_db = p, snr_db
+
+    def augment(self, x, y):
+        return background_mix(x, y, self.p, *self.snr_db)
+
+
+class LevelEQ(BatchAugment):
+    order = 64  # after mixing: the whole mixture is one recording with one level and colour
+
+    def __init__(self, gain_db: float, tilt_db: float, lowpass_p: float):
+        self.gain_db, self.tilt_db, self.lowpass_p = gain_db, tilt_db, lowpass_p
+
+    def augment(self, x, y):
+        return level_eq(x, self.gain_db, self.tilt_db, self.lowpass_p), y
+
+
+def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
+    """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
+    order they act: mixing (mixup, union, concatenation, background), level/EQ, then SpecAugment stripes."""
+    def value(name):
+        return getattr(cfg, f"{name}_{stage}")
+
+    cbs: list[Callback] = []
+    if value("mixup") > 0:
+        cbs.append(Mixup(value("mixup")))
+    if value("union_mix") > 0:
+        cbs.append(UnionMix(value("union_mix"), cfg.mix_gain_db))
+    if value("concat_mix") > 0:
+        cbs.append(ConcatMix(value("concat_mix"), cfg.mix_gain_db))
+    if value("background") > 0:
+        cbs.append(BackgroundMix(value("background"), (cfg.background_snr_min, cfg.background_snr_max)))
+    if value("level_eq"):
+        cbs.append(LevelEQ(cfg.level_gain_db, cfg.eq_tilt_db, cfg.lowpass_p))
+    if value("specaug"):
+        cbs.append(SpecAugment(cfg, fill))
+    return sorted(cbs, key=lambda cb: cb.order)

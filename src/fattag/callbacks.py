@@ -1,0 +1,160 @@
+"""The fastai callbacks of a training stage, one concern each: NaN guard, best epoch, weight averaging,
+checkpoints, log, deadline.
+
+Augmentations of training batches are callbacks too; they live in `augment.py`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import TrackerCallback
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .checkpoint import Resume, StageDir, cpu_state
+
+log = logging.getLogger("fattag")
+
+
+class StageCallback(Callback):
+    """Base of the per-epoch callbacks. A resumed stage replays its finished epochs (fastai's `start_epoch` skips
+    their batches but still runs `after_epoch`); those must not be scored, checkpointed or logged again."""
+
+    @property
+    def replayed(self) -> bool:
+        return self.epoch < getattr(self.learn, "resume_epoch", 0)
+
+    def epoch_values(self) -> dict:
+        """This epoch's recorded values by name: train_loss, valid_loss, lwlrap."""
+        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+        return {n: (None if v is None else float(v)) for n, v in zip(names, self.recorder.log[1:len(names) + 1])}
+
+
+class NanGuard(StageCallback):
+    """Stop at the first epoch whose training loss or score is NaN/inf. KeepBest then restores the best weights, so a
+    NaN never reaches a checkpoint or a prediction."""
+    order = 55  # after the Recorder (50), before KeepBest and the checkpoint
+
+    def __init__(self):
+        self.nan_epochs = 0
+
+    def after_epoch(self):
+        if self.replayed:
+            return
+        v = self.epoch_values()
+        if not all(x is not None and np.isfinite(x) for x in (v.get("train_loss"), v.get("lwlrap"))):
+            self.nan_epochs += 1
+            log.warning("epoch %d: non-finite loss or score (%s): discarded, back to the best weights",
+                        self.epoch + 1, v)
+            raise CancelFitException()
+
+
+class KeepBest(StageCallback, TrackerCallback):
+    """fastai's tracker on whole-clip lwlrap, keeping the best epoch's weights in memory and restoring them at the
+    end (SaveModelCallback without the disk round trip: files are EpochCheckpoint's job)."""
+    order = TrackerCallback.order + 1
+
+    def __init__(self, resume: Resume):
+        TrackerCallback.__init__(self, monitor="lwlrap", comp=np.greater, reset_on_fit=False)
+        self.best, self.best_epoch, self.best_state = resume.best_score, resume.best_epoch, resume.best_state
+        self.new_best = False
+
+    def after_epoch(self):
+        self.new_best = False
+        if self.replayed:
+            return
+        super().after_epoch()
+        if self.new_best:
+            self.best, self.best_epoch, self.best_state = float(self.best), self.epoch, cpu_state(self.model)
+
+    def after_fit(self):
+        super().after_fit()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+
+class WeightAverage(StageCallback):
+    """An exponential moving average of the weights (torch's AveragedModel, batch-norm statistics included), updated
+    after every training step. Validation, the best-epoch choice and so the saved model use the averaged weights;
+    training goes on from the raw ones. `epochs` is the averaging horizon (the EMA decay per step follows from it)."""
+    order = KeepBest.order + 4  # after_epoch: once KeepBest has taken the averaged weights, the raw ones come back
+
+    def __init__(self, epochs: float, state: dict | None = None):
+        self.horizon, self.state, self.averaged, self.raw = epochs, state, None, None
+
+    def before_fit(self):
+        decay = math.exp(-1.0 / max(self.horizon * len(self.dls.train), 1.0))
+        self.averaged = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        if self.state is not None:  # a resumed stage continues its average
+            self.averaged.load_state_dict(self.state)
+
+    def after_step(self):
+        self.averaged.update_parameters(self.model)
+
+    def before_validate(self):
+        self.raw = cpu_state(self.model)
+        self.model.load_state_dict(self.averaged.module.state_dict())
+
+    def after_epoch(self):
+        if self.raw is not None:
+            self.model.load_state_dict(self.raw)
+            self.raw = None
+
+
+class EpochCheckpoint(StageCallback):
+    """After every new epoch: its history row, and the resume files (model + optimiser (+ weight average), best
+    weights, progress)."""
+    order = KeepBest.order + 10
+
+    def __init__(self, stage_dir: StageDir, keep: KeepBest, epochs: int, history: list):
+        self.stage_dir, self.keep, self.epochs, self.history = stage_dir, keep, epochs, history
+
+    def after_epoch(self):
+        if self.replayed:
+            return
+        self.history.append({"epoch": self.epoch + 1, **self.epoch_values()})
+        state = Resume(self.epoch + 1, self.epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
+                       self.history)
+        average = next((cb.averaged for cb in self.learn.cbs if isinstance(cb, WeightAverage)), None)
+        extra = {"average": average.state_dict()} if average is not None else {}
+        self.stage_dir.save_epoch(state, self.model, self.opt.state_dict(), new_best=self.keep.new_best, **extra)
+
+
+class EpochLog(StageCallback):
+    """One plain log line per epoch (Kaggle logs have no terminal), with the epoch's wall time."""
+    order = EpochCheckpoint.order + 5
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def before_epoch(self):
+        self.t0 = time.time()
+
+    def after_epoch(self):
+        if self.replayed:
+            return
+        shown = "  ".join(f"{n} {v:.4f}" for n, v in self.epoch_values().items() if v is not None)
+        log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, self.n_epoch, shown, time.time() - self.t0)
+
+
+class Deadline(StageCallback):
+    """Stop between epochs when another epoch like the last one would not end before `deadline` (a wall-clock time,
+    from the run's Budget)."""
+    order = EpochLog.order + 5
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+
+    def before_epoch(self):
+        self.t0 = time.time()
+
+    def after_epoch(self):
+        if self.replayed or not self.deadline:
+            return
+        now = time.time()
+        if now + (now - self.t0) > self.deadline:
+            log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1, self.n_epoch)
+            raise CancelFitException()

@@ -1,0 +1,64 @@
+"""GPU paths: mixed precision training (fastai to_fp16), autocast inference, GradScaler timing, log-mel on CUDA.
+
+They run when CUDA is present and are reported as skipped otherwise (`pytest -rs` lists them).
+"""
+import numpy as np
+import pytest
+import torch
+
+from fattag.budget import measure_throughput
+from fattag.config import make_config
+from fattag.data import load_dataset
+from fattag.features import Clips, build_store
+from fattag.model import build_model
+from fattag.predict import predict_clips
+from fattag.train import StageSpec, fit_stage
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU paths)")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_data):
+    cfg = make_config("demo", sets=["batch_size=16"])
+    data = load_dataset(tiny_data)
+    return cfg, data
+
+
+def test_logmel_on_cuda_matches_cpu(setup):
+    cfg, data = setup
+    cpu = build_store(data.curated, cfg, "cpu", progress=False)
+    gpu = build_store(data.curated, cfg, "cuda", progress=False)
+    for a, b in zip(cpu.mels, gpu.mels):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=0.1)
+
+
+def test_fp16_training_on_cuda_gives_finite_usable_weights(setup, tmp_path):
+    cfg, data = setup
+    store = build_store(data.curated, cfg, "cuda", progress=False)
+    idx = np.flatnonzero(store.ok)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(data.classes), -40.0, 20.0)
+    spec = StageSpec("gpu test", "curated", tmp_path, epochs=2, lr=3e-3, loss="bce", seed=0, cfg=cfg, device="cuda")
+    res = fit_stage(model, Clips(store, idx[6:]), Clips(store, idx[:6]), spec)
+    assert res.usable and len(res.history) == 2
+    assert res.history[["train_loss", "valid_loss", "lwlrap"]].notna().all().all()
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert next(model.parameters()).dtype == torch.float32  # fastai's to_fp16 keeps float32 master weights
+
+
+def test_autocast_inference_matches_cpu(setup):
+    cfg, data = setup
+    store = build_store(data.test, cfg, "cpu", progress=False)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(data.classes), -40.0, 20.0).eval()
+    idx = np.flatnonzero(store.ok)
+    cpu = predict_clips(model, store, idx, cfg, "cpu")
+    gpu = predict_clips(model, store, idx, cfg, "cuda")
+    np.testing.assert_allclose(cpu, gpu, atol=2e-2)
+
+
+def test_throughput_measurement_with_grad_scaler_on_cuda(setup):
+    cfg, data = setup
+    tp = measure_throughput(cfg, len(data.classes), "cuda")
+    assert tp.device.startswith("cuda")
+    assert 0 < tp.train_s_per_clip < 1 and 0 < tp.infer_s_per_window < tp.train_s_per_clip * 10

@@ -1,0 +1,86 @@
+"""Whole-clip inference: augmented TTA passes and the fold ensemble, checked by value."""
+import numpy as np
+import pytest
+import torch
+
+import fattag.predict as predict
+from fattag.config import make_config
+from fattag.data import ClipTable
+from fattag.features import MelStore
+from fattag.model import build_model
+
+
+@pytest.fixture
+def cfg():
+    return make_config("demo", sets=["tta_step_frac=0.5"])
+
+
+@pytest.fixture
+def store(cfg):
+    """Five clips of random log-mels, one to four windows long."""
+    rng = np.random.default_rng(0)
+    lengths = [cfg.crop_frames, cfg.crop_frames + 7, 2 * cfg.crop_frames, 3 * cfg.crop_frames + 1, cfg.crop_frames]
+    mels = [(rng.standard_normal((cfg.n_mels, t)) * 10 - 40).astype(np.float16) for t in lengths]
+    names = [f"c{i}.wav" for i in range(len(mels))]
+    return MelStore(ClipTable("test", names, names, None), mels)
+
+
+def model_for(cfg, seed: int):
+    torch.manual_seed(seed)
+    return build_model(cfg, 4, -40.0, 10.0).eval()
+
+
+def test_augmented_passes_are_averaged_with_the_plain_pass(cfg, store, monkeypatch):
+    """An augmentation that blanks the input makes every augmented pass a known constant: the result must be
+    (plain + passes x constant) / (1 + passes), clip by clip."""
+    model = model_for(cfg, 0)
+    idx = np.arange(len(store.mels))
+    plain = predict.predict_clips(model, store, idx, cfg)
+    blank = torch.full((1, 1, cfg.n_mels, cfg.crop_frames), -40.0)
+    with torch.no_grad():
+        constant = torch.sigmoid(model(blank)).numpy()[0]
+    monkeypatch.setattr(predict, "tta_augment", lambda x, cfg, fill: torch.full_like(x, fill))
+    for passes in (1, 2):
+        got = predict.predict_clips(model, store, idx, cfg, aug_passes=passes)
+        np.testing.assert_allclose(got, (plain + passes * constant[None]) / (1 + passes), rtol=1e-5, atol=1e-6)
+
+
+def test_augmented_passes_change_predictions_and_are_reproducible(cfg, store):
+    model = model_for(cfg, 0)
+    idx = np.arange(len(store.mels))
+    plain = predict.predict_clips(model, store, idx, cfg)
+    a = predict.predict_clips(model, store, idx, cfg, aug_passes=2)
+    b = predict.predict_clips(model, store, idx, cfg, aug_passes=2)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - plain).max() > 1e-4
+
+
+def test_tta_augment_masks_one_stripe_each_way(cfg):
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, cfg.n_mels, cfg.crop_frames)
+    out = predict.tta_augment(x, cfg, fill=1.0)
+    masked = out == 1.0
+    assert masked.any()
+    frac = masked.float().mean().item()
+    assert frac <= cfg.time_mask_frac / 2 + cfg.freq_mask_frac / 2 + 1e-6
+
+
+def test_ensemble_mean_and_geomean_by_value():
+    a = np.array([[0.25, 0.5], [0.04, 1.0]])
+    b = np.array([[1.0, 0.5], [0.01, 0.25]])
+    np.testing.assert_allclose(predict.ensemble([a, b], "mean"), (a + b) / 2)
+    np.testing.assert_allclose(predict.ensemble([a, b], "geomean"), np.sqrt(a * b))
+    with pytest.raises(ValueError, match="ensemble"):
+        predict.ensemble([a, b], "median")
+
+
+@pytest.mark.parametrize("how", ["mean", "geomean"])
+def test_predict_test_ensembles_the_folds_and_leaves_failed_clips_empty(cfg, store, how):
+    cfg = make_config("demo", sets=[f"fold_ensemble={how}"])
+    store.mels[2] = None  # could not be decoded
+    models = [model_for(cfg, 0), model_for(cfg, 1)]
+    got = predict.predict_test(models, store, cfg, "cpu", aug_passes=0)
+    ok = np.flatnonzero(store.ok)
+    each = [predict.predict_clips(m, store, ok, cfg) for m in models]
+    assert np.isnan(got[2]).all() and np.isfinite(got[ok]).all()
+    np.testing.assert_allclose(got[ok], predict.ensemble(each, how), rtol=1e-6)

@@ -1,0 +1,146 @@
+"""Training units in-process on the tiny dataset: no out-of-fold leakage, best-epoch keeping, stage specs."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+import fattag.train as train
+from fattag.config import make_config
+from fattag.data import load_dataset
+from fattag.features import Clips, build_store
+from fattag.model import build_model
+from fattag.predict import predict_clips
+from fattag.session import Session
+
+CFG = ["epochs_noisy=1", "epochs_curated=2", "batch_size=16", "folds=3", "noisy_share_curated=0.3"]
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_data):
+    cfg = make_config("demo", sets=CFG)
+    data = load_dataset(tiny_data)
+    return cfg, data, build_store(data.curated, cfg, "cpu", progress=False), build_store(data.noisy, cfg, "cpu",
+                                                                                          progress=False)
+
+
+def session(cfg, tmp_path: Path) -> Session:
+    return Session(cfg, "demo", tmp_path, tmp_path, torch.device("cpu"), False)
+
+
+def test_no_out_of_fold_prediction_comes_from_a_model_that_saw_the_clip(stores, tmp_path, monkeypatch):
+    """Every curated clip's OOF row comes from the one fold model that validated on it, and neither that model nor
+    the stage-1 model it started from trained on that clip."""
+    cfg, data, curated, noisy = stores
+    seen = []
+    real_fit = train.fit_stage
+
+    def spy(model, trn, val, spec, deadline=None):
+        parts = [trn] if isinstance(trn, Clips) else list(trn)
+        seen.append((spec.label, parts, val))
+        return real_fit(model, trn, val, spec, deadline)
+
+    monkeypatch.setattr(train, "fit_stage", spy)
+    s = session(cfg, tmp_path)
+    d = train.TrainingData.make(data.classes, curated, noisy, cfg)
+    stage1 = train.train_stage1(s, d)
+    result = train.train_folds(s, d, stage1)
+
+    label, parts, _ = seen[0]
+    assert label.startswith("stage 1") and all(p.store is noisy for p in parts)  # stage 1 never sees a curated clip
+    fold_runs = seen[1:]
+    assert len(fold_runs) == cfg.folds == len(result.models)
+    covered = np.zeros(len(curated.table), int)
+    for k, ((label, parts, val), model) in enumerate(zip(fold_runs, result.models)):
+        trn = parts[0]
+        assert all(p.store is noisy for p in parts[1:])  # anything else a fold trains on is noisy
+        assert label == f"fold {k} (curated)" and trn.store is curated and val.store is curated
+        assert not set(trn.indices) & set(val.indices), f"fold {k} trained on its own validation clips"
+        assert set(trn.indices) | set(val.indices) == set(np.flatnonzero(curated.ok))
+        covered[val.indices] += 1
+        again = predict_clips(model, curated, val.indices, cfg)  # these OOF rows came from this fold's model
+        np.testing.assert_allclose(result.oof_windows[val.indices], again, rtol=1e-5, atol=1e-6)
+    assert (covered == 1).all(), "every clip is validated (and predicted out of fold) exactly once"
+    assert result.predicted.all()
+
+
+class ScriptedScores(Callback):
+    """Replaces each epoch's lwlrap with a scripted value and remembers the weights after each epoch."""
+    order = 52  # after the Recorder, before NanGuard / KeepBest
+
+    def __init__(self, scores):
+        self.scores, self.states = scores, []
+
+    def after_epoch(self):
+        idx = self.recorder.metric_names.index("lwlrap")
+        self.recorder.log[idx] = self.scores[self.epoch]
+        self.recorder.values[-1][idx - 1] = self.scores[self.epoch]
+        self.states.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+
+def test_the_best_epoch_is_kept_not_the_last(stores, tmp_path, monkeypatch):
+    cfg, data, curated, _ = stores
+    scripted = ScriptedScores([0.5, 0.9, 0.7])
+    monkeypatch.setattr(train, "augment_policy", lambda cfg, stage, fill: [scripted])
+    model = build_model(cfg, len(data.classes), -40.0, 20.0)
+    idx = np.flatnonzero(curated.ok)
+    spec = train.StageSpec("best test", "curated", tmp_path, epochs=3, lr=1e-3, loss="bce", seed=0, cfg=cfg)
+    res = train.fit_stage(model, Clips(curated, idx[6:]), Clips(curated, idx[:6]), spec)
+    assert res.best_epoch == 2 and res.best_score == pytest.approx(0.9)
+    assert res.history["lwlrap"].tolist() == pytest.approx([0.5, 0.9, 0.7])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, scripted.states[1][k]), f"{k}: not the weights of the best epoch"
+    assert not torch.equal(scripted.states[1]["1.0.0.weight"], scripted.states[2]["1.0.0.weight"])
+
+
+def test_stage_specs_differ_only_by_their_stage_values():
+    cfg = make_config("demo", sets=["lr_noisy=0.01", "lr_curated=0.002", "loss_noisy=lsoft"])
+    noisy = train.StageSpec.for_stage(cfg, "noisy", "s1", "/tmp/a", 5, 1, "cpu")
+    curated = train.StageSpec.for_stage(cfg, "curated", "f0", "/tmp/b", 7, 2, "cpu")
+    assert (noisy.lr, noisy.loss, noisy.epochs) == (0.01, "lsoft", 5)
+    assert (curated.lr, curated.loss, curated.epochs) == (0.002, "bce", 7)
+    assert noisy.cfg is curated.cfg
+
+
+class RecordWeights(Callback):
+    """At the end of every epoch: the raw weights training goes on from, and the averaged weights."""
+    order = 99
+
+    def __init__(self):
+        self.raw, self.averaged = [], []
+
+    def after_epoch(self):
+        from fattag.callbacks import WeightAverage
+        avg = next(cb for cb in self.learn.cbs if isinstance(cb, WeightAverage))
+        self.raw.append({k: v.clone() for k, v in self.model.state_dict().items()})
+        self.averaged.append({k: v.clone() for k, v in avg.averaged.module.state_dict().items()})
+
+
+def test_weight_averaging_scores_and_keeps_the_averaged_weights(stores, tmp_path, monkeypatch):
+    cfg, data, curated, _ = stores
+    cfg = make_config("demo", sets=[*CFG, "average_epochs=1"])
+    scripted, rec = ScriptedScores([0.2, 0.3, 0.9]), RecordWeights()
+    monkeypatch.setattr(train, "augment_policy", lambda cfg, stage, fill: [scripted, rec])
+    torch.manual_seed(0)
+    model = build_model(cfg, len(data.classes), -40.0, 20.0)
+    idx = np.flatnonzero(curated.ok)
+    spec = train.StageSpec("ema test", "curated", tmp_path, epochs=3, lr=3e-3, loss="bce", seed=0, cfg=cfg)
+    res = train.fit_stage(model, Clips(curated, idx[6:]), Clips(curated, idx[:6]), spec)
+    assert res.best_epoch == 3
+    key = "1.0.0.weight"
+    assert not torch.equal(rec.raw[2][key], rec.averaged[2][key]), "training goes on from the raw weights"
+    assert torch.equal(model.state_dict()[key], rec.averaged[2][key]), "the kept weights are the averaged ones"
+    assert torch.equal(scripted.states[2][key], rec.averaged[2][key]), "validation ran on the averaged weights"
+    assert "average" in torch.load(tmp_path / "last.pth", weights_only=False)  # resumable
+
+
+def test_per_band_input_normalisation_removes_each_bands_level():
+    cfg = make_config("demo", sets=["input_norm=band"])
+    model = build_model(cfg, 3, -40.0, 20.0)
+    x = torch.randn(2, 1, cfg.n_mels, 50) + torch.linspace(-60, 0, cfg.n_mels)[None, None, :, None]
+    out = model[0](x)
+    assert torch.allclose(out.median(dim=-1).values, torch.zeros(2, 1, cfg.n_mels), atol=1e-5)
+    assert torch.allclose(model[0](x + 13.0), out, atol=1e-5)  # a gain or EQ change no longer moves the input
+    with pytest.raises(ValueError, match="input_norm"):
+        build_model(make_config("demo", sets=["input_norm=pcen"]), 3)
