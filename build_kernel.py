@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import re
 import sys
@@ -96,14 +95,6 @@ def collect_sources(src_dir: Path | str = SRC_DIR) -> dict[str, str]:
             raise BuildError(f"{files[key]}:{e.lineno}: syntax error: {e.msg}") from None
         sources[key] = text
     return sources
-
-
-def source_hash(sources: dict[str, str]) -> str:
-    """sha256 over the sorted (path, content) pairs, first 12 hex digits (the kernel recomputes it)."""
-    h = hashlib.sha256()
-    for path in sorted(sources):
-        h.update(path.encode("utf-8") + b"\0" + sources[path].encode("utf-8") + b"\0")
-    return h.hexdigest()[:12]
 
 
 def module_name(path: str) -> tuple[str, bool]:
@@ -319,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 '''
+
+# The kernel's own source_hash, used here too: the build and the kernel can never hash differently.
+_RUNTIME_NAMES: dict = {}
+exec(compile(_RUNTIME, "<kernel runtime>", "exec"), _RUNTIME_NAMES)
+source_hash = _RUNTIME_NAMES["source_hash"]
 
 _BOOTSTRAP = '''
 # ==== start ======================================================================================

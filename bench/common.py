@@ -299,6 +299,14 @@ def make_wavs_in_child(n: int, seconds: float, sample_rate: int, folder: Path | 
     return [root / f"clip_{i:05d}.wav" for i in range(n)]
 
 
+def generated_clips(make, n: int, seconds: float, sample_rate: int) -> tuple[list[Path], object, int, float]:
+    """`make(n, seconds, sample_rate)` (make_wavs or make_wavs_in_child), timed: (paths, their ClipTable, total WAV
+    bytes, seconds it took)."""
+    t0 = time.perf_counter()
+    paths = make(n, seconds, sample_rate)
+    return paths, clip_table(paths), sum(p.stat().st_size for p in paths), time.perf_counter() - t0
+
+
 def clip_table(paths: list[Path], name: str = "bench", n_classes: int = 80, seed: int = 0):
     """A fattag ClipTable over generated WAVs with random multi-hot targets (no CSV needed)."""
     from fattag.data import ClipTable

@@ -9,9 +9,9 @@ are the CPU cost of decoding; a cold disk (Kaggle's /kaggle/input) adds its read
 from __future__ import annotations
 
 import sys
-import time
 
-from common import base_parser, best_of, clip_table, make_wavs, print_json, print_machine, print_table, usable_cores
+from common import (base_parser, best_of, generated_clips, make_wavs, print_json, print_machine, print_table,
+                    usable_cores)
 
 
 def worker_counts(cores: int) -> list[int]:
@@ -60,11 +60,7 @@ def main(argv=None) -> dict:
     info = print_machine("decode: fattag.data.iter_decoded", notes=(
         f"{n} synthetic clips x {a.seconds:g} s, {cfg.sample_rate} Hz 16-bit mono; trim_silence={cfg.trim_silence} "
         f"({cfg.trim_db:g} dB); page-cached files; best of {repeat} runs after a warm-up pass"))
-    t0 = time.perf_counter()
-    paths = make_wavs(n, a.seconds, cfg.sample_rate)
-    gen_s = time.perf_counter() - t0
-    table = clip_table(paths)
-    wav_bytes = sum(p.stat().st_size for p in paths)
+    paths, table, wav_bytes, gen_s = generated_clips(make_wavs, n, a.seconds, cfg.sample_rate)
     audio_s = n * a.seconds
 
     def run(workers):

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 
-from common import (FAT2019, GB, MB, base_parser, clip_table, make_wavs_in_child, peak_rss_bytes, pick_device,
+from common import (FAT2019, GB, MB, base_parser, generated_clips, make_wavs_in_child, peak_rss_bytes, pick_device,
                     print_json, print_machine, print_table, rss_bytes)
 
 BOUND_GB = 12.0
@@ -62,11 +62,7 @@ def main(argv=None) -> dict:
     info = print_machine("memory: build_store peak RSS", device, notes=(
         f"preset {a.preset}; {n} generated clips x {a.clip_seconds:g} s = {n * a.clip_seconds / 3600:.2f} h at "
         f"{cfg.sample_rate} Hz 16-bit mono"))
-    t0 = time.perf_counter()
-    paths = make_wavs_in_child(n, a.clip_seconds, cfg.sample_rate)
-    gen_s = time.perf_counter() - t0
-    table = clip_table(paths)
-    wav_bytes = sum(p.stat().st_size for p in paths)
+    paths, table, wav_bytes, gen_s = generated_clips(make_wavs_in_child, n, a.clip_seconds, cfg.sample_rate)
 
     rss0 = rss_bytes() or 0
     peak_imports = peak_rss_bytes()

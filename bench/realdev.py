@@ -10,7 +10,9 @@ packages split by source or speaker). OOF lwlrap over-promises there (0.9+ while
 modelling choice is judged by *test* lwlrap on both families; OOF and the OOF-test gap are printed beside it.
 
 Each (variant, family, seed) is one full `src/run.py` run in its own work dir under --out; a finished run's
-result.json is reused unless --force (so a table can be grown a variant at a time). Datasets are looked for
+result.json is reused unless --force (so a table can be grown a variant at a time). Runs are made without the
+preset's time budget (unless --keep-budget), so the recipe does not depend on the machine's speed; with the same
+--threads a run reproduces its scores exactly (the README's table: --jobs 2 --threads 1 on 2 cores). Datasets are looked for
 under --root (default $FATTAG_REALDEV, else <repo>/.cache/realdev) and built there with build.sh when missing.
 This is a benchmark, not a test: a run takes minutes.
 """
@@ -38,23 +40,35 @@ from fattag.metrics import lwlrap  # noqa: E402
 BUILD_SCRIPT = REPO.parent / "shared" / "realdev" / "build.sh"
 FAMILIES = {"instruments": "realdev", "everyday": "realdev-everyday"}  # --family -> folder build.sh writes
 
-# The README's ablation table: each row is the cpu preset with these --set values (the first row: as it is).
+# The README's ablation table. Rows run with --preset (cpu) plus their --set values; "@demo" switches a row to
+# the demo preset (the recipe as landed before the realdev work). The first rows are the path from that recipe to
+# the cpu preset, each adding one change; "cpu: ..." rows change one thing in the cpu preset; the last rows are
+# branches tried on the way, on the base they name.
+_UNION = ["union_mix_curated=0.5", "union_mix_noisy=0.5"]
+_SHARE = [*_UNION, "noisy_share_curated=0.5"]
 ABLATION = {
-    "cpu preset": [],
-    "no stage 1": ["epochs_noisy=0"],
-    "no union mixing": ["union_mix_curated=0", "union_mix_noisy=0"],
-    "no background mixing": ["background_curated=0", "background_noisy=0"],
-    "no level/EQ augmentation": ["level_eq_curated=false", "level_eq_noisy=false"],
-    "per-band normalisation": ["band_norm=true"],
-    "mixup instead of union mixing": ["union_mix_curated=0", "union_mix_noisy=0", "mixup_curated=0.4"],
-    "time-concatenation mixing": ["concat_mix_curated=0.5", "concat_mix_noisy=0.5"],
-    "stage 1 with Lsoft loss": ["loss_noisy=lsoft"],
-    "noisy clips in stage-2 batches": ["noisy_share_curated=0.4"],
-    "noisy-clip selection": ["select_noisy=true"],
-    "no weight averaging": ["ema_decay=0"],
-    "focal loss": ["loss_curated=focal", "loss_noisy=focal"],
-    "LSEP ranking loss": ["loss_curated=lsep", "loss_noisy=lsep"],
     "as landed (demo preset)": ["@demo"],
+    "+ union mixing, both stages": ["@demo", *_UNION],
+    "+ stage-2 batches half noisy": ["@demo", *_SHARE],
+    "+ xresnet_small": ["@demo", *_SHARE, "arch=xresnet_small"],
+    "+ stage 1 30 epochs = cpu preset": [],
+    "cpu: no stage 1": ["epochs_noisy=0"],
+    "cpu: no union mixing": ["union_mix_curated=0", "union_mix_noisy=0"],
+    "cpu: + background mixing": ["background_curated=0.3", "background_noisy=0.3"],
+    "cpu: + per-band normalisation": ["input_norm=band"],
+    "cpu: + time-concatenation mixing": ["concat_mix_curated=0.3", "concat_mix_noisy=0.3"],
+    "cpu: + weight averaging (EMA)": ["average_epochs=2"],
+    "cpu: focal loss": ["loss_curated=focal", "loss_noisy=focal"],
+    "cpu: LSEP ranking loss": ["loss_curated=lsep", "loss_noisy=lsep"],
+    "union: + background + level/EQ": ["@demo", *_UNION, "background_curated=0.3", "background_noisy=0.3",
+                                       "level_eq_curated=true", "level_eq_noisy=true"],
+    "union: + weight averaging (EMA)": ["@demo", *_UNION, "average_epochs=2"],
+    "union: 2x epochs (24 + 60)": ["@demo", *_UNION, "epochs_noisy=24", "epochs_curated=60"],
+    "half noisy: + level/EQ": ["@demo", *_SHARE, "level_eq_curated=true", "level_eq_noisy=true"],
+    "half noisy: + Lsoft loss in stage 1": ["@demo", *_SHARE, "loss_noisy=lsoft"],
+    "half noisy: + noisy-clip selection": ["@demo", *_SHARE, "select_noisy=true"],
+    "half noisy: 32 kHz, 64 mels": ["@demo", *_SHARE, "sample_rate=32000", "n_fft=1024", "win_length=1024",
+                                    "hop_length=500", "n_mels=64", "f_max=16000"],
 }
 
 
@@ -98,6 +112,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_dir: Path) -> dict:
     preset = next((s[1:] for s in sets if s.startswith("@")), args.preset)
     sets = [s for s in sets if not s.startswith("@")] + list(args.sets)
+    if not args.keep_budget:  # the same recipe whatever the machine's speed: scores reproduce exactly
+        sets = ["time_budget=0", *sets]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
     work = Path(args.out) / slug / f"{family}-d{args.data_seed}" / f"seed{seed}"
     result_file = work / "result.json"
@@ -167,6 +183,9 @@ def main(argv=None) -> dict:
     p.add_argument("--jobs", type=int, default=1, help="runs at once (give each --threads 1 on 2 cores)")
     p.add_argument("--threads", type=int, default=None, help="OMP threads per run (default: torch's own)")
     p.add_argument("--force", action="store_true", help="rerun even when a finished result exists")
+    p.add_argument("--keep-budget", action="store_true",
+                   help="keep the preset's time budget (default: off, so that a slower or busier machine runs the "
+                        "same recipe and the scores reproduce)")
     args = p.parse_args(argv)
 
     variants = dict(parse_variant(v) for v in args.variant)
