@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 890d748b65c0). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash d10ba1c607cc). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -10,23 +10,23 @@
 # Embedded files:
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
-#   src/fattag/augment.py                      219 lines
+#   src/fattag/augment.py                      212 lines
 #   src/fattag/budget.py                       335 lines
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   117 lines
-#   src/fattag/cli.py                           64 lines
-#   src/fattag/config.py                       192 lines
+#   src/fattag/cli.py                           63 lines
+#   src/fattag/config.py                       217 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     229 lines
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
-#   src/fattag/model.py                         81 lines
+#   src/fattag/model.py                         97 lines
 #   src/fattag/predict.py                      149 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/report.py                       399 lines
 #   src/fattag/select.py                        64 lines
-#   src/fattag/session.py                      129 lines
+#   src/fattag/session.py                      136 lines
 #   src/fattag/submission.py                    70 lines
 #   src/fattag/train.py                        355 lines
 #   src/run.py                                 144 lines
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '890d748b65c0'
+BUILD_HASH = 'd10ba1c607cc'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -371,6 +371,8 @@ relative to the clip's own level, so "-6 dB" means what it means for the test mi
 - BackgroundMix: add a partner far below the clip's level as background; the labels stay the clip's own.
 - LevelEQ: random overall gain, a spectral tilt and sometimes a low-pass: level and colour of a recording should
   not decide its class.
+- FreqShift: the whole spectrum moved up or down by a few mel bands (a small pitch/formant shift): another
+  speaker, another instrument sample bank.
 """
 from __future__ import annotations
 
@@ -481,85 +483,73 @@ def level_eq(x: torch.Tensor, gain_db: float, tilt_db: float, lowpass_p: float) 
     return (x.float() + change.view(b, 1, f, 1)).to(x.dtype)
 
 
+def freq_shift(x: torch.Tensor, max_bands: int) -> torch.Tensor:
+    """Per item: move the spectrum by a random whole number of mel bands in [-max_bands, max_bands]; the bands that
+    come in at the edge repeat the edge band."""
+    b, f = x.shape[0], x.shape[2]
+    shift = torch.randint(-max_bands, max_bands + 1, (b,), device=x.device)
+    src = (torch.arange(f, device=x.device)[None, :] - shift[:, None]).clamp(0, f - 1)      # (B, F)
+    return torch.gather(x, 2, src.view(b, 1, f, 1).expand_as(x))
+
+
 class BatchAugment(Callback):
-    """Base: transform (x, y) of each training batch on the device; `fill` is the neutral log-mel value."""
+    """Base: `fn(x, y, *params) -> (x, y)` on each training batch, on the device. Subclasses name the function
+    and their place in the order; validation batches are never touched (`run_valid = False`)."""
     run_valid = False
     order = 60
 
+    def __init__(self, *params):
+        self.params = params
+
     def before_batch(self):
-        x, y = self.augment(self.xb[0], self.yb[0])
+        x, y = type(self).fn(self.xb[0], self.yb[0], *self.params)
         self.learn.xb, self.learn.yb = (x,), (y,)
 
     def augment(self, x: torch.Tensor, y: torch.Tensor):
-        raise NotImplementedError
-
-
-class SpecAugment(BatchAugment):
-    """Time and frequency stripes (SpecAugment), filled with the model's input mean (a neutral value)."""
-    order = 70  # after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip
-
-    def __init__(self, cfg: Config, fill: float):
-        self.n_time, self.n_freq, self.fill = cfg.time_masks, cfg.freq_masks, fill
-        self.time_width = int(cfg.crop_frames * cfg.time_mask_frac)
-        self.freq_width = int(cfg.n_mels * cfg.freq_mask_frac)
-
-    def augment(self, x, y):
-        return spec_augment(x, self.n_time, self.time_width, self.n_freq, self.freq_width, self.fill), y
+        """The same transform outside a Learner (benchmarks, tests)."""
+        return type(self).fn(x, y, *self.params)
 
 
 class Mixup(BatchAugment):
-    """Classic mixup: a convex mix of two clips with the same mix of their labels (alpha: Beta(alpha, alpha))."""
-
-    def __init__(self, alpha: float):
-        self.alpha = alpha
-
-    def augment(self, x, y):
-        return mixup(x, y, self.alpha)
+    """Classic mixup (alpha): a convex mix of two clips with the same mix of their labels."""
+    fn = staticmethod(mixup)
 
 
 class UnionMix(BatchAugment):
-    order = 61
-
-    def __init__(self, p: float, gain_db: float):
-        self.p, self.gain_db = p, gain_db
-
-    def augment(self, x, y):
-        return union_mix(x, y, self.p, self.gain_db)
+    """(p, gain_db): add a partner; labels: the union."""
+    order, fn = 61, staticmethod(union_mix)
 
 
 class ConcatMix(BatchAugment):
-    order = 62
-
-    def __init__(self, p: float, gain_db: float):
-        self.p, self.gain_db = p, gain_db
-
-    def augment(self, x, y):
-        return concat_mix(x, y, self.p, self.gain_db)
+    """(p, gain_db): the partner after a cut; labels: the union."""
+    order, fn = 62, staticmethod(concat_mix)
 
 
 class BackgroundMix(BatchAugment):
-    order = 63
-
-    def __init__(self, p: float, snr_db: tuple[float, float]):
-        self.p, self.snr_db = p, snr_db
-
-    def augment(self, x, y):
-        return background_mix(x, y, self.p, *self.snr_db)
+    """(p, snr_lo, snr_hi): a partner far below as background; labels kept."""
+    order, fn = 63, staticmethod(background_mix)
 
 
 class LevelEQ(BatchAugment):
-    order = 64  # after mixing: the whole mixture is one recording with one level and colour
+    """(gain_db, tilt_db, lowpass_p): after mixing, so the whole mixture is one recording with one level and colour."""
+    order, fn = 64, staticmethod(lambda x, y, *p: (level_eq(x, *p), y))
 
-    def __init__(self, gain_db: float, tilt_db: float, lowpass_p: float):
-        self.gain_db, self.tilt_db, self.lowpass_p = gain_db, tilt_db, lowpass_p
 
-    def augment(self, x, y):
-        return level_eq(x, self.gain_db, self.tilt_db, self.lowpass_p), y
+class FreqShift(BatchAugment):
+    """(max_bands,): a small shift of the whole spectrum along the mel axis."""
+    order, fn = 65, staticmethod(lambda x, y, *p: (freq_shift(x, *p), y))
+
+
+class SpecAugment(BatchAugment):
+    """(n_time, time_width, n_freq, freq_width, fill): stripes filled with the model's input mean (a neutral value),
+    after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip."""
+    order, fn = 70, staticmethod(lambda x, y, *p: (spec_augment(x, *p), y))
 
 
 def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
     """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
-    order they act: mixing (mixup, union, concatenation, background), level/EQ, then SpecAugment stripes."""
+    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, then SpecAugment
+    stripes."""
     def value(name):
         return getattr(cfg, f"{name}_{stage}")
 
@@ -571,11 +561,14 @@ def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
     if value("concat_mix") > 0:
         cbs.append(ConcatMix(value("concat_mix"), cfg.mix_gain_db))
     if value("background") > 0:
-        cbs.append(BackgroundMix(value("background"), (cfg.background_snr_min, cfg.background_snr_max)))
+        cbs.append(BackgroundMix(value("background"), cfg.background_snr_min, cfg.background_snr_max))
     if value("level_eq"):
         cbs.append(LevelEQ(cfg.level_gain_db, cfg.eq_tilt_db, cfg.lowpass_p))
+    if value("freq_shift") > 0:
+        cbs.append(FreqShift(value("freq_shift")))
     if value("specaug"):
-        cbs.append(SpecAugment(cfg, fill))
+        cbs.append(SpecAugment(cfg.time_masks, int(cfg.crop_frames * cfg.time_mask_frac), cfg.freq_masks,
+                               int(cfg.n_mels * cfg.freq_mask_frac), fill))
     return sorted(cbs, key=lambda cb: cb.order)
 ''')
 
@@ -1207,25 +1200,23 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .config import KAGGLE_DATA_DIR, PRESETS, parse_duration
+from .config import KAGGLE_DATA_DIR, PRESET_USE, PRESETS, parse_duration
 
 
 def _preset_lines() -> str:
-    lines = []
-    for name, values in PRESETS.items():
-        shown = ", ".join(f"{k}={v}" for k, v in list(values.items())[:6])
-        lines.append(f"  {name:<10} {shown}{', ...' if len(values) > 6 else ''}")
-    return "\n".join(lines)
+    return "\n".join(f"  {name:<10} {PRESET_USE[name]}" for name in PRESETS)
 
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     epilog = textwrap.dedent("""\
-        presets (any value can be overridden with --set name=value):
+        presets (values in src/fattag/config.py; any value can be overridden with --set name=value;
+        default: demo on the demo data, on real data kaggle-1h with a GPU and cpu without one):
         {presets}
 
         examples:
           python src/run.py                                  # demo dataset, demo preset, CPU, a few minutes
           python src/run.py --data-dir /data/fat2019 --preset kaggle-1h --work-dir runs/full
+          python src/run.py --data-dir /data/small --preset cpu  # real recordings, no GPU: under 10 minutes
           python src/run.py --set epochs_curated=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
@@ -1242,7 +1233,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="folder for every output of the run: config, logs, metrics, weights, oof.csv, "
                         "submission.csv (default: /kaggle/working on Kaggle, else runs/<preset>)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="named set of values (default: demo for the demo dataset, kaggle-1h otherwise)")
+                   help="named set of values (default: demo for the demo dataset; on real data kaggle-1h with a "
+                        "GPU, cpu without one)")
     p.add_argument("--seed", type=int, default=None, help="random seed for folds, crops and weights (default 42)")
     p.add_argument("--folds", type=int, default=None, help="number of curated folds K (default: the preset's)")
     p.add_argument("--time-budget", default=None, metavar="DURATION",
@@ -1300,11 +1292,12 @@ class Config:
     crop_seconds: float = 4.0     # training crop and inference window (256 frames at 44.1 kHz / hop 690)
 
     # --- model (fastai xresnet family) ---
-    arch: str = "xresnet18"       # xresnet18/34/50 or "xresnet_tiny" for CPU demos
+    arch: str = "xresnet18"       # xresnet18/34/50, or xresnet_tiny / xresnet_small for CPU runs
     self_attention: bool = True
     mish: bool = True
     dropout: float = 0.2
     input_norm: str = "global"    # global: fixed mean/std; band: also each band's median over the crop subtracted
+    pool: str = "avg"             # avg: global average; freqmean_timemax: mean over frequency, mean + max over time
 
     # --- training ---
     folds: int = 5
@@ -1337,6 +1330,8 @@ class Config:
     background_snr_max: float = 25.0
     level_eq_noisy: bool = False  # random gain, spectral tilt and low-pass per item
     level_eq_curated: bool = False
+    freq_shift_noisy: int = 0     # largest shift of the spectrum, in mel bands, per item (0 = off)
+    freq_shift_curated: int = 0
     level_gain_db: float = 10.0
     eq_tilt_db: float = 10.0
     lowpass_p: float = 0.25
@@ -1377,7 +1372,7 @@ class Config:
 # Groups of settings that a checkpoint records (see model.model_meta and predict.prediction_config).
 FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
                 "trim_silence", "trim_db", "crop_seconds")
-MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm")
+MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
 INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "batch_size")
 
 
@@ -1390,18 +1385,40 @@ PRESETS: dict[str, dict] = {
         folds=3, batch_size=32, lr_noisy=4e-3, lr_curated=3e-3,
         epochs_noisy=12, epochs_curated=30, mixup_curated=0.2,
     ),
+    # Real recordings without a GPU (the default on real data when there is no CUDA): a dataset of ~1,500 clips,
+    # 1-2 h of audio and ~20 classes trains and predicts in under 10 minutes on 2 CPU cores. Chosen by test lwlrap
+    # on the realdev sets (README): union mixing in both stages, stage-2 batches half curated and half noisy, a
+    # longer stage 1 and a small xresnet; the budget keeps a slower machine inside the 10 minutes.
+    "cpu": dict(
+        sample_rate=16000, n_fft=512, win_length=400, hop_length=250, n_mels=48, f_min=20.0, f_max=8000.0,
+        crop_seconds=2.0, arch="xresnet_small", self_attention=False, mish=False, dropout=0.1,
+        folds=3, batch_size=32, lr_noisy=4e-3, lr_curated=3e-3, epochs_noisy=30, epochs_curated=30,
+        mixup_curated=0.2, union_mix_noisy=0.5, union_mix_curated=0.5, noisy_share_curated=0.5,
+        time_budget=570.0,
+    ),
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
-    # Kaggle GPU (P100 / T4). Sized for ~700 training clips/s (about 32 min of training on FAT2019); the
+    # Kaggle GPU (P100 / T4). The cpu preset's recipe (union mixing, stage-2 batches half noisy) at FAT2019's
+    # feature settings; sized for ~700 training clips/s (about 42 min of training and prediction on FAT2019). The
     # time-budget planner cuts epochs (then folds) to what the measured GPU speed allows.
     "kaggle-1h": dict(
-        arch="xresnet18", folds=5, batch_size=64, epochs_noisy=12, epochs_curated=35,
-        time_budget=3300.0,
+        arch="xresnet18", folds=5, batch_size=64, epochs_noisy=15, epochs_curated=25,
+        union_mix_noisy=0.5, union_mix_curated=0.5, noisy_share_curated=0.5, time_budget=3300.0,
     ),
     # A long Kaggle GPU session (9 h allowed; planned for 8.5 h): deeper model, more epochs, TTA passes.
     "kaggle-9h": dict(
-        arch="xresnet34", folds=5, batch_size=64, epochs_noisy=25, epochs_curated=60,
+        arch="xresnet34", folds=5, batch_size=64, epochs_noisy=30, epochs_curated=40,
+        union_mix_noisy=0.5, union_mix_curated=0.5, noisy_share_curated=0.5,
         tta_aug_passes=2, time_budget=8.5 * 3600,
     ),
+}
+
+
+# One line per preset for --help: what it is for.
+PRESET_USE = {
+    "demo": "the synthetic demo data (a smoke test of the pipeline); ~3 min on 2 CPU cores",
+    "cpu": "real recordings without a GPU: ~1,500 clips / 1-2 h of audio in under 10 min on 2 cores",
+    "kaggle-1h": "FAT2019 on a Kaggle GPU: two stages, 5 folds and TTA inside the 1-hour kernel limit",
+    "kaggle-9h": "a long Kaggle GPU session: xresnet34, more epochs, augmented TTA passes (8.5 h)",
 }
 
 
@@ -2697,6 +2714,7 @@ from torch import nn
 from .config import MODEL_KEYS, Config
 
 ARCHS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
+SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, channels x widen
 
 
 class InputNorm(nn.Module):
@@ -2719,6 +2737,16 @@ class InputNorm(nn.Module):
         return (x - self.mean) / self.std
 
 
+class FreqMeanTimeMax(nn.Module):
+    """Pooling of the last feature map (B, C, F, T) -> (B, C): the mean over frequency, then the mean plus the max
+    over time. A short event (a door, a gunshot) is not averaged away by the silence around it (FAT2019 2nd place:
+    max over time with average over frequency "gained a lot")."""
+
+    def forward(self, x):
+        x = x.mean(2)
+        return x.mean(-1) + x.amax(-1)
+
+
 def input_mean(model: nn.Module) -> float:
     """The log-mel value that the model's input normalisation maps to zero: the neutral fill for masks."""
     norm = model[0] if isinstance(model, nn.Sequential) else None
@@ -2730,12 +2758,17 @@ def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0
         raise ValueError(f"unknown input_norm {cfg.input_norm!r}: global or band")
     act = nn.Mish if cfg.mish else nn.ReLU
     kw = dict(c_in=1, n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
-    if cfg.arch == "xresnet_tiny":  # a few hundred thousand weights: CPU demos and tests
-        body = XResNet(ResBlock, 1, [1, 1, 1, 1], stem_szs=(16, 32, 64), widen=0.25, **kw)
+    if cfg.arch in SMALL:  # a few hundred thousand to a few million weights: CPU runs, demos and tests
+        body = XResNet(ResBlock, 1, [1, 1, 1, 1], stem_szs=(16, 32, 64), widen=SMALL[cfg.arch], **kw)
     elif cfg.arch in ARCHS:
         body = ARCHS[cfg.arch](**kw)
     else:
-        raise ValueError(f"unknown arch {cfg.arch!r}: xresnet_tiny, {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {cfg.arch!r}: {', '.join([*SMALL, *ARCHS])}")
+    if cfg.pool == "freqmean_timemax":  # fastai's head: AdaptiveAvgPool2d(1), Flatten, Dropout, Linear
+        pool = next(i for i, m in enumerate(body) if isinstance(m, nn.AdaptiveAvgPool2d))
+        body[pool], body[pool + 1] = FreqMeanTimeMax(), nn.Identity()
+    elif cfg.pool != "avg":
+        raise ValueError(f"unknown pool {cfg.pool!r}: avg or freqmean_timemax")
     return nn.Sequential(InputNorm(mean, std, per_band=cfg.input_norm == "band"), body)
 
 
@@ -3549,8 +3582,8 @@ def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
     if kept_file.exists():  # a restarted run reuses its selection
         return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
     t0 = time.time()
-    spec = StageSpec.for_stage(cfg, "curated", "selection scorer (curated)", s.work_dir / "select",
-                               cfg.select_epochs, cfg.seed + 2000, s.device)
+    spec = StageSpec.for_stage(s, "curated", "selection scorer (curated)", s.work_dir / "select", cfg.select_epochs,
+                               cfg.seed + 2000)
     train_idx, hold_idx = holdout_split(np.flatnonzero(d.curated.ok), SELECT_HOLDOUT, spec.seed)
     model = build_model(cfg, len(d.classes), *d.stats)
     res = fit_stage(model, Clips(d.curated, train_idx), Clips(d.curated, hold_idx), spec,
@@ -3672,6 +3705,13 @@ def setup_logging(log_file: Path | None = None) -> None:
     logger.propagate = False
 
 
+def default_preset(is_demo: bool) -> str:
+    """demo for the demo data; on real data kaggle-1h with a GPU, cpu without one."""
+    if is_demo:
+        return "demo"
+    return "kaggle-1h" if torch.cuda.is_available() else "cpu"
+
+
 def open_session(args) -> Session:
     """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset and the work folder."""
     data_dir = find_data_dir(args.data_dir)
@@ -3681,7 +3721,7 @@ def open_session(args) -> Session:
         setup_logging()
         log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
         data_dir = make_demo_dataset(seed=42)
-    preset = args.preset or ("demo" if is_demo else "kaggle-1h")
+    preset = args.preset or default_preset(is_demo)
     overrides = {"seed": args.seed}
     for name in ("folds",):
         overrides[name] = getattr(args, name, None)
@@ -3859,9 +3899,11 @@ class StageSpec:
     device: str = "cpu"
 
     @classmethod
-    def for_stage(cls, cfg: Config, stage: str, label: str, out_dir, epochs: int, seed: int, device) -> StageSpec:
+    def for_stage(cls, s: Session, stage: str, label: str, out_dir, epochs: int, seed: int) -> StageSpec:
+        """The spec of a `stage` ('noisy' or 'curated') of this run, from the config's per-stage values."""
+        cfg = s.cfg
         return cls(label, stage, Path(out_dir), epochs, getattr(cfg, f"lr_{stage}"), getattr(cfg, f"loss_{stage}"),
-                   seed, cfg, str(device))
+                   seed, cfg, str(s.device))
 
 
 @dataclass
@@ -4010,8 +4052,7 @@ def train_stage1(s: Session, d: TrainingData) -> dict | None:
         log.info("stage 1 skipped (%s)", "no noisy set" if noisy is None else
                  "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
         return None
-    spec = StageSpec.for_stage(cfg, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000,
-                               s.device)
+    spec = StageSpec.for_stage(s, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000)
     done = StageDir(spec.out_dir).finished()
     if done is not None:
         return done[1]
@@ -4066,8 +4107,7 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
     """
     cfg = s.cfg
     epochs = s.budget.epochs_for(k) if s.budget else cfg.epochs_curated
-    spec = StageSpec.for_stage(cfg, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k,
-                               s.device)
+    spec = StageSpec.for_stage(s, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k)
     done = StageDir(spec.out_dir).finished()
     if done is not None:
         return model_from_state(*done), done[0]

@@ -56,8 +56,9 @@ def test_mixup_keeps_shapes_and_label_mass():
 
 # ---------------------------------------------------------------- mixing in the power domain
 
-from fattag.augment import (DB, BackgroundMix, ConcatMix, LevelEQ, Mixup, SpecAugment, UnionMix, add_power,  # noqa: E402
-                            augment_policy, background_mix, concat_mix, level_db, level_eq, union_mix)
+from fattag.augment import (DB, BackgroundMix, ConcatMix, FreqShift, LevelEQ, Mixup, SpecAugment,  # noqa: E402
+                            UnionMix, add_power, augment_policy, background_mix, concat_mix, level_db, level_eq,
+                            union_mix)
 from fattag.config import make_config  # noqa: E402
 
 FLOOR = -120.0  # "silence" in these constructed batches
@@ -147,8 +148,21 @@ def test_level_eq_gain_tilt_and_lowpass():
 
 def test_augment_policy_follows_the_config_in_order():
     cfg = make_config("demo", sets=["union_mix_curated=0.5", "concat_mix_curated=0.2", "background_curated=0.3",
-                                    "level_eq_curated=true", "mixup_curated=0.4"])
+                                    "level_eq_curated=true", "mixup_curated=0.4", "freq_shift_curated=2"])
     kinds = [type(cb) for cb in augment_policy(cfg, "curated", -40.0)]
-    assert kinds == [Mixup, UnionMix, ConcatMix, BackgroundMix, LevelEQ, SpecAugment]
+    assert kinds == [Mixup, UnionMix, ConcatMix, BackgroundMix, LevelEQ, FreqShift, SpecAugment]
     assert [type(cb) for cb in augment_policy(cfg, "noisy", -40.0)] == [SpecAugment]
     assert all(cb.run_valid is False for cb in augment_policy(cfg, "curated", -40.0))
+
+
+def test_freq_shift_moves_whole_spectra_by_at_most_k_bands():
+    from fattag.augment import freq_shift
+    torch.manual_seed(0)
+    b, f = 64, 16
+    x = torch.arange(f, dtype=torch.float32).view(1, 1, f, 1).expand(b, 1, f, 5).clone()
+    out = freq_shift(x, 3)
+    shift = x[:, 0, 8, 0] - out[:, 0, 8, 0]                   # band 8 now holds band 8 - shift
+    assert set(shift.long().tolist()) == set(range(-3, 4))
+    for i in range(b):
+        expected = (torch.arange(f) - shift[i]).clamp(0, f - 1)
+        assert torch.equal(out[i, 0, :, 0], expected) and torch.equal(out[i, 0, :, 0], out[i, 0, :, 4])

@@ -62,24 +62,24 @@ def test_budget_replans_upward_when_stages_run_faster_than_measured():
     """A pessimistic measurement cuts folds; once the stages are seen to run 4x faster, the cut folds and epochs
     come back (never beyond the requested recipe)."""
     b = _budget(Throughput(1 / 100, 1 / 400, "slow measurement"), 3000)
-    assert b.plan.folds_trained < 5 or b.plan.epochs_curated < 35
+    assert b.plan.folds_trained < 5 or b.plan.epochs_curated < b.requested.epochs_curated
     first = b.plan
     for kind in ("noisy_epoch", "fold_epoch", "oof_predict"):
         predicted = stage_costs(b.requested, FAT2019, b.tp, 0)[kind]
         b.measured(kind, predicted / 4, 1)
     epochs = b.epochs_for(0)
     assert (b.plan.folds_trained, epochs) > (first.folds_trained, first.epochs_curated)
-    assert epochs <= 35 and b.plan.folds_trained <= 5
+    assert epochs <= b.requested.epochs_curated and b.plan.folds_trained <= 5
     assert any("re-planned before fold 0" in n for n in b.plan.notes)
 
 
 def test_budget_replans_downward_when_stages_run_slower():
     b = _budget(Throughput(1 / 2000, 1 / 8000, "fast measurement"), 3000)
-    assert (b.plan.folds_trained, b.plan.epochs_curated) == (5, 35)
+    assert (b.plan.folds_trained, b.plan.epochs_curated) == (5, b.requested.epochs_curated)
     predicted = stage_costs(b.requested, FAT2019, b.tp, 0)["fold_epoch"]
     b.measured("fold_epoch", predicted * 8, 1)   # eight times slower than measured
     epochs = b.epochs_for(0)
-    assert epochs < 35 or b.plan.folds_trained < 5
+    assert epochs < b.requested.epochs_curated or b.plan.folds_trained < 5
     c = b.costs()
     need = b.plan.folds_trained * (epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"])
     assert need <= b.remaining()
@@ -193,7 +193,7 @@ def test_time_left_at_the_end_buys_augmented_test_passes():
 
 def test_selection_and_noisy_top_up_are_priced():
     tp = Throughput(1 / 300, 1 / 1200, "gpu-ish")
-    plain = stage_costs(make_config("kaggle-1h"), FAT2019, tp, 0)
+    plain = stage_costs(make_config("kaggle-1h", sets=["noisy_share_curated=0"]), FAT2019, tp, 0)
     w = Workload(**{**FAT2019.__dict__, "noisy_windows": 80000})
     sel = stage_costs(make_config("kaggle-1h", sets=["select_noisy=true", "select_epochs=4"]), w, tp, 0)
     assert plain["select"] == 0 and sel["select"] > 80000 / 1200 + 4 * 4970 / 300

@@ -350,6 +350,9 @@ def test_real_bundle_starts_and_prints_its_hash(tmp_path):
     digest = bk.source_hash(bk.collect_sources(SRC))
     assert proc.stdout.splitlines()[0].startswith(f"fattag kernel: sources {digest}, ")
     assert "usage:" in proc.stdout
+    from fattag.config import PRESET_USE, PRESETS
+    assert set(PRESET_USE) == set(PRESETS)  # --help says what every preset is for
+    assert all(PRESET_USE[name] in " ".join(proc.stdout.split()) for name in PRESETS)
 
 
 # --- end to end ----------------------------------------------------------------------------------

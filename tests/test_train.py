@@ -96,8 +96,9 @@ def test_the_best_epoch_is_kept_not_the_last(stores, tmp_path, monkeypatch):
 
 def test_stage_specs_differ_only_by_their_stage_values():
     cfg = make_config("demo", sets=["lr_noisy=0.01", "lr_curated=0.002", "loss_noisy=lsoft"])
-    noisy = train.StageSpec.for_stage(cfg, "noisy", "s1", "/tmp/a", 5, 1, "cpu")
-    curated = train.StageSpec.for_stage(cfg, "curated", "f0", "/tmp/b", 7, 2, "cpu")
+    s = session(cfg, Path("/tmp"))
+    noisy = train.StageSpec.for_stage(s, "noisy", "s1", "/tmp/a", 5, 1)
+    curated = train.StageSpec.for_stage(s, "curated", "f0", "/tmp/b", 7, 2)
     assert (noisy.lr, noisy.loss, noisy.epochs) == (0.01, "lsoft", 5)
     assert (curated.lr, curated.loss, curated.epochs) == (0.002, "bce", 7)
     assert noisy.cfg is curated.cfg

@@ -11,6 +11,8 @@ relative to the clip's own level, so "-6 dB" means what it means for the test mi
 - BackgroundMix: add a partner far below the clip's level as background; the labels stay the clip's own.
 - LevelEQ: random overall gain, a spectral tilt and sometimes a low-pass: level and colour of a recording should
   not decide its class.
+- FreqShift: the whole spectrum moved up or down by a few mel bands (a small pitch/formant shift): another
+  speaker, another instrument sample bank.
 """
 from __future__ import annotations
 
@@ -121,85 +123,73 @@ def level_eq(x: torch.Tensor, gain_db: float, tilt_db: float, lowpass_p: float) 
     return (x.float() + change.view(b, 1, f, 1)).to(x.dtype)
 
 
+def freq_shift(x: torch.Tensor, max_bands: int) -> torch.Tensor:
+    """Per item: move the spectrum by a random whole number of mel bands in [-max_bands, max_bands]; the bands that
+    come in at the edge repeat the edge band."""
+    b, f = x.shape[0], x.shape[2]
+    shift = torch.randint(-max_bands, max_bands + 1, (b,), device=x.device)
+    src = (torch.arange(f, device=x.device)[None, :] - shift[:, None]).clamp(0, f - 1)      # (B, F)
+    return torch.gather(x, 2, src.view(b, 1, f, 1).expand_as(x))
+
+
 class BatchAugment(Callback):
-    """Base: transform (x, y) of each training batch on the device; `fill` is the neutral log-mel value."""
+    """Base: `fn(x, y, *params) -> (x, y)` on each training batch, on the device. Subclasses name the function
+    and their place in the order; validation batches are never touched (`run_valid = False`)."""
     run_valid = False
     order = 60
 
+    def __init__(self, *params):
+        self.params = params
+
     def before_batch(self):
-        x, y = self.augment(self.xb[0], self.yb[0])
+        x, y = type(self).fn(self.xb[0], self.yb[0], *self.params)
         self.learn.xb, self.learn.yb = (x,), (y,)
 
     def augment(self, x: torch.Tensor, y: torch.Tensor):
-        raise NotImplementedError
-
-
-class SpecAugment(BatchAugment):
-    """Time and frequency stripes (SpecAugment), filled with the model's input mean (a neutral value)."""
-    order = 70  # after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip
-
-    def __init__(self, cfg: Config, fill: float):
-        self.n_time, self.n_freq, self.fill = cfg.time_masks, cfg.freq_masks, fill
-        self.time_width = int(cfg.crop_frames * cfg.time_mask_frac)
-        self.freq_width = int(cfg.n_mels * cfg.freq_mask_frac)
-
-    def augment(self, x, y):
-        return spec_augment(x, self.n_time, self.time_width, self.n_freq, self.freq_width, self.fill), y
+        """The same transform outside a Learner (benchmarks, tests)."""
+        return type(self).fn(x, y, *self.params)
 
 
 class Mixup(BatchAugment):
-    """Classic mixup: a convex mix of two clips with the same mix of their labels (alpha: Beta(alpha, alpha))."""
-
-    def __init__(self, alpha: float):
-        self.alpha = alpha
-
-    def augment(self, x, y):
-        return mixup(x, y, self.alpha)
+    """Classic mixup (alpha): a convex mix of two clips with the same mix of their labels."""
+    fn = staticmethod(mixup)
 
 
 class UnionMix(BatchAugment):
-    order = 61
-
-    def __init__(self, p: float, gain_db: float):
-        self.p, self.gain_db = p, gain_db
-
-    def augment(self, x, y):
-        return union_mix(x, y, self.p, self.gain_db)
+    """(p, gain_db): add a partner; labels: the union."""
+    order, fn = 61, staticmethod(union_mix)
 
 
 class ConcatMix(BatchAugment):
-    order = 62
-
-    def __init__(self, p: float, gain_db: float):
-        self.p, self.gain_db = p, gain_db
-
-    def augment(self, x, y):
-        return concat_mix(x, y, self.p, self.gain_db)
+    """(p, gain_db): the partner after a cut; labels: the union."""
+    order, fn = 62, staticmethod(concat_mix)
 
 
 class BackgroundMix(BatchAugment):
-    order = 63
-
-    def __init__(self, p: float, snr_db: tuple[float, float]):
-        self.p, self.snr_db = p, snr_db
-
-    def augment(self, x, y):
-        return background_mix(x, y, self.p, *self.snr_db)
+    """(p, snr_lo, snr_hi): a partner far below as background; labels kept."""
+    order, fn = 63, staticmethod(background_mix)
 
 
 class LevelEQ(BatchAugment):
-    order = 64  # after mixing: the whole mixture is one recording with one level and colour
+    """(gain_db, tilt_db, lowpass_p): after mixing, so the whole mixture is one recording with one level and colour."""
+    order, fn = 64, staticmethod(lambda x, y, *p: (level_eq(x, *p), y))
 
-    def __init__(self, gain_db: float, tilt_db: float, lowpass_p: float):
-        self.gain_db, self.tilt_db, self.lowpass_p = gain_db, tilt_db, lowpass_p
 
-    def augment(self, x, y):
-        return level_eq(x, self.gain_db, self.tilt_db, self.lowpass_p), y
+class FreqShift(BatchAugment):
+    """(max_bands,): a small shift of the whole spectrum along the mel axis."""
+    order, fn = 65, staticmethod(lambda x, y, *p: (freq_shift(x, *p), y))
+
+
+class SpecAugment(BatchAugment):
+    """(n_time, time_width, n_freq, freq_width, fill): stripes filled with the model's input mean (a neutral value),
+    after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip."""
+    order, fn = 70, staticmethod(lambda x, y, *p: (spec_augment(x, *p), y))
 
 
 def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
     """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
-    order they act: mixing (mixup, union, concatenation, background), level/EQ, then SpecAugment stripes."""
+    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, then SpecAugment
+    stripes."""
     def value(name):
         return getattr(cfg, f"{name}_{stage}")
 
@@ -211,9 +201,12 @@ def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
     if value("concat_mix") > 0:
         cbs.append(ConcatMix(value("concat_mix"), cfg.mix_gain_db))
     if value("background") > 0:
-        cbs.append(BackgroundMix(value("background"), (cfg.background_snr_min, cfg.background_snr_max)))
+        cbs.append(BackgroundMix(value("background"), cfg.background_snr_min, cfg.background_snr_max))
     if value("level_eq"):
         cbs.append(LevelEQ(cfg.level_gain_db, cfg.eq_tilt_db, cfg.lowpass_p))
+    if value("freq_shift") > 0:
+        cbs.append(FreqShift(value("freq_shift")))
     if value("specaug"):
-        cbs.append(SpecAugment(cfg, fill))
+        cbs.append(SpecAugment(cfg.time_masks, int(cfg.crop_frames * cfg.time_mask_frac), cfg.freq_masks,
+                               int(cfg.n_mels * cfg.freq_mask_frac), fill))
     return sorted(cbs, key=lambda cb: cb.order)

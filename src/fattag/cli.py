@@ -4,25 +4,23 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .config import KAGGLE_DATA_DIR, PRESETS, parse_duration
+from .config import KAGGLE_DATA_DIR, PRESET_USE, PRESETS, parse_duration
 
 
 def _preset_lines() -> str:
-    lines = []
-    for name, values in PRESETS.items():
-        shown = ", ".join(f"{k}={v}" for k, v in list(values.items())[:6])
-        lines.append(f"  {name:<10} {shown}{', ...' if len(values) > 6 else ''}")
-    return "\n".join(lines)
+    return "\n".join(f"  {name:<10} {PRESET_USE[name]}" for name in PRESETS)
 
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     epilog = textwrap.dedent("""\
-        presets (any value can be overridden with --set name=value):
+        presets (values in src/fattag/config.py; any value can be overridden with --set name=value;
+        default: demo on the demo data, on real data kaggle-1h with a GPU and cpu without one):
         {presets}
 
         examples:
           python src/run.py                                  # demo dataset, demo preset, CPU, a few minutes
           python src/run.py --data-dir /data/fat2019 --preset kaggle-1h --work-dir runs/full
+          python src/run.py --data-dir /data/small --preset cpu  # real recordings, no GPU: under 10 minutes
           python src/run.py --set epochs_curated=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
@@ -39,7 +37,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="folder for every output of the run: config, logs, metrics, weights, oof.csv, "
                         "submission.csv (default: /kaggle/working on Kaggle, else runs/<preset>)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="named set of values (default: demo for the demo dataset, kaggle-1h otherwise)")
+                   help="named set of values (default: demo for the demo dataset; on real data kaggle-1h with a "
+                        "GPU, cpu without one)")
     p.add_argument("--seed", type=int, default=None, help="random seed for folds, crops and weights (default 42)")
     p.add_argument("--folds", type=int, default=None, help="number of curated folds K (default: the preset's)")
     p.add_argument("--time-budget", default=None, metavar="DURATION",

@@ -12,6 +12,7 @@ from torch import nn
 from .config import MODEL_KEYS, Config
 
 ARCHS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
+SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, channels x widen
 
 
 class InputNorm(nn.Module):
@@ -34,6 +35,16 @@ class InputNorm(nn.Module):
         return (x - self.mean) / self.std
 
 
+class FreqMeanTimeMax(nn.Module):
+    """Pooling of the last feature map (B, C, F, T) -> (B, C): the mean over frequency, then the mean plus the max
+    over time. A short event (a door, a gunshot) is not averaged away by the silence around it (FAT2019 2nd place:
+    max over time with average over frequency "gained a lot")."""
+
+    def forward(self, x):
+        x = x.mean(2)
+        return x.mean(-1) + x.amax(-1)
+
+
 def input_mean(model: nn.Module) -> float:
     """The log-mel value that the model's input normalisation maps to zero: the neutral fill for masks."""
     norm = model[0] if isinstance(model, nn.Sequential) else None
@@ -45,12 +56,17 @@ def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0
         raise ValueError(f"unknown input_norm {cfg.input_norm!r}: global or band")
     act = nn.Mish if cfg.mish else nn.ReLU
     kw = dict(c_in=1, n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
-    if cfg.arch == "xresnet_tiny":  # a few hundred thousand weights: CPU demos and tests
-        body = XResNet(ResBlock, 1, [1, 1, 1, 1], stem_szs=(16, 32, 64), widen=0.25, **kw)
+    if cfg.arch in SMALL:  # a few hundred thousand to a few million weights: CPU runs, demos and tests
+        body = XResNet(ResBlock, 1, [1, 1, 1, 1], stem_szs=(16, 32, 64), widen=SMALL[cfg.arch], **kw)
     elif cfg.arch in ARCHS:
         body = ARCHS[cfg.arch](**kw)
     else:
-        raise ValueError(f"unknown arch {cfg.arch!r}: xresnet_tiny, {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {cfg.arch!r}: {', '.join([*SMALL, *ARCHS])}")
+    if cfg.pool == "freqmean_timemax":  # fastai's head: AdaptiveAvgPool2d(1), Flatten, Dropout, Linear
+        pool = next(i for i, m in enumerate(body) if isinstance(m, nn.AdaptiveAvgPool2d))
+        body[pool], body[pool + 1] = FreqMeanTimeMax(), nn.Identity()
+    elif cfg.pool != "avg":
+        raise ValueError(f"unknown pool {cfg.pool!r}: avg or freqmean_timemax")
     return nn.Sequential(InputNorm(mean, std, per_band=cfg.input_norm == "band"), body)
 
 

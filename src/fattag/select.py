@@ -43,8 +43,8 @@ def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
     if kept_file.exists():  # a restarted run reuses its selection
         return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
     t0 = time.time()
-    spec = StageSpec.for_stage(cfg, "curated", "selection scorer (curated)", s.work_dir / "select",
-                               cfg.select_epochs, cfg.seed + 2000, s.device)
+    spec = StageSpec.for_stage(s, "curated", "selection scorer (curated)", s.work_dir / "select", cfg.select_epochs,
+                               cfg.seed + 2000)
     train_idx, hold_idx = holdout_split(np.flatnonzero(d.curated.ok), SELECT_HOLDOUT, spec.seed)
     model = build_model(cfg, len(d.classes), *d.stats)
     res = fit_stage(model, Clips(d.curated, train_idx), Clips(d.curated, hold_idx), spec,

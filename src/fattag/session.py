@@ -99,6 +99,13 @@ def setup_logging(log_file: Path | None = None) -> None:
     logger.propagate = False
 
 
+def default_preset(is_demo: bool) -> str:
+    """demo for the demo data; on real data kaggle-1h with a GPU, cpu without one."""
+    if is_demo:
+        return "demo"
+    return "kaggle-1h" if torch.cuda.is_available() else "cpu"
+
+
 def open_session(args) -> Session:
     """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset and the work folder."""
     data_dir = find_data_dir(args.data_dir)
@@ -108,7 +115,7 @@ def open_session(args) -> Session:
         setup_logging()
         log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
         data_dir = make_demo_dataset(seed=42)
-    preset = args.preset or ("demo" if is_demo else "kaggle-1h")
+    preset = args.preset or default_preset(is_demo)
     overrides = {"seed": args.seed}
     for name in ("folds",):
         overrides[name] = getattr(args, name, None)

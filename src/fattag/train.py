@@ -81,9 +81,11 @@ class StageSpec:
     device: str = "cpu"
 
     @classmethod
-    def for_stage(cls, cfg: Config, stage: str, label: str, out_dir, epochs: int, seed: int, device) -> StageSpec:
+    def for_stage(cls, s: Session, stage: str, label: str, out_dir, epochs: int, seed: int) -> StageSpec:
+        """The spec of a `stage` ('noisy' or 'curated') of this run, from the config's per-stage values."""
+        cfg = s.cfg
         return cls(label, stage, Path(out_dir), epochs, getattr(cfg, f"lr_{stage}"), getattr(cfg, f"loss_{stage}"),
-                   seed, cfg, str(device))
+                   seed, cfg, str(s.device))
 
 
 @dataclass
@@ -232,8 +234,7 @@ def train_stage1(s: Session, d: TrainingData) -> dict | None:
         log.info("stage 1 skipped (%s)", "no noisy set" if noisy is None else
                  "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
         return None
-    spec = StageSpec.for_stage(cfg, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000,
-                               s.device)
+    spec = StageSpec.for_stage(s, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000)
     done = StageDir(spec.out_dir).finished()
     if done is not None:
         return done[1]
@@ -288,8 +289,7 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
     """
     cfg = s.cfg
     epochs = s.budget.epochs_for(k) if s.budget else cfg.epochs_curated
-    spec = StageSpec.for_stage(cfg, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k,
-                               s.device)
+    spec = StageSpec.for_stage(s, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k)
     done = StageDir(spec.out_dir).finished()
     if done is not None:
         return model_from_state(*done), done[0]
