@@ -30,6 +30,7 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", type=float, default=120.0, help="seconds")
     p.add_argument("--data-dir", default=None, help="dataset (default: the run's own default)")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--keep", default=None, help="keep each run's work dir under this folder (default: a temp dir)")
     a = p.parse_args(argv)
     from fattag.config import make_config
     margin = make_config(a.preset).safety_margin
@@ -39,7 +40,8 @@ def main(argv=None) -> dict:
           f"machine: {info['cpu']} | {info['cores']} cores | load avg {info.get('load_avg_1m', '?')}", flush=True)
     rows, runs = [], []
     for i in range(a.repeat):
-        with tempfile.TemporaryDirectory() as work:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = str(Path(a.keep) / f"run{i + 1}") if a.keep else tmp
             cmd = [sys.executable, str(REPO / "src" / "run.py"), "--preset", a.preset, "--time-budget", str(a.budget),
                    "--work-dir", work, *(["--data-dir", a.data_dir] if a.data_dir else [])]
             t0 = time.time()

@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash d10ba1c607cc). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 83272e36b7ec). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,7 +11,7 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      212 lines
-#   src/fattag/budget.py                       335 lines
+#   src/fattag/budget.py                       339 lines
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   117 lines
 #   src/fattag/cli.py                           63 lines
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'd10ba1c607cc'
+BUILD_HASH = '83272e36b7ec'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -720,8 +720,10 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
         select=(cfg.select_epochs * (w.curated * train + w.curated_windows * SELECT_HOLDOUT * infer)
                 + w.noisy_windows * infer) if selecting else 0.0,
     )
-    scale = scale or {}
+    scale = dict(scale or {})
     default = _geomean(list(scale.values())) if scale else 1.0
+    if "oof_predict" in scale:   # test TTA is the same kind of work as OOF prediction: windows through the model
+        scale.setdefault("test_predict", scale["oof_predict"])
     return {kind: secs * scale.get(kind, default) for kind, secs in base.items()}
 
 
@@ -867,6 +869,8 @@ class Budget:
 
         avail = self.remaining()
         _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total, avail)
+        if k > 0 and avail is not None and total(0, e2, n, passes) > avail:
+            n, notes = 0, ["no time for another fold at its floor"]  # fold 0 always trains; later ones must fit
         c = self.costs(passes)
         kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold")]
         done = [(f"fold {j}", secs) for j, (name, secs) in enumerate(
@@ -883,7 +887,7 @@ class Budget:
         if self.deadline is None or n_models == 0:
             return planned
         per_pass = n_models * self.costs(0)["test_predict"]
-        fit = int(self.remaining() // max(per_pass, 1e-9)) - 1
+        fit = int(self.remaining() // max(per_pass, 1e-9)) - 2   # the plain pass, and one spare for the estimate
         passes = max(0, min(fit, max(planned, self.requested.tta_fill_passes)))
         if passes != planned:
             self.plan.notes.append(f"test TTA: {passes} augmented passes (planned {planned}) fit the time left")

@@ -85,6 +85,18 @@ def test_budget_replans_downward_when_stages_run_slower():
     assert need <= b.remaining()
 
 
+def test_no_further_fold_starts_when_not_even_its_floor_fits():
+    """Once fold 0 is trained, a later fold is only started when its floor epochs fit the time left: a re-plan that
+    always kept 'at least one more fold' ran folds past the deadline."""
+    b = _budget(Throughput(1 / 2000, 1 / 8000, "fast measurement"), 3000)
+    assert b.epochs_for(0) == b.requested.epochs_curated
+    predicted = stage_costs(b.requested, FAT2019, b.tp, 0)["fold_epoch"]
+    b.measured("fold_epoch", predicted * 1000, 1)   # far slower than measured: not one more fold fits
+    b.fold_done(0)
+    assert b.epochs_for(1) == 0 and b.plan.folds_trained == 1
+    assert any("no time for another fold" in n for n in b.plan.notes)
+
+
 def test_budget_deadlines_leave_the_later_work_its_time():
     b = _budget(Throughput(1 / 300, 1 / 1200, "gpu-ish"), 3000)
     c = b.costs()
@@ -182,8 +194,10 @@ def test_time_left_at_the_end_buys_augmented_test_passes():
     cfg = make_config("kaggle-1h", sets=["tta_fill_passes=3"])
     b = Budget(cfg, FAT2019, Throughput(1 / 300, 1 / 1200, "gpu-ish"), time.time() + 10_000)
     per_pass = 5 * b.costs(0)["test_predict"]
-    b.deadline = time.time() + 2.5 * per_pass        # room for the plain pass and one augmented one
+    b.deadline = time.time() + 3.5 * per_pass        # the plain pass, one augmented one, one spare
     assert b.test_passes(5) == 1 and b.plan.tta_aug_passes == 1
+    b.measured("oof_predict", 2 * b.costs()["oof_predict"], 1)   # inference runs twice as slow as measured:
+    assert b.test_passes(5) == 0                                  # test TTA is priced by it
     b.deadline = time.time() + 100 * per_pass        # plenty: capped by tta_fill_passes
     assert b.test_passes(5) == 3
     b.deadline = time.time() + 0.5 * per_pass        # not even the plain pass: no augmented ones

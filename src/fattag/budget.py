@@ -145,8 +145,10 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
         select=(cfg.select_epochs * (w.curated * train + w.curated_windows * SELECT_HOLDOUT * infer)
                 + w.noisy_windows * infer) if selecting else 0.0,
     )
-    scale = scale or {}
+    scale = dict(scale or {})
     default = _geomean(list(scale.values())) if scale else 1.0
+    if "oof_predict" in scale:   # test TTA is the same kind of work as OOF prediction: windows through the model
+        scale.setdefault("test_predict", scale["oof_predict"])
     return {kind: secs * scale.get(kind, default) for kind, secs in base.items()}
 
 
@@ -292,6 +294,8 @@ class Budget:
 
         avail = self.remaining()
         _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total, avail)
+        if k > 0 and avail is not None and total(0, e2, n, passes) > avail:
+            n, notes = 0, ["no time for another fold at its floor"]  # fold 0 always trains; later ones must fit
         c = self.costs(passes)
         kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold")]
         done = [(f"fold {j}", secs) for j, (name, secs) in enumerate(
@@ -308,7 +312,7 @@ class Budget:
         if self.deadline is None or n_models == 0:
             return planned
         per_pass = n_models * self.costs(0)["test_predict"]
-        fit = int(self.remaining() // max(per_pass, 1e-9)) - 1
+        fit = int(self.remaining() // max(per_pass, 1e-9)) - 2   # the plain pass, and one spare for the estimate
         passes = max(0, min(fit, max(planned, self.requested.tta_fill_passes)))
         if passes != planned:
             self.plan.notes.append(f"test TTA: {passes} augmented passes (planned {planned}) fit the time left")
