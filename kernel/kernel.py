@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 83272e36b7ec). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash fd4c634cb0e4). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '83272e36b7ec'
+BUILD_HASH = 'fd4c634cb0e4'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1419,7 +1419,7 @@ PRESETS: dict[str, dict] = {
 
 # One line per preset for --help: what it is for.
 PRESET_USE = {
-    "demo": "the synthetic demo data (a smoke test of the pipeline); ~3 min on 2 CPU cores",
+    "demo": "the synthetic demo data (a smoke test of the pipeline); ~1.5 min on 2 CPU cores",
     "cpu": "real recordings without a GPU: ~1,500 clips / 1-2 h of audio in under 10 min on 2 cores",
     "kaggle-1h": "FAT2019 on a Kaggle GPU: two stages, 5 folds and TTA inside the 1-hour kernel limit",
     "kaggle-9h": "a long Kaggle GPU session: xresnet34, more epochs, augmented TTA passes (8.5 h)",

@@ -153,7 +153,7 @@ PRESETS: dict[str, dict] = {
 
 # One line per preset for --help: what it is for.
 PRESET_USE = {
-    "demo": "the synthetic demo data (a smoke test of the pipeline); ~3 min on 2 CPU cores",
+    "demo": "the synthetic demo data (a smoke test of the pipeline); ~1.5 min on 2 CPU cores",
     "cpu": "real recordings without a GPU: ~1,500 clips / 1-2 h of audio in under 10 min on 2 cores",
     "kaggle-1h": "FAT2019 on a Kaggle GPU: two stages, 5 folds and TTA inside the 1-hour kernel limit",
     "kaggle-9h": "a long Kaggle GPU session: xresnet34, more epochs, augmented TTA passes (8.5 h)",
