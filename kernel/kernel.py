@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 4fb78df30ea4). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash b8e79777ff26). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,7 +11,7 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      212 lines
-#   src/fattag/budget.py                       339 lines
+#   src/fattag/budget.py                       340 lines
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   117 lines
 #   src/fattag/cli.py                           63 lines
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '4fb78df30ea4'
+BUILD_HASH = 'b8e79777ff26'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -502,11 +502,11 @@ class BatchAugment(Callback):
         self.params = params
 
     def before_batch(self):
-        x, y = type(self).fn(self.xb[0], self.yb[0], *self.params)
+        x, y = self.augment(self.xb[0], self.yb[0])
         self.learn.xb, self.learn.yb = (x,), (y,)
 
     def augment(self, x: torch.Tensor, y: torch.Tensor):
-        """The same transform outside a Learner (benchmarks, tests)."""
+        """The transform itself; also called outside a Learner (benchmarks, tests)."""
         return type(self).fn(x, y, *self.params)
 
 
@@ -736,10 +736,11 @@ def fold_s(c: dict, epochs: int) -> float:
     return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
 
 
-def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None):
+def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None, min_folds: int = 1):
     """Cut (e1, e2, folds, passes) until total(e1, e2, folds, passes) <= available_s, in this order: both stages'
-    epochs in proportion (down to their floors), augmented TTA passes, folds, then stage 1. Returns the cut
-    values and notes saying what was cut."""
+    epochs in proportion (down to their floors), augmented TTA passes, folds (down to `min_folds`: a run trains at
+    least one, a re-plan after a trained fold may add none), then stage 1. Returns the cut values and notes saying
+    what was cut."""
     notes = []
     if available_s is None or total(e1, e2, folds, passes) <= available_s:
         return e1, e2, folds, passes, notes
@@ -761,9 +762,11 @@ def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: fl
     if passes and not fits(e1, e2, folds, passes):
         notes.append(f"augmented TTA passes cut {passes} -> 0")
         passes = 0
-    while folds > 1 and not fits(e1, e2, folds, passes):
+    while folds > min_folds and not fits(e1, e2, folds, passes):
         folds -= 1
-    if folds < requested_folds:
+    if folds == 0:
+        notes.append("no time for another fold at its floor")
+    elif folds < requested_folds:
         notes.append(f"only {folds} of {requested_folds} folds fit the budget (the others are not trained)")
     if e1 and not fits(e1, e2, folds, passes):
         notes.append("stage 1 dropped: it does not fit the budget")
@@ -867,10 +870,8 @@ class Budget:
         def total(e1, e2, folds, passes):
             return fixed + folds * fold_s(self.costs(passes), e2)
 
-        avail = self.remaining()
-        _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total, avail)
-        if k > 0 and avail is not None and total(0, e2, n, passes) > avail:
-            n, notes = 0, ["no time for another fold at its floor"]  # fold 0 always trains; later ones must fit
+        _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total,
+                                             self.remaining(), min_folds=1 if k == 0 else 0)
         c = self.costs(passes)
         kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold")]
         done = [(f"fold {j}", secs) for j, (name, secs) in enumerate(

@@ -142,11 +142,11 @@ class BatchAugment(Callback):
         self.params = params
 
     def before_batch(self):
-        x, y = type(self).fn(self.xb[0], self.yb[0], *self.params)
+        x, y = self.augment(self.xb[0], self.yb[0])
         self.learn.xb, self.learn.yb = (x,), (y,)
 
     def augment(self, x: torch.Tensor, y: torch.Tensor):
-        """The same transform outside a Learner (benchmarks, tests)."""
+        """The transform itself; also called outside a Learner (benchmarks, tests)."""
         return type(self).fn(x, y, *self.params)
 
 

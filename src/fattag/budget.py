@@ -161,10 +161,11 @@ def fold_s(c: dict, epochs: int) -> float:
     return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
 
 
-def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None):
+def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None, min_folds: int = 1):
     """Cut (e1, e2, folds, passes) until total(e1, e2, folds, passes) <= available_s, in this order: both stages'
-    epochs in proportion (down to their floors), augmented TTA passes, folds, then stage 1. Returns the cut
-    values and notes saying what was cut."""
+    epochs in proportion (down to their floors), augmented TTA passes, folds (down to `min_folds`: a run trains at
+    least one, a re-plan after a trained fold may add none), then stage 1. Returns the cut values and notes saying
+    what was cut."""
     notes = []
     if available_s is None or total(e1, e2, folds, passes) <= available_s:
         return e1, e2, folds, passes, notes
@@ -186,9 +187,11 @@ def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: fl
     if passes and not fits(e1, e2, folds, passes):
         notes.append(f"augmented TTA passes cut {passes} -> 0")
         passes = 0
-    while folds > 1 and not fits(e1, e2, folds, passes):
+    while folds > min_folds and not fits(e1, e2, folds, passes):
         folds -= 1
-    if folds < requested_folds:
+    if folds == 0:
+        notes.append("no time for another fold at its floor")
+    elif folds < requested_folds:
         notes.append(f"only {folds} of {requested_folds} folds fit the budget (the others are not trained)")
     if e1 and not fits(e1, e2, folds, passes):
         notes.append("stage 1 dropped: it does not fit the budget")
@@ -292,10 +295,8 @@ class Budget:
         def total(e1, e2, folds, passes):
             return fixed + folds * fold_s(self.costs(passes), e2)
 
-        avail = self.remaining()
-        _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total, avail)
-        if k > 0 and avail is not None and total(0, e2, n, passes) > avail:
-            n, notes = 0, ["no time for another fold at its floor"]  # fold 0 always trains; later ones must fit
+        _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total,
+                                             self.remaining(), min_folds=1 if k == 0 else 0)
         c = self.costs(passes)
         kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold")]
         done = [(f"fold {j}", secs) for j, (name, secs) in enumerate(
