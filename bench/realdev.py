@@ -95,6 +95,11 @@ def ensure_dataset(root: Path, family: str, data_seed: int) -> Path:
     return path
 
 
+def work_dir(args, variant: str, family: str, seed: int) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
+    return Path(args.out) / slug / f"{family}-d{args.data_seed}" / f"seed{seed}"
+
+
 def test_lwlrap(data_dir: Path, submission: Path) -> float:
     """lwlrap of a submission against realdev's test_labels.csv (same layout as the submission)."""
     truth = pd.read_csv(data_dir / "test_labels.csv").set_index("fname")
@@ -114,10 +119,15 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
     sets = [s for s in sets if not s.startswith("@")] + list(args.sets)
     if not args.keep_budget:  # the same recipe whatever the machine's speed: scores reproduce exactly
         sets = ["time_budget=0", *sets]
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
-    work = Path(args.out) / slug / f"{family}-d{args.data_seed}" / f"seed{seed}"
+    work = work_dir(args, variant, family, seed)
     result_file = work / "result.json"
     key = dict(preset=preset, sets=sets, seed=seed, data=str(data_dir))
+    mode = []
+    if args.predict_from:  # inference-only variant: the fold models of another variant's run, predicted anew
+        weights = work_dir(args, args.predict_from, family, seed)
+        if not (weights / "result.json").is_file():
+            raise SystemExit(f"--predict-from {args.predict_from!r}: no finished run at {weights}")
+        key["weights"], mode = str(weights), ["--mode", "predict", "--weights", str(weights)]
     if result_file.is_file() and not args.force:
         old = json.loads(result_file.read_text())
         if old.get("key") == key:
@@ -126,7 +136,7 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
     for stale in ("submission.csv", "scores.json"):
         (work / stale).unlink(missing_ok=True)
     cmd = [sys.executable, str(REPO / "src" / "run.py"), "--data-dir", str(data_dir), "--work-dir", str(work),
-           "--preset", preset, "--seed", str(seed), *[x for s in sets for x in ("--set", s)]]
+           "--preset", preset, "--seed", str(seed), *mode, *[x for s in sets for x in ("--set", s)]]
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -136,7 +146,10 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{variant} / {family} / seed {seed} failed (exit {proc.returncode}); see {work}/stdout.txt")
-    scores = json.loads((work / "scores.json").read_text())
+    if mode:  # a predict-only run has no OOF of its own: quote its weights' run
+        scores = json.loads((Path(key["weights"]) / "scores.json").read_text())
+    else:
+        scores = json.loads((work / "scores.json").read_text())
     stage1 = work / "stage1" / "history.csv"
     hold = pd.read_csv(stage1)["lwlrap"].tolist() if stage1.is_file() else []
     result = dict(key=key, variant=variant, family=family, seed=seed, test=test_lwlrap(data_dir, work / "submission.csv"),
@@ -182,6 +195,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(REPO / "runs" / "realdev"), help="work dirs of the runs")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (give each --threads 1 on 2 cores)")
     p.add_argument("--threads", type=int, default=None, help="OMP threads per run (default: torch's own)")
+    p.add_argument("--predict-from", default=None, metavar="VARIANT",
+                   help="inference-only variants: predict with the fold models of VARIANT's finished runs (same "
+                        "family and seed) instead of training, e.g. to try test-time settings")
     p.add_argument("--force", action="store_true", help="rerun even when a finished result exists")
     p.add_argument("--keep-budget", action="store_true",
                    help="keep the preset's time budget (default: off, so that a slower or busier machine runs the "

@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash b8e79777ff26). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 5c4dca1d0533). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -10,19 +10,19 @@
 # Embedded files:
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
-#   src/fattag/augment.py                      212 lines
+#   src/fattag/augment.py                      236 lines
 #   src/fattag/budget.py                       340 lines
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   117 lines
 #   src/fattag/cli.py                           63 lines
-#   src/fattag/config.py                       214 lines
+#   src/fattag/config.py                       219 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     229 lines
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
-#   src/fattag/model.py                         97 lines
-#   src/fattag/predict.py                      149 lines
+#   src/fattag/model.py                        104 lines
+#   src/fattag/predict.py                      187 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/report.py                       399 lines
 #   src/fattag/select.py                        64 lines
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'b8e79777ff26'
+BUILD_HASH = '5c4dca1d0533'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -373,6 +373,7 @@ relative to the clip's own level, so "-6 dB" means what it means for the test mi
   not decide its class.
 - FreqShift: the whole spectrum moved up or down by a few mel bands (a small pitch/formant shift): another
   speaker, another instrument sample bank.
+- TimeStretch: the crop played a little faster or slower: another tempo.
 """
 from __future__ import annotations
 
@@ -492,6 +493,22 @@ def freq_shift(x: torch.Tensor, max_bands: int) -> torch.Tensor:
     return torch.gather(x, 2, src.view(b, 1, f, 1).expand_as(x))
 
 
+def time_stretch(x: torch.Tensor, max_stretch: float) -> torch.Tensor:
+    """Per item: play the crop faster or slower by a factor in [1/(1+s), 1+s] (log-uniform), resampled along time
+    with torch's `grid_sample` around a random centre; a crop that becomes too short is continued by reflection.
+    Another speaker or player takes another tempo."""
+    b, t = x.shape[0], x.shape[-1]
+    factor = torch.exp(uniform(b, -math.log1p(max_stretch), math.log1p(max_stretch), x.device))   # >1: slower
+    width = 1.0 / factor                                       # share of the crop's frames the output spans
+    centre = uniform(b, -1.0, 1.0, x.device) * (1.0 - width).clamp(min=0.0)
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1] = width, centre, 1.0
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection",
+                                          align_corners=False)
+    return out.to(x.dtype) if t else x
+
+
 class BatchAugment(Callback):
     """Base: `fn(x, y, *params) -> (x, y)` on each training batch, on the device. Subclasses name the function
     and their place in the order; validation batches are never touched (`run_valid = False`)."""
@@ -540,6 +557,11 @@ class FreqShift(BatchAugment):
     order, fn = 65, staticmethod(lambda x, y, *p: (freq_shift(x, *p), y))
 
 
+class TimeStretch(BatchAugment):
+    """(max_stretch,): each crop a little faster or slower."""
+    order, fn = 66, staticmethod(lambda x, y, *p: (time_stretch(x, *p), y))
+
+
 class SpecAugment(BatchAugment):
     """(n_time, time_width, n_freq, freq_width, fill): stripes filled with the model's input mean (a neutral value),
     after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip."""
@@ -548,7 +570,7 @@ class SpecAugment(BatchAugment):
 
 def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
     """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
-    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, then SpecAugment
+    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, time stretch, then SpecAugment
     stripes."""
     def value(name):
         return getattr(cfg, f"{name}_{stage}")
@@ -566,6 +588,8 @@ def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
         cbs.append(LevelEQ(cfg.level_gain_db, cfg.eq_tilt_db, cfg.lowpass_p))
     if value("freq_shift") > 0:
         cbs.append(FreqShift(value("freq_shift")))
+    if value("time_stretch") > 0:
+        cbs.append(TimeStretch(value("time_stretch")))
     if value("specaug"):
         cbs.append(SpecAugment(cfg.time_masks, int(cfg.crop_frames * cfg.time_mask_frac), cfg.freq_masks,
                                int(cfg.n_mels * cfg.freq_mask_frac), fill))
@@ -1301,7 +1325,7 @@ class Config:
     self_attention: bool = True
     mish: bool = True
     dropout: float = 0.2
-    input_norm: str = "global"    # global: fixed mean/std; band: also each band's median over the crop subtracted
+    input_norm: str = "global"    # global: fixed mean/std; band: each band's median over the crop subtracted; both
     pool: str = "avg"             # avg: global average; freqmean_timemax: mean over frequency, mean + max over time
 
     # --- training ---
@@ -1337,6 +1361,8 @@ class Config:
     level_eq_curated: bool = False
     freq_shift_noisy: int = 0     # largest shift of the spectrum, in mel bands, per item (0 = off)
     freq_shift_curated: int = 0
+    time_stretch_noisy: float = 0.0  # per item, crop tempo times a factor in [1/(1+s), 1+s] (0 = off)
+    time_stretch_curated: float = 0.0
     level_gain_db: float = 10.0
     eq_tilt_db: float = 10.0
     lowpass_p: float = 0.25
@@ -1351,6 +1377,8 @@ class Config:
     tta_aggregate: str = "meanmax"  # per clip over windows: mean, max, or meanmax (their average)
     tta_aug_passes: int = 0       # extra passes with light SpecAugment over the windows
     fold_ensemble: str = "mean"   # arithmetic "mean" or "geomean" over folds
+    adapt_bn: bool = False        # before predicting the test set, re-estimate batch-norm statistics on its windows
+    class_balance: bool = False   # divide each class's test scores by their mean over the test set (predict.py)
     tta_fill_passes: int = 4      # with a time budget, time left at the end buys up to this many augmented passes
 
     # --- run control ---
@@ -1378,7 +1406,8 @@ class Config:
 FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
                 "trim_silence", "trim_db", "crop_seconds")
 MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
-INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "batch_size")
+INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
+                  "batch_size")
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.
@@ -2722,21 +2751,29 @@ SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, cha
 class InputNorm(nn.Module):
     """(x - mean) / std with fixed statistics of the training log-mels; float16 stores become float32 here.
 
-    With `per_band`, each band's median over the crop's frames is subtracted first (a per-clip, per-frequency
-    normalisation: a stationary background colour or a recording's EQ no longer shifts the input).
+    Mode `band`: each band's median over the crop's frames is subtracted instead of the global mean (a per-clip,
+    per-frequency normalisation: a stationary background colour or a recording's EQ no longer shifts the input,
+    but neither does a sustained sound's own spectrum); `both`: the two as two input channels.
     """
 
-    def __init__(self, mean: float = 0.0, std: float = 1.0, per_band: bool = False):
+    MODES = {"global": 1, "band": 1, "both": 2}  # mode -> input channels the model gets
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, mode: str = "global"):
         super().__init__()
-        self.per_band = per_band
+        if mode not in self.MODES:
+            raise ValueError(f"unknown input_norm {mode!r}: {', '.join(self.MODES)}")
+        self.mode = mode
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
     def forward(self, x):
         x = x.float()
-        if self.per_band:
-            return (x - x.median(dim=-1, keepdim=True).values) / self.std
-        return (x - self.mean) / self.std
+        out = []
+        if self.mode in ("global", "both"):
+            out.append((x - self.mean) / self.std)
+        if self.mode in ("band", "both"):
+            out.append((x - x.median(dim=-1, keepdim=True).values) / self.std)
+        return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
 class FreqMeanTimeMax(nn.Module):
@@ -2756,10 +2793,9 @@ def input_mean(model: nn.Module) -> float:
 
 
 def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0) -> nn.Module:
-    if cfg.input_norm not in ("global", "band"):
-        raise ValueError(f"unknown input_norm {cfg.input_norm!r}: global or band")
+    norm = InputNorm(mean, std, cfg.input_norm)
     act = nn.Mish if cfg.mish else nn.ReLU
-    kw = dict(c_in=1, n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
+    kw = dict(c_in=InputNorm.MODES[cfg.input_norm], n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
     if cfg.arch in SMALL:  # a few hundred thousand to a few million weights: CPU runs, demos and tests
         body = XResNet(ResBlock, 1, [1, 1, 1, 1], stem_szs=(16, 32, 64), widen=SMALL[cfg.arch], **kw)
     elif cfg.arch in ARCHS:
@@ -2771,7 +2807,7 @@ def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0
         body[pool], body[pool + 1] = FreqMeanTimeMax(), nn.Identity()
     elif cfg.pool != "avg":
         raise ValueError(f"unknown pool {cfg.pool!r}: avg or freqmean_timemax")
-    return nn.Sequential(InputNorm(mean, std, per_band=cfg.input_norm == "band"), body)
+    return nn.Sequential(norm, body)
 
 
 # ---------------------------------------------------------------- what a checkpoint carries
@@ -2809,6 +2845,7 @@ cover every frame (the winners' choice) look at all of it. Optional augmented pa
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import replace
@@ -2816,6 +2853,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import update_bn
 
 from .checkpoint import load_checkpoint
 from .config import INFERENCE_KEYS, Config
@@ -2866,6 +2904,20 @@ def tta_augment(x: torch.Tensor, cfg: Config, fill: float) -> torch.Tensor:
     """The light augmentation of an augmented TTA pass: one time and one frequency stripe, half the training width."""
     return spec_augment(x, 1, int(x.shape[-1] * cfg.time_mask_frac / 2), 1, int(x.shape[-2] * cfg.freq_mask_frac / 2),
                         fill)
+
+
+def adapt_batchnorm(model: torch.nn.Module, store: MelStore, indices, cfg: Config, device="cpu",
+                    seed: int = 0) -> torch.nn.Module:
+    """A copy of `model` whose batch-norm statistics are re-estimated on the windows it is about to predict
+    (AdaBN): the test clips come from other recordings, rooms and backgrounds than the training clips, so their
+    feature statistics differ; the weights stay as trained. torch's `update_bn` does the estimate (a cumulative
+    average over shuffled batches); nothing about the labels is used."""
+    ds = WindowDataset(store, np.asarray(indices), cfg.crop_frames, cfg.tta_step_frac)
+    loader = torch.utils.data.DataLoader(ds, batch_size=max(cfg.batch_size * 2, 8), shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    adapted = copy.deepcopy(model).to(device)
+    update_bn(loader, adapted, device=torch.device(device))
+    return adapted.eval()
 
 
 def n_outputs(model: torch.nn.Module) -> int:
@@ -2927,6 +2979,8 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
     per_fold = []
     for k, model in enumerate(models):
         t0 = time.time()
+        if cfg.adapt_bn:
+            model = adapt_batchnorm(model, store, idx, cfg, device)
         probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes,
                               desc=f"predict test, model {k + 1}/{len(models)}")
         took = time.time() - t0
@@ -2936,7 +2990,27 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
         full = np.full((len(store.mels), probs.shape[1]), np.nan)
         full[idx] = probs
         per_fold.append(full)
-    return ensemble(per_fold, cfg.fold_ensemble)
+    probs = ensemble(per_fold, cfg.fold_ensemble)
+    if cfg.class_balance:
+        probs[idx] = balance_classes(probs[idx])
+    return probs
+
+
+BALANCE_MIN_CLIPS = 50  # fewer test clips than this: a class's mean score says too little to correct it by
+
+
+def balance_classes(probs: np.ndarray) -> np.ndarray:
+    """Each class's scores divided by its mean score over the test clips, then one common scale into [0, 1].
+
+    lwlrap ranks the classes of each clip, so a class the model scores high everywhere (a bias from its training
+    sources, the noisy set's label mix or the mixing) outranks the true labels of many clips. Dividing by the
+    class's mean over the test set ranks p(class | clip) / p(class) instead: the evidence this clip adds. It assumes
+    no class dominates the test set, as in FAT2019's test set; it needs no labels."""
+    if len(probs) < BALANCE_MIN_CLIPS:
+        log.info("class balancing skipped: %d test clips (needs %d)", len(probs), BALANCE_MIN_CLIPS)
+        return probs
+    ratio = probs / np.maximum(probs.mean(0, keepdims=True), 1e-12)
+    return ratio / max(float(ratio.max()), 1e-12)
 
 
 def predict_and_submit(s, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:

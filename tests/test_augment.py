@@ -166,3 +166,32 @@ def test_freq_shift_moves_whole_spectra_by_at_most_k_bands():
     for i in range(b):
         expected = (torch.arange(f) - shift[i]).clamp(0, f - 1)
         assert torch.equal(out[i, 0, :, 0], expected) and torch.equal(out[i, 0, :, 0], out[i, 0, :, 4])
+
+
+def test_time_stretch_resamples_time_by_a_bounded_factor_and_keeps_bands():
+    from fattag.augment import time_stretch
+    torch.manual_seed(0)
+    b, f, t = 256, 4, 64
+    ramp = torch.arange(t, dtype=torch.float32).view(1, 1, 1, t).expand(b, 1, f, t).clone()
+    x = ramp + 1000 * torch.arange(f, dtype=torch.float32).view(1, 1, f, 1)   # band k: 1000 k + frame index
+    out = time_stretch(x, 0.25)
+    assert out.shape == x.shape
+    band = (out / 1000).floor()
+    assert torch.equal(band, (x / 1000).floor()), "bands never mix: time is resampled, frequency is not"
+    mid = out[:, 0, 0, 8:56]                                   # away from the reflected edges
+    rate = (mid[:, 1:] - mid[:, :-1]).median(1).values         # input frames per output frame = 1 / factor
+    assert rate.min() >= 1 / 1.25 - 0.02 and rate.max() <= 1.25 + 0.02
+    assert (rate < 0.9).any() and (rate > 1.1).any(), "both slower and faster crops occur"
+    slower = rate < 1
+    assert (out[slower, 0, 0].amin(1) >= 0).all() and (out[slower, 0, 0].amax(1) <= t - 1).all()
+    assert torch.allclose(time_stretch(x, 0.0), x, atol=1e-3)   # factor 1: the crop unchanged
+
+
+def test_time_stretch_policy_and_labels():
+    from fattag.augment import TimeStretch
+    cfg = make_config("demo", sets=["time_stretch_curated=0.2"])
+    cbs = augment_policy(cfg, "curated", -40.0)
+    assert [type(cb) for cb in cbs][-2:] == [TimeStretch, SpecAugment]
+    x, y = torch.randn(4, 1, 8, 32), torch.eye(4)
+    _, y2 = cbs[-2].augment(x, y)
+    assert torch.equal(y2, y)

@@ -84,3 +84,48 @@ def test_predict_test_ensembles_the_folds_and_leaves_failed_clips_empty(cfg, sto
     each = [predict.predict_clips(m, store, ok, cfg) for m in models]
     assert np.isnan(got[2]).all() and np.isfinite(got[ok]).all()
     np.testing.assert_allclose(got[ok], predict.ensemble(each, how), rtol=1e-6)
+
+
+def test_adapt_batchnorm_reestimates_statistics_on_the_clips_and_leaves_the_model(cfg, store):
+    """AdaBN: the copy's first batch norm sees the stored windows' mean; the original keeps its training statistics."""
+    model = model_for(cfg, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = np.arange(len(store.mels))
+    adapted = predict.adapt_batchnorm(model, store, idx, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the original is untouched"
+    bn = next(m for m in adapted.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    ds = predict.WindowDataset(store, idx, cfg.crop_frames, cfg.tta_step_frac)
+    x = torch.stack([ds[w][0] for w in range(len(ds))]).float()
+    with torch.no_grad():
+        first = adapted[1][0][0](adapted[0](x))               # the stem's first conv, before its batch norm
+    assert torch.allclose(bn.running_mean, first.mean((0, 2, 3)), atol=1e-3)
+    assert not adapted.training
+    p = predict.predict_clips(adapted, store, idx, cfg)
+    assert p.shape == (len(idx), 4) and not np.allclose(p, predict.predict_clips(model, store, idx, cfg))
+
+
+def test_class_balance_removes_a_class_that_is_scored_high_everywhere():
+    """Class 0 gets 0.5 on every clip, the true class of each clip only 0.3 (others 0.05): unbalanced, class 0 tops
+    every clip; divided by each class's test mean, each clip's true class comes first."""
+    from fattag.metrics import lwlrap
+    n, c = 60, 4
+    truth = np.zeros((n, c))
+    truth[np.arange(n), 1 + np.arange(n) % (c - 1)] = 1
+    probs = np.where(truth > 0, 0.3, 0.05)
+    probs[:, 0] = 0.5
+    balanced = predict.balance_classes(probs)
+    assert lwlrap(truth, probs) < 0.6 and lwlrap(truth, balanced) == 1.0
+    assert balanced.min() >= 0 and balanced.max() == pytest.approx(1.0)
+    ratio = probs / probs.mean(0)
+    assert np.array_equal(balanced.argsort(1), ratio.argsort(1))  # the order within a clip is that of p / mean
+    few = probs[: predict.BALANCE_MIN_CLIPS - 1]
+    assert np.array_equal(predict.balance_classes(few), few)  # too few clips to estimate the means: unchanged
+
+
+def test_predict_test_balances_only_when_asked(cfg, store, monkeypatch):
+    models = [model_for(cfg, 0)]
+    plain = predict.predict_test(models, store, cfg, "cpu", 0)
+    monkeypatch.setattr(predict, "BALANCE_MIN_CLIPS", 1)
+    balanced = predict.predict_test(models, store, make_config("demo", sets=["class_balance=true"]), "cpu", 0)
+    ratio = plain / plain.mean(0)
+    assert np.allclose(balanced, ratio / ratio.max()) and not np.allclose(balanced, plain)

@@ -145,3 +145,14 @@ def test_per_band_input_normalisation_removes_each_bands_level():
     assert torch.allclose(model[0](x + 13.0), out, atol=1e-5)  # a gain or EQ change no longer moves the input
     with pytest.raises(ValueError, match="input_norm"):
         build_model(make_config("demo", sets=["input_norm=pcen"]), 3)
+
+
+def test_both_input_normalisations_as_two_channels():
+    cfg = make_config("demo", sets=["input_norm=both"])
+    model = build_model(cfg, 3, -40.0, 20.0)
+    x = torch.randn(2, 1, cfg.n_mels, 50) - 40
+    out = model[0](x)
+    assert out.shape == (2, 2, cfg.n_mels, 50)
+    assert torch.allclose(out[:, :1], (x + 40) / 20, atol=1e-5)
+    assert torch.allclose(out[:, 1:], (x - x.median(dim=-1, keepdim=True).values) / 20, atol=1e-5)
+    assert model(x).shape == (2, 3)

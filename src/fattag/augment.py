@@ -13,6 +13,7 @@ relative to the clip's own level, so "-6 dB" means what it means for the test mi
   not decide its class.
 - FreqShift: the whole spectrum moved up or down by a few mel bands (a small pitch/formant shift): another
   speaker, another instrument sample bank.
+- TimeStretch: the crop played a little faster or slower: another tempo.
 """
 from __future__ import annotations
 
@@ -132,6 +133,22 @@ def freq_shift(x: torch.Tensor, max_bands: int) -> torch.Tensor:
     return torch.gather(x, 2, src.view(b, 1, f, 1).expand_as(x))
 
 
+def time_stretch(x: torch.Tensor, max_stretch: float) -> torch.Tensor:
+    """Per item: play the crop faster or slower by a factor in [1/(1+s), 1+s] (log-uniform), resampled along time
+    with torch's `grid_sample` around a random centre; a crop that becomes too short is continued by reflection.
+    Another speaker or player takes another tempo."""
+    b, t = x.shape[0], x.shape[-1]
+    factor = torch.exp(uniform(b, -math.log1p(max_stretch), math.log1p(max_stretch), x.device))   # >1: slower
+    width = 1.0 / factor                                       # share of the crop's frames the output spans
+    centre = uniform(b, -1.0, 1.0, x.device) * (1.0 - width).clamp(min=0.0)
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1] = width, centre, 1.0
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection",
+                                          align_corners=False)
+    return out.to(x.dtype) if t else x
+
+
 class BatchAugment(Callback):
     """Base: `fn(x, y, *params) -> (x, y)` on each training batch, on the device. Subclasses name the function
     and their place in the order; validation batches are never touched (`run_valid = False`)."""
@@ -180,6 +197,11 @@ class FreqShift(BatchAugment):
     order, fn = 65, staticmethod(lambda x, y, *p: (freq_shift(x, *p), y))
 
 
+class TimeStretch(BatchAugment):
+    """(max_stretch,): each crop a little faster or slower."""
+    order, fn = 66, staticmethod(lambda x, y, *p: (time_stretch(x, *p), y))
+
+
 class SpecAugment(BatchAugment):
     """(n_time, time_width, n_freq, freq_width, fill): stripes filled with the model's input mean (a neutral value),
     after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip."""
@@ -188,7 +210,7 @@ class SpecAugment(BatchAugment):
 
 def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
     """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
-    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, then SpecAugment
+    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, time stretch, then SpecAugment
     stripes."""
     def value(name):
         return getattr(cfg, f"{name}_{stage}")
@@ -206,6 +228,8 @@ def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
         cbs.append(LevelEQ(cfg.level_gain_db, cfg.eq_tilt_db, cfg.lowpass_p))
     if value("freq_shift") > 0:
         cbs.append(FreqShift(value("freq_shift")))
+    if value("time_stretch") > 0:
+        cbs.append(TimeStretch(value("time_stretch")))
     if value("specaug"):
         cbs.append(SpecAugment(cfg.time_masks, int(cfg.crop_frames * cfg.time_mask_frac), cfg.freq_masks,
                                int(cfg.n_mels * cfg.freq_mask_frac), fill))

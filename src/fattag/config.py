@@ -34,7 +34,7 @@ class Config:
     self_attention: bool = True
     mish: bool = True
     dropout: float = 0.2
-    input_norm: str = "global"    # global: fixed mean/std; band: also each band's median over the crop subtracted
+    input_norm: str = "global"    # global: fixed mean/std; band: each band's median over the crop subtracted; both
     pool: str = "avg"             # avg: global average; freqmean_timemax: mean over frequency, mean + max over time
 
     # --- training ---
@@ -70,6 +70,8 @@ class Config:
     level_eq_curated: bool = False
     freq_shift_noisy: int = 0     # largest shift of the spectrum, in mel bands, per item (0 = off)
     freq_shift_curated: int = 0
+    time_stretch_noisy: float = 0.0  # per item, crop tempo times a factor in [1/(1+s), 1+s] (0 = off)
+    time_stretch_curated: float = 0.0
     level_gain_db: float = 10.0
     eq_tilt_db: float = 10.0
     lowpass_p: float = 0.25
@@ -84,6 +86,8 @@ class Config:
     tta_aggregate: str = "meanmax"  # per clip over windows: mean, max, or meanmax (their average)
     tta_aug_passes: int = 0       # extra passes with light SpecAugment over the windows
     fold_ensemble: str = "mean"   # arithmetic "mean" or "geomean" over folds
+    adapt_bn: bool = False        # before predicting the test set, re-estimate batch-norm statistics on its windows
+    class_balance: bool = False   # divide each class's test scores by their mean over the test set (predict.py)
     tta_fill_passes: int = 4      # with a time budget, time left at the end buys up to this many augmented passes
 
     # --- run control ---
@@ -111,7 +115,8 @@ class Config:
 FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
                 "trim_silence", "trim_db", "crop_seconds")
 MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
-INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "batch_size")
+INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
+                  "batch_size")
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.

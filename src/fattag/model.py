@@ -18,21 +18,29 @@ SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, cha
 class InputNorm(nn.Module):
     """(x - mean) / std with fixed statistics of the training log-mels; float16 stores become float32 here.
 
-    With `per_band`, each band's median over the crop's frames is subtracted first (a per-clip, per-frequency
-    normalisation: a stationary background colour or a recording's EQ no longer shifts the input).
+    Mode `band`: each band's median over the crop's frames is subtracted instead of the global mean (a per-clip,
+    per-frequency normalisation: a stationary background colour or a recording's EQ no longer shifts the input,
+    but neither does a sustained sound's own spectrum); `both`: the two as two input channels.
     """
 
-    def __init__(self, mean: float = 0.0, std: float = 1.0, per_band: bool = False):
+    MODES = {"global": 1, "band": 1, "both": 2}  # mode -> input channels the model gets
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, mode: str = "global"):
         super().__init__()
-        self.per_band = per_band
+        if mode not in self.MODES:
+            raise ValueError(f"unknown input_norm {mode!r}: {', '.join(self.MODES)}")
+        self.mode = mode
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
     def forward(self, x):
         x = x.float()
-        if self.per_band:
-            return (x - x.median(dim=-1, keepdim=True).values) / self.std
-        return (x - self.mean) / self.std
+        out = []
+        if self.mode in ("global", "both"):
+            out.append((x - self.mean) / self.std)
+        if self.mode in ("band", "both"):
+            out.append((x - x.median(dim=-1, keepdim=True).values) / self.std)
+        return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
 class FreqMeanTimeMax(nn.Module):
@@ -52,10 +60,9 @@ def input_mean(model: nn.Module) -> float:
 
 
 def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0) -> nn.Module:
-    if cfg.input_norm not in ("global", "band"):
-        raise ValueError(f"unknown input_norm {cfg.input_norm!r}: global or band")
+    norm = InputNorm(mean, std, cfg.input_norm)
     act = nn.Mish if cfg.mish else nn.ReLU
-    kw = dict(c_in=1, n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
+    kw = dict(c_in=InputNorm.MODES[cfg.input_norm], n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
     if cfg.arch in SMALL:  # a few hundred thousand to a few million weights: CPU runs, demos and tests
         body = XResNet(ResBlock, 1, [1, 1, 1, 1], stem_szs=(16, 32, 64), widen=SMALL[cfg.arch], **kw)
     elif cfg.arch in ARCHS:
@@ -67,7 +74,7 @@ def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0
         body[pool], body[pool + 1] = FreqMeanTimeMax(), nn.Identity()
     elif cfg.pool != "avg":
         raise ValueError(f"unknown pool {cfg.pool!r}: avg or freqmean_timemax")
-    return nn.Sequential(InputNorm(mean, std, per_band=cfg.input_norm == "band"), body)
+    return nn.Sequential(norm, body)
 
 
 # ---------------------------------------------------------------- what a checkpoint carries

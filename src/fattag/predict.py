@@ -5,6 +5,7 @@ cover every frame (the winners' choice) look at all of it. Optional augmented pa
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import replace
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import update_bn
 
 from .checkpoint import load_checkpoint
 from .config import INFERENCE_KEYS, Config
@@ -62,6 +64,20 @@ def tta_augment(x: torch.Tensor, cfg: Config, fill: float) -> torch.Tensor:
     """The light augmentation of an augmented TTA pass: one time and one frequency stripe, half the training width."""
     return spec_augment(x, 1, int(x.shape[-1] * cfg.time_mask_frac / 2), 1, int(x.shape[-2] * cfg.freq_mask_frac / 2),
                         fill)
+
+
+def adapt_batchnorm(model: torch.nn.Module, store: MelStore, indices, cfg: Config, device="cpu",
+                    seed: int = 0) -> torch.nn.Module:
+    """A copy of `model` whose batch-norm statistics are re-estimated on the windows it is about to predict
+    (AdaBN): the test clips come from other recordings, rooms and backgrounds than the training clips, so their
+    feature statistics differ; the weights stay as trained. torch's `update_bn` does the estimate (a cumulative
+    average over shuffled batches); nothing about the labels is used."""
+    ds = WindowDataset(store, np.asarray(indices), cfg.crop_frames, cfg.tta_step_frac)
+    loader = torch.utils.data.DataLoader(ds, batch_size=max(cfg.batch_size * 2, 8), shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    adapted = copy.deepcopy(model).to(device)
+    update_bn(loader, adapted, device=torch.device(device))
+    return adapted.eval()
 
 
 def n_outputs(model: torch.nn.Module) -> int:
@@ -123,6 +139,8 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
     per_fold = []
     for k, model in enumerate(models):
         t0 = time.time()
+        if cfg.adapt_bn:
+            model = adapt_batchnorm(model, store, idx, cfg, device)
         probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes,
                               desc=f"predict test, model {k + 1}/{len(models)}")
         took = time.time() - t0
@@ -132,7 +150,27 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
         full = np.full((len(store.mels), probs.shape[1]), np.nan)
         full[idx] = probs
         per_fold.append(full)
-    return ensemble(per_fold, cfg.fold_ensemble)
+    probs = ensemble(per_fold, cfg.fold_ensemble)
+    if cfg.class_balance:
+        probs[idx] = balance_classes(probs[idx])
+    return probs
+
+
+BALANCE_MIN_CLIPS = 50  # fewer test clips than this: a class's mean score says too little to correct it by
+
+
+def balance_classes(probs: np.ndarray) -> np.ndarray:
+    """Each class's scores divided by its mean score over the test clips, then one common scale into [0, 1].
+
+    lwlrap ranks the classes of each clip, so a class the model scores high everywhere (a bias from its training
+    sources, the noisy set's label mix or the mixing) outranks the true labels of many clips. Dividing by the
+    class's mean over the test set ranks p(class | clip) / p(class) instead: the evidence this clip adds. It assumes
+    no class dominates the test set, as in FAT2019's test set; it needs no labels."""
+    if len(probs) < BALANCE_MIN_CLIPS:
+        log.info("class balancing skipped: %d test clips (needs %d)", len(probs), BALANCE_MIN_CLIPS)
+        return probs
+    ratio = probs / np.maximum(probs.mean(0, keepdims=True), 1e-12)
+    return ratio / max(float(ratio.max()), 1e-12)
 
 
 def predict_and_submit(s, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
