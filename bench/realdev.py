@@ -42,24 +42,36 @@ FAMILIES = {"instruments": "realdev", "everyday": "realdev-everyday"}  # --famil
 
 # The README's ablation table. Rows run with --preset (cpu) plus their --set values; "@demo" switches a row to
 # the demo preset (the recipe as landed before the realdev work). The first rows are the path from that recipe to
-# the cpu preset, each adding one change; "cpu: ..." rows change one thing in the cpu preset; the last rows are
-# branches tried on the way, on the base they name.
+# the cpu preset, each adding one change; "cpu: ..." rows change one thing in the cpu recipe as it was before the
+# two-channel input and test-time class balancing joined it (_BEFORE); the last rows are branches tried on the
+# way, on the base they name.
 _UNION = ["union_mix_curated=0.5", "union_mix_noisy=0.5"]
 _SHARE = [*_UNION, "noisy_share_curated=0.5"]
+_UNBALANCED = ["class_balance=false"]
+_BEFORE = ["input_norm=global", *_UNBALANCED]   # the cpu recipe before the two-channel input and class balancing
 ABLATION = {
     "as landed (demo preset)": ["@demo"],
     "+ union mixing, both stages": ["@demo", *_UNION],
     "+ stage-2 batches half noisy": ["@demo", *_SHARE],
     "+ xresnet_small": ["@demo", *_SHARE, "arch=xresnet_small"],
-    "+ stage 1 30 epochs = cpu preset": [],
-    "cpu: no stage 1": ["epochs_noisy=0"],
-    "cpu: no union mixing": ["union_mix_curated=0", "union_mix_noisy=0"],
-    "cpu: + background mixing": ["background_curated=0.3", "background_noisy=0.3"],
-    "cpu: + per-band normalisation": ["input_norm=band"],
-    "cpu: + time-concatenation mixing": ["concat_mix_curated=0.3", "concat_mix_noisy=0.3"],
-    "cpu: + weight averaging (EMA)": ["average_epochs=2"],
-    "cpu: focal loss": ["loss_curated=focal", "loss_noisy=focal"],
-    "cpu: LSEP ranking loss": ["loss_curated=lsep", "loss_noisy=lsep"],
+    "+ stage 1 30 epochs": [*_BEFORE],
+    "+ two-channel input (global + per-band)": [*_UNBALANCED],
+    "+ test-time class balancing = cpu preset": [],
+    "class balancing alone (no two-channel input)": ["input_norm=global"],
+    "cpu: no stage 1": ["epochs_noisy=0", *_BEFORE],
+    "cpu: no union mixing": ["union_mix_curated=0", "union_mix_noisy=0", *_BEFORE],
+    "cpu: + background mixing": ["background_curated=0.3", "background_noisy=0.3", *_BEFORE],
+    "cpu: + per-band normalisation (one channel)": ["input_norm=band", *_UNBALANCED],
+    "cpu: + time-concatenation mixing": ["concat_mix_curated=0.3", "concat_mix_noisy=0.3", *_BEFORE],
+    "cpu: + weight averaging (EMA)": ["average_epochs=2", *_BEFORE],
+    "cpu: focal loss": ["loss_curated=focal", "loss_noisy=focal", *_BEFORE],
+    "cpu: LSEP ranking loss": ["loss_curated=lsep", "loss_noisy=lsep", *_BEFORE],
+    "cpu: + frequency shift (2 bands)": ["freq_shift_curated=2", "freq_shift_noisy=2", *_BEFORE],
+    "cpu: + time stretch (0.2)": ["time_stretch_curated=0.2", "time_stretch_noisy=0.2", *_BEFORE],
+    "cpu: wider SpecAugment stripes": ["freq_mask_frac=0.2", "time_mask_frac=0.2", *_BEFORE],
+    "cpu: freq-mean, time-max pooling": ["pool=freqmean_timemax", *_BEFORE],
+    "cpu: dropout 0.3, weight decay 0.05": ["dropout=0.3", "wd=0.05", *_BEFORE],
+    "cpu: + test-time BN adaptation": ["adapt_bn=true", *_BEFORE],
     "union: + background + level/EQ": ["@demo", *_UNION, "background_curated=0.3", "background_noisy=0.3",
                                        "level_eq_curated=true", "level_eq_noisy=true"],
     "union: + weight averaging (EMA)": ["@demo", *_UNION, "average_epochs=2"],

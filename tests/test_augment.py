@@ -195,3 +195,19 @@ def test_time_stretch_policy_and_labels():
     x, y = torch.randn(4, 1, 8, 32), torch.eye(4)
     _, y2 = cbs[-2].augment(x, y)
     assert torch.equal(y2, y)
+
+
+def test_union_mix_rounds_stack_partners_and_their_labels():
+    """Two rounds at p=1 on lit-pixel items: every item holds itself and up to two partners (a partner of a mixed
+    partner included), and its labels are exactly the items whose pixels it holds."""
+    cfg = make_config("demo", sets=["union_mix_curated=1.0", "union_mix_rounds=2", "specaug_curated=false",
+                                    "mixup_curated=0"])
+    cbs = augment_policy(cfg, "curated", FLOOR)
+    assert [type(cb) for cb in cbs] == [UnionMix, UnionMix]
+    torch.manual_seed(0)
+    x, y = lit_pixel_batch(16)
+    for cb in cbs:
+        x, y = cb.augment(x, y)
+    present = (x.view(16, 16) > FLOOR + 20).float()
+    assert torch.equal(present, y)
+    assert (y.sum(1) >= 2).all() and (y.sum(1) <= 4).all() and (y.sum(1) >= 3).any()

@@ -216,3 +216,12 @@ def test_selection_and_noisy_top_up_are_priced():
     assert topped["fold_epoch"] == pytest.approx(plain["fold_epoch"] + train_part, rel=1e-6)  # twice the clips
     plan = plan_run(make_config("kaggle-1h", sets=["select_noisy=true"]), w, tp, None)
     assert plan.stages[0][0] == "select noisy clips"
+
+
+def test_test_time_bn_adaptation_is_priced_as_one_more_pass_per_model():
+    tp = Throughput(1 / 700, 1 / 1700, "x")
+    plain = stage_costs(make_config("kaggle-1h"), FAT2019, tp, passes=2)
+    adapted = stage_costs(make_config("kaggle-1h", sets=["adapt_bn=true"]), FAT2019, tp, passes=2)
+    assert adapted["test_predict"] == pytest.approx(plain["test_predict"] * 4 / 3)
+    assert {k: v for k, v in adapted.items() if k != "test_predict"} == \
+        {k: v for k, v in plain.items() if k != "test_predict"}

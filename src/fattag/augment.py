@@ -218,8 +218,8 @@ def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
     cbs: list[Callback] = []
     if value("mixup") > 0:
         cbs.append(Mixup(value("mixup")))
-    if value("union_mix") > 0:
-        cbs.append(UnionMix(value("union_mix"), cfg.mix_gain_db))
+    if value("union_mix") > 0:  # each round may add a partner, itself perhaps already mixed
+        cbs += [UnionMix(value("union_mix"), cfg.mix_gain_db) for _ in range(cfg.union_mix_rounds)]
     if value("concat_mix") > 0:
         cbs.append(ConcatMix(value("concat_mix"), cfg.mix_gain_db))
     if value("background") > 0:

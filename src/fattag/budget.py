@@ -140,7 +140,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
         noisy_epoch=w.noisy_train * train + w.noisy_holdout_windows * infer,
         fold_epoch=w.curated * (k - 1) / k / (1 - share) * train + per_fold_windows * infer,
         oof_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer,   # centre crop + windows (+ passes)
-        test_predict=w.test_windows * (1 + passes) * infer,
+        test_predict=w.test_windows * (1 + passes + cfg.adapt_bn) * infer,   # AdaBN: one more pass per model
         # noisy-clip selection: a scorer trained on the curated clips, then one pass over every noisy clip
         select=(cfg.select_epochs * (w.curated * train + w.curated_windows * SELECT_HOLDOUT * infer)
                 + w.noisy_windows * infer) if selecting else 0.0,
