@@ -158,10 +158,8 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{variant} / {family} / seed {seed} failed (exit {proc.returncode}); see {work}/stdout.txt")
-    if mode:  # a predict-only run has no OOF of its own: quote its weights' run
-        scores = json.loads((Path(key["weights"]) / "scores.json").read_text())
-    else:
-        scores = json.loads((work / "scores.json").read_text())
+    trained = Path(key["weights"]) if mode else work  # a predict-only run has no OOF of its own: its weights' run
+    scores = json.loads((trained / "scores.json").read_text())
     stage1 = work / "stage1" / "history.csv"
     hold = pd.read_csv(stage1)["lwlrap"].tolist() if stage1.is_file() else []
     result = dict(key=key, variant=variant, family=family, seed=seed, test=test_lwlrap(data_dir, work / "submission.csv"),

@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash a27c2074a22e). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 02b6ac0f3775). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'a27c2074a22e'
+BUILD_HASH = '02b6ac0f3775'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -497,7 +497,7 @@ def time_stretch(x: torch.Tensor, max_stretch: float) -> torch.Tensor:
     """Per item: play the crop faster or slower by a factor in [1/(1+s), 1+s] (log-uniform), resampled along time
     with torch's `grid_sample` around a random centre; a crop that becomes too short is continued by reflection.
     Another speaker or player takes another tempo."""
-    b, t = x.shape[0], x.shape[-1]
+    b = x.shape[0]
     factor = torch.exp(uniform(b, -math.log1p(max_stretch), math.log1p(max_stretch), x.device))   # >1: slower
     width = 1.0 / factor                                       # share of the crop's frames the output spans
     centre = uniform(b, -1.0, 1.0, x.device) * (1.0 - width).clamp(min=0.0)
@@ -506,7 +506,7 @@ def time_stretch(x: torch.Tensor, max_stretch: float) -> torch.Tensor:
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection",
                                           align_corners=False)
-    return out.to(x.dtype) if t else x
+    return out.to(x.dtype)
 
 
 class BatchAugment(Callback):
@@ -570,8 +570,8 @@ class SpecAugment(BatchAugment):
 
 def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
     """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
-    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, time stretch, then SpecAugment
-    stripes."""
+    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, time stretch, then
+    SpecAugment stripes."""
     def value(name):
         return getattr(cfg, f"{name}_{stage}")
 
