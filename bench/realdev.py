@@ -219,7 +219,7 @@ def main(argv=None) -> dict:
         only = set(args.only.split(",")) if args.only else set(ABLATION)
         variants.update({k: v for k, v in ABLATION.items() if k in only})
     if not variants:
-        variants = {f"{args.preset} preset": []}
+        variants = {f"{args.preset} preset{' budgeted' if args.keep_budget else ''}": []}
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     for fam in families:
         if fam not in FAMILIES:

@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 02b6ac0f3775). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 09240e5223f8). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -13,9 +13,9 @@
 #   src/fattag/augment.py                      236 lines
 #   src/fattag/budget.py                       340 lines
 #   src/fattag/callbacks.py                    160 lines
-#   src/fattag/checkpoint.py                   117 lines
+#   src/fattag/checkpoint.py                   140 lines
 #   src/fattag/cli.py                           63 lines
-#   src/fattag/config.py                       223 lines
+#   src/fattag/config.py                       232 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     229 lines
@@ -28,7 +28,7 @@
 #   src/fattag/select.py                        64 lines
 #   src/fattag/session.py                      136 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/train.py                        355 lines
+#   src/fattag/train.py                        360 lines
 #   src/run.py                                 144 lines
 
 import hashlib
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '02b6ac0f3775'
+BUILD_HASH = '09240e5223f8'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1109,6 +1109,10 @@ A stage folder (`stage1/`, `fold{k}/`) holds, while it trains, `last.pth` (model
 finished epoch), `best.pth` (the best epoch's weights) and `progress.json`; when it is done, `model.pth` (best
 weights + the metadata prediction needs) and `history.csv`, and the resume files go. Every file is written to a
 temporary name and renamed, so a kill never leaves a half-written file that a restart would read.
+
+Both files also record the stage's recipe (`Config.recipe_dict` plus the data dir): a later run in the same work dir
+reuses or resumes a stage only when its own recipe is the same, and trains it again (with a warning naming the
+differences) when it is not, so changed settings never silently come back with old weights.
 """
 from __future__ import annotations
 
@@ -1177,26 +1181,45 @@ class Resume:
 
 
 class StageDir:
-    """One stage's folder: finished-stage reuse, per-epoch resume files, and the final model."""
+    """One stage's folder: finished-stage reuse, per-epoch resume files, and the final model, all guarded by the
+    stage's `recipe` (a dict of the settings its weights depend on)."""
 
-    def __init__(self, path):
+    def __init__(self, path, recipe: dict | None = None):
         self.path = Path(path)
+        self.recipe = json.loads(json.dumps(recipe or {}, default=str))  # as it reads back from disk
         self.model_file = self.path / "model.pth"
         self.last_file, self.best_file = self.path / "last.pth", self.path / "best.pth"
         self.progress_file = self.path / "progress.json"
 
+    def same_recipe(self, saved: dict | None, what: str) -> bool:
+        """True when `saved` (the recipe stored with `what`) is this run's; else a warning that names the changes."""
+        if saved == self.recipe:
+            return True
+        saved = saved or {}
+        changed = sorted(k for k in set(saved) | set(self.recipe) if saved.get(k) != self.recipe.get(k))
+        shown = ", ".join(f"{k} {saved.get(k, '?')!r} -> {self.recipe.get(k, '?')!r}" for k in changed[:6])
+        log.warning("%s: the saved %s was trained with other settings (%s%s); training it again", self.path.name,
+                    what, shown or "no recipe recorded", ", ..." if len(changed) > 6 else "")
+        return False
+
     def finished(self) -> tuple[dict, dict] | None:
-        """(meta, state_dict) of a stage that an earlier run finished (same --work-dir), else None."""
+        """(meta, state_dict) of a stage that an earlier run with the same recipe finished (same --work-dir)."""
         if not self.model_file.exists():
             return None
+        meta, state = load_checkpoint(self.model_file)
+        if not self.same_recipe(meta.get("recipe"), "model"):
+            return None
         log.info("%s: already finished, reusing its weights", self.path.name)
-        return load_checkpoint(self.model_file)
+        return meta, state
 
     def resume(self) -> Resume:
-        """The state of an interrupted stage, or a fresh Resume when there is none (or it is incomplete)."""
+        """The state of an interrupted stage with the same recipe, or a fresh Resume when there is none (or it is
+        incomplete, or from other settings)."""
         try:
             p = json.loads(self.progress_file.read_text())
             if not self.last_file.exists() or (p["best_epoch"] >= 0 and not self.best_file.exists()):
+                return Resume()
+            if not self.same_recipe(p.get("recipe"), "progress"):
                 return Resume()
             best = torch.load(self.best_file, map_location="cpu", weights_only=True) if p["best_epoch"] >= 0 else None
             last = torch.load(self.last_file, map_location="cpu", weights_only=False)
@@ -1212,12 +1235,12 @@ class StageDir:
         atomic_torch_save({"model": model.state_dict(), "opt": opt_state, **extra}, self.last_file)
         atomic_write_text(self.progress_file, json.dumps(dict(
             epochs_done=state.epochs_done, epochs=state.epochs, best_score=state.best_score,
-            best_epoch=state.best_epoch, history=state.history)))
+            best_epoch=state.best_epoch, history=state.history, recipe=self.recipe)))
 
     def finish(self, model: torch.nn.Module, meta: dict, history: pd.DataFrame) -> None:
         """The best weights become model.pth (which marks the stage done); the resume files go."""
         atomic_write(self.path / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
-        save_checkpoint(self.model_file, model, meta)
+        save_checkpoint(self.model_file, model, {**meta, "recipe": self.recipe})
         for f in (self.last_file, self.best_file, self.progress_file):
             f.unlink(missing_ok=True)
 ''')
@@ -1398,6 +1421,10 @@ class Config:
         """The values a trained model's input depends on: weights are only valid with the same ones."""
         return {k: getattr(self, k) for k in FEATURE_KEYS}
 
+    def recipe_dict(self) -> dict:
+        """The values a stage's weights depend on: saved stages are reused only by a run with the same ones."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_RECIPE_KEYS}
+
     def inference_dict(self) -> dict:
         """How test clips are predicted: may differ between training and a later predict-only run."""
         return {k: getattr(self, k) for k in INFERENCE_KEYS}
@@ -1409,6 +1436,11 @@ FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f
 MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
 INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
                   "batch_size")
+# Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
+# resumed stage keeps its own), the budget, workers, and how test clips are predicted. Every other value is part of
+# the recipe that a work dir's saved stages must match before a later run reuses them.
+NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "time_budget", "safety_margin", "tta_fill_passes", "num_workers",
+                   *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.
@@ -3637,7 +3669,7 @@ import numpy as np
 import pandas as pd
 
 from .budget import SELECT_HOLDOUT
-from .checkpoint import StageDir, atomic_write
+from .checkpoint import atomic_write
 from .features import Clips
 from .model import build_model
 from .predict import predict_clips
@@ -3658,12 +3690,12 @@ def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
 def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
     """Indices of the noisy clips to keep (all decodable ones when selection is off or finds nothing)."""
     cfg, pool = s.cfg, np.flatnonzero(d.noisy.ok)
-    kept_file = s.work_dir / "select" / "kept.csv"
-    if kept_file.exists():  # a restarted run reuses its selection
-        return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
-    t0 = time.time()
     spec = StageSpec.for_stage(s, "curated", "selection scorer (curated)", s.work_dir / "select", cfg.select_epochs,
                                cfg.seed + 2000)
+    kept_file = spec.out_dir / "kept.csv"
+    if kept_file.exists() and spec.stage_dir.finished() is not None:  # a restarted run reuses its selection
+        return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
+    t0 = time.time()
     train_idx, hold_idx = holdout_split(np.flatnonzero(d.curated.ok), SELECT_HOLDOUT, spec.seed)
     model = build_model(cfg, len(d.classes), *d.stats)
     res = fit_stage(model, Clips(d.curated, train_idx), Clips(d.curated, hold_idx), spec,
@@ -3674,7 +3706,7 @@ def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
     probs = predict_clips(model, d.noisy, pool, cfg, s.device, desc="score noisy clips")
     keep = agreeing(probs, d.noisy.table.targets[pool], cfg.select_margin)
     kept = pool[keep] if keep.sum() >= max(10, 0.05 * len(pool)) else pool
-    StageDir(spec.out_dir).finish(model, {"stage": "select", "score": res.best_score}, res.history)
+    spec.stage_dir.finish(model, {"stage": "select", "score": res.best_score}, res.history)
     atomic_write(kept_file, lambda tmp: pd.DataFrame({"index": kept, "fname": [d.noisy.table.fnames[i] for i in kept]})
                  .to_csv(tmp, index=False))
     s.record("select noisy clips", time.time() - t0)
@@ -3908,7 +3940,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -3977,13 +4009,18 @@ class StageSpec:
     seed: int            # crops, augmentation and initial weights
     cfg: Config          # shared settings: batch size, weight decay, crop and validation windows, device
     device: str = "cpu"
+    recipe: dict = field(default_factory=dict)  # what the saved weights must match to be reused (checkpoint.py)
+
+    @property
+    def stage_dir(self) -> StageDir:
+        return StageDir(self.out_dir, self.recipe)
 
     @classmethod
     def for_stage(cls, s: Session, stage: str, label: str, out_dir, epochs: int, seed: int) -> StageSpec:
         """The spec of a `stage` ('noisy' or 'curated') of this run, from the config's per-stage values."""
         cfg = s.cfg
         return cls(label, stage, Path(out_dir), epochs, getattr(cfg, f"lr_{stage}"), getattr(cfg, f"loss_{stage}"),
-                   seed, cfg, str(s.device))
+                   seed, cfg, str(s.device), recipe={**cfg.recipe_dict(), "data_dir": str(s.data_dir)})
 
 
 @dataclass
@@ -4036,7 +4073,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
         device=device)
     keep = KeepBest(resume)
     cbs = [*augment_policy(cfg, spec.stage, input_mean(model)), NanGuard(), keep,
-           EpochCheckpoint(StageDir(spec.out_dir), keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
+           EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
            Deadline(deadline)]
     if cfg.average_epochs > 0:
         cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
@@ -4063,7 +4100,7 @@ def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, 
     finished epoch with the interrupted run's schedule.
     """
     set_seed(spec.seed, reproducible=True)
-    resume = StageDir(spec.out_dir).resume()
+    resume = spec.stage_dir.resume()
     epochs = resume.epochs or spec.epochs  # a resumed stage keeps the interrupted run's schedule
     spec = StageSpec(**{**spec.__dict__, "epochs": epochs})
     learn = stage_learner(model, train, valid, spec, resume, deadline)
@@ -4087,7 +4124,7 @@ def finish_stage(spec: StageSpec, model: torch.nn.Module, res: StageResult, meta
     """Save the finished stage's best weights with what prediction needs to know (model.pth marks it done)."""
     meta = {**meta, "score": res.best_score, "best_epoch": res.best_epoch, "seconds": res.seconds,
             "epochs_run": len(res.history), "epochs_planned": res.epochs_planned}
-    StageDir(spec.out_dir).finish(model, meta, res.history)
+    spec.stage_dir.finish(model, meta, res.history)
 
 
 # ---------------------------------------------------------------- the two stages
@@ -4133,7 +4170,7 @@ def train_stage1(s: Session, d: TrainingData) -> dict | None:
                  "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
         return None
     spec = StageSpec.for_stage(s, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000)
-    done = StageDir(spec.out_dir).finished()
+    done = spec.stage_dir.finished()
     if done is not None:
         return done[1]
     t0 = time.time()
@@ -4188,7 +4225,7 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
     cfg = s.cfg
     epochs = s.budget.epochs_for(k) if s.budget else cfg.epochs_curated
     spec = StageSpec.for_stage(s, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k)
-    done = StageDir(spec.out_dir).finished()
+    done = spec.stage_dir.finished()
     if done is not None:
         return model_from_state(*done), done[0]
     if epochs <= 0:

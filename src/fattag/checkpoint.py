@@ -4,6 +4,10 @@ A stage folder (`stage1/`, `fold{k}/`) holds, while it trains, `last.pth` (model
 finished epoch), `best.pth` (the best epoch's weights) and `progress.json`; when it is done, `model.pth` (best
 weights + the metadata prediction needs) and `history.csv`, and the resume files go. Every file is written to a
 temporary name and renamed, so a kill never leaves a half-written file that a restart would read.
+
+Both files also record the stage's recipe (`Config.recipe_dict` plus the data dir): a later run in the same work dir
+reuses or resumes a stage only when its own recipe is the same, and trains it again (with a warning naming the
+differences) when it is not, so changed settings never silently come back with old weights.
 """
 from __future__ import annotations
 
@@ -72,26 +76,45 @@ class Resume:
 
 
 class StageDir:
-    """One stage's folder: finished-stage reuse, per-epoch resume files, and the final model."""
+    """One stage's folder: finished-stage reuse, per-epoch resume files, and the final model, all guarded by the
+    stage's `recipe` (a dict of the settings its weights depend on)."""
 
-    def __init__(self, path):
+    def __init__(self, path, recipe: dict | None = None):
         self.path = Path(path)
+        self.recipe = json.loads(json.dumps(recipe or {}, default=str))  # as it reads back from disk
         self.model_file = self.path / "model.pth"
         self.last_file, self.best_file = self.path / "last.pth", self.path / "best.pth"
         self.progress_file = self.path / "progress.json"
 
+    def same_recipe(self, saved: dict | None, what: str) -> bool:
+        """True when `saved` (the recipe stored with `what`) is this run's; else a warning that names the changes."""
+        if saved == self.recipe:
+            return True
+        saved = saved or {}
+        changed = sorted(k for k in set(saved) | set(self.recipe) if saved.get(k) != self.recipe.get(k))
+        shown = ", ".join(f"{k} {saved.get(k, '?')!r} -> {self.recipe.get(k, '?')!r}" for k in changed[:6])
+        log.warning("%s: the saved %s was trained with other settings (%s%s); training it again", self.path.name,
+                    what, shown or "no recipe recorded", ", ..." if len(changed) > 6 else "")
+        return False
+
     def finished(self) -> tuple[dict, dict] | None:
-        """(meta, state_dict) of a stage that an earlier run finished (same --work-dir), else None."""
+        """(meta, state_dict) of a stage that an earlier run with the same recipe finished (same --work-dir)."""
         if not self.model_file.exists():
             return None
+        meta, state = load_checkpoint(self.model_file)
+        if not self.same_recipe(meta.get("recipe"), "model"):
+            return None
         log.info("%s: already finished, reusing its weights", self.path.name)
-        return load_checkpoint(self.model_file)
+        return meta, state
 
     def resume(self) -> Resume:
-        """The state of an interrupted stage, or a fresh Resume when there is none (or it is incomplete)."""
+        """The state of an interrupted stage with the same recipe, or a fresh Resume when there is none (or it is
+        incomplete, or from other settings)."""
         try:
             p = json.loads(self.progress_file.read_text())
             if not self.last_file.exists() or (p["best_epoch"] >= 0 and not self.best_file.exists()):
+                return Resume()
+            if not self.same_recipe(p.get("recipe"), "progress"):
                 return Resume()
             best = torch.load(self.best_file, map_location="cpu", weights_only=True) if p["best_epoch"] >= 0 else None
             last = torch.load(self.last_file, map_location="cpu", weights_only=False)
@@ -107,11 +130,11 @@ class StageDir:
         atomic_torch_save({"model": model.state_dict(), "opt": opt_state, **extra}, self.last_file)
         atomic_write_text(self.progress_file, json.dumps(dict(
             epochs_done=state.epochs_done, epochs=state.epochs, best_score=state.best_score,
-            best_epoch=state.best_epoch, history=state.history)))
+            best_epoch=state.best_epoch, history=state.history, recipe=self.recipe)))
 
     def finish(self, model: torch.nn.Module, meta: dict, history: pd.DataFrame) -> None:
         """The best weights become model.pth (which marks the stage done); the resume files go."""
         atomic_write(self.path / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
-        save_checkpoint(self.model_file, model, meta)
+        save_checkpoint(self.model_file, model, {**meta, "recipe": self.recipe})
         for f in (self.last_file, self.best_file, self.progress_file):
             f.unlink(missing_ok=True)

@@ -107,6 +107,10 @@ class Config:
         """The values a trained model's input depends on: weights are only valid with the same ones."""
         return {k: getattr(self, k) for k in FEATURE_KEYS}
 
+    def recipe_dict(self) -> dict:
+        """The values a stage's weights depend on: saved stages are reused only by a run with the same ones."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_RECIPE_KEYS}
+
     def inference_dict(self) -> dict:
         """How test clips are predicted: may differ between training and a later predict-only run."""
         return {k: getattr(self, k) for k in INFERENCE_KEYS}
@@ -118,6 +122,11 @@ FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f
 MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
 INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
                   "batch_size")
+# Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
+# resumed stage keeps its own), the budget, workers, and how test clips are predicted. Every other value is part of
+# the recipe that a work dir's saved stages must match before a later run reuses them.
+NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "time_budget", "safety_margin", "tta_fill_passes", "num_workers",
+                   *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.

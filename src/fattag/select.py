@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .budget import SELECT_HOLDOUT
-from .checkpoint import StageDir, atomic_write
+from .checkpoint import atomic_write
 from .features import Clips
 from .model import build_model
 from .predict import predict_clips
@@ -39,12 +39,12 @@ def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
 def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
     """Indices of the noisy clips to keep (all decodable ones when selection is off or finds nothing)."""
     cfg, pool = s.cfg, np.flatnonzero(d.noisy.ok)
-    kept_file = s.work_dir / "select" / "kept.csv"
-    if kept_file.exists():  # a restarted run reuses its selection
-        return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
-    t0 = time.time()
     spec = StageSpec.for_stage(s, "curated", "selection scorer (curated)", s.work_dir / "select", cfg.select_epochs,
                                cfg.seed + 2000)
+    kept_file = spec.out_dir / "kept.csv"
+    if kept_file.exists() and spec.stage_dir.finished() is not None:  # a restarted run reuses its selection
+        return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
+    t0 = time.time()
     train_idx, hold_idx = holdout_split(np.flatnonzero(d.curated.ok), SELECT_HOLDOUT, spec.seed)
     model = build_model(cfg, len(d.classes), *d.stats)
     res = fit_stage(model, Clips(d.curated, train_idx), Clips(d.curated, hold_idx), spec,
@@ -55,7 +55,7 @@ def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
     probs = predict_clips(model, d.noisy, pool, cfg, s.device, desc="score noisy clips")
     keep = agreeing(probs, d.noisy.table.targets[pool], cfg.select_margin)
     kept = pool[keep] if keep.sum() >= max(10, 0.05 * len(pool)) else pool
-    StageDir(spec.out_dir).finish(model, {"stage": "select", "score": res.best_score}, res.history)
+    spec.stage_dir.finish(model, {"stage": "select", "score": res.best_score}, res.history)
     atomic_write(kept_file, lambda tmp: pd.DataFrame({"index": kept, "fname": [d.noisy.table.fnames[i] for i in kept]})
                  .to_csv(tmp, index=False))
     s.record("select noisy clips", time.time() - t0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +79,18 @@ class StageSpec:
     seed: int            # crops, augmentation and initial weights
     cfg: Config          # shared settings: batch size, weight decay, crop and validation windows, device
     device: str = "cpu"
+    recipe: dict = field(default_factory=dict)  # what the saved weights must match to be reused (checkpoint.py)
+
+    @property
+    def stage_dir(self) -> StageDir:
+        return StageDir(self.out_dir, self.recipe)
 
     @classmethod
     def for_stage(cls, s: Session, stage: str, label: str, out_dir, epochs: int, seed: int) -> StageSpec:
         """The spec of a `stage` ('noisy' or 'curated') of this run, from the config's per-stage values."""
         cfg = s.cfg
         return cls(label, stage, Path(out_dir), epochs, getattr(cfg, f"lr_{stage}"), getattr(cfg, f"loss_{stage}"),
-                   seed, cfg, str(s.device))
+                   seed, cfg, str(s.device), recipe={**cfg.recipe_dict(), "data_dir": str(s.data_dir)})
 
 
 @dataclass
@@ -138,7 +143,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
         device=device)
     keep = KeepBest(resume)
     cbs = [*augment_policy(cfg, spec.stage, input_mean(model)), NanGuard(), keep,
-           EpochCheckpoint(StageDir(spec.out_dir), keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
+           EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
            Deadline(deadline)]
     if cfg.average_epochs > 0:
         cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
@@ -165,7 +170,7 @@ def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, 
     finished epoch with the interrupted run's schedule.
     """
     set_seed(spec.seed, reproducible=True)
-    resume = StageDir(spec.out_dir).resume()
+    resume = spec.stage_dir.resume()
     epochs = resume.epochs or spec.epochs  # a resumed stage keeps the interrupted run's schedule
     spec = StageSpec(**{**spec.__dict__, "epochs": epochs})
     learn = stage_learner(model, train, valid, spec, resume, deadline)
@@ -189,7 +194,7 @@ def finish_stage(spec: StageSpec, model: torch.nn.Module, res: StageResult, meta
     """Save the finished stage's best weights with what prediction needs to know (model.pth marks it done)."""
     meta = {**meta, "score": res.best_score, "best_epoch": res.best_epoch, "seconds": res.seconds,
             "epochs_run": len(res.history), "epochs_planned": res.epochs_planned}
-    StageDir(spec.out_dir).finish(model, meta, res.history)
+    spec.stage_dir.finish(model, meta, res.history)
 
 
 # ---------------------------------------------------------------- the two stages
@@ -235,7 +240,7 @@ def train_stage1(s: Session, d: TrainingData) -> dict | None:
                  "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
         return None
     spec = StageSpec.for_stage(s, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000)
-    done = StageDir(spec.out_dir).finished()
+    done = spec.stage_dir.finished()
     if done is not None:
         return done[1]
     t0 = time.time()
@@ -290,7 +295,7 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
     cfg = s.cfg
     epochs = s.budget.epochs_for(k) if s.budget else cfg.epochs_curated
     spec = StageSpec.for_stage(s, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k)
-    done = StageDir(spec.out_dir).finished()
+    done = spec.stage_dir.finished()
     if done is not None:
         return model_from_state(*done), done[0]
     if epochs <= 0:
