@@ -43,12 +43,13 @@ FAMILIES = {"instruments": "realdev", "everyday": "realdev-everyday"}  # --famil
 # The README's ablation table. Rows run with --preset (cpu) plus their --set values; "@demo" switches a row to
 # the demo preset (the recipe as landed before the realdev work). The first rows are the path from that recipe to
 # the cpu preset, each adding one change; "cpu: ..." rows change one thing in the cpu recipe as it was before the
-# two-channel input and test-time class balancing joined it (_BEFORE); the last rows are branches tried on the
-# way, on the base they name.
+# two-channel input and test-time class balancing joined it (_BEFORE); "preset: ..." rows change one thing in the
+# cpu preset as it is; the last rows are branches tried on the way, on the base they name.
 _UNION = ["union_mix_curated=0.5", "union_mix_noisy=0.5"]
 _SHARE = [*_UNION, "noisy_share_curated=0.5"]
 _UNBALANCED = ["class_balance=false"]
 _BEFORE = ["input_norm=global", *_UNBALANCED]   # the cpu recipe before the two-channel input and class balancing
+_32K = ["sample_rate=32000", "n_fft=1024", "win_length=800", "hop_length=500"]  # 64 frames/s, as at 16 kHz
 ABLATION = {
     "as landed (demo preset)": ["@demo"],
     "+ union mixing, both stages": ["@demo", *_UNION],
@@ -72,6 +73,11 @@ ABLATION = {
     "cpu: freq-mean, time-max pooling": ["pool=freqmean_timemax", *_BEFORE],
     "cpu: dropout 0.3, weight decay 0.05": ["dropout=0.3", "wd=0.05", *_BEFORE],
     "cpu: + test-time BN adaptation": ["adapt_bn=true", *_BEFORE],
+    "preset: union mixing twice (up to 4 sounds)": ["union_mix_rounds=2"],
+    "preset: 5 folds": ["folds=5"],
+    "preset: 64 mels": ["n_mels=64"],
+    "preset: 32 kHz, 48 mels": [*_32K, "n_mels=48", "f_max=16000"],
+    "preset: 32 kHz, 64 mels": [*_32K, "n_mels=64", "f_max=16000"],
     "union: + background + level/EQ": ["@demo", *_UNION, "background_curated=0.3", "background_noisy=0.3",
                                        "level_eq_curated=true", "level_eq_noisy=true"],
     "union: + weight averaging (EMA)": ["@demo", *_UNION, "average_epochs=2"],
