@@ -1,6 +1,6 @@
 """Training and inference throughput of each preset's model, and the rate of the real input pipeline feeding it.
 
-    python bench/train.py [--preset P] [--quick] [--batch B] [--clips N]
+    python bench/train.py [--preset P] [--quick] [--batch B] [--clips N] [--set name=value ...]
 
 Model rate: fattag.budget.measure_throughput, the step the run's planner times (forward + backward + AdamW on random
 float16 input of the crop size, batch = the preset's, AMP on CUDA; inference: forward passes of one batch).
@@ -142,6 +142,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's; --quick on CPU: 8)")
     p.add_argument("--clips", type=int, default=None, help="clips in the synthetic store (default 512, --quick 64)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step (default 1 CPU, 3 CUDA)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a setting of every preset measured, e.g. --set channels_last=false (repeatable)")
     a = p.parse_args(argv)
     from fattag.config import PRESETS, make_config
 
@@ -152,12 +154,12 @@ def main(argv=None) -> dict:
     steps = a.steps or (3 if cuda else 1)
     n_clips = a.clips or (64 if a.quick else 512)
     info = print_machine("train: model throughput vs input pipeline", device, notes=(
-        f"presets {', '.join(presets)}; best of {steps} timed step(s) after a warm-up, best of {repeat} runs; "
+        f"presets {', '.join(presets)}{' with ' + ' '.join(a.set) if a.set else ''}; best of {steps} timed step(s) after a warm-up, best of {repeat} runs; "
         f"AMP {'on' if cuda else 'off (CPU)'}; input pipeline over {n_clips} synthetic clips"))
 
     model_rows, input_rows, results = [], [], {}
     for name in presets:
-        cfg = make_config(name)
+        cfg = make_config(name, sets=a.set)
         bs = a.batch or (min(cfg.batch_size, 8) if a.quick and not cuda else cfg.batch_size)
         store = synthetic_store(cfg, max(n_clips, 2 * bs))
         m = model_rates(cfg, bs, device, steps + 1, repeat)
