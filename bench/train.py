@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     p.add_argument("--clips", type=int, default=None, help="clips in the synthetic store (default 512, --quick 64)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step (default 1 CPU, 3 CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a setting of every preset measured, e.g. --set channels_last=false (repeatable)")
+                   help="override a setting of every preset measured, e.g. --set n_mels=64 (repeatable)")
     a = p.parse_args(argv)
     from fattag.config import PRESETS, make_config
 
@@ -154,7 +154,8 @@ def main(argv=None) -> dict:
     steps = a.steps or (3 if cuda else 1)
     n_clips = a.clips or (64 if a.quick else 512)
     info = print_machine("train: model throughput vs input pipeline", device, notes=(
-        f"presets {', '.join(presets)}{' with ' + ' '.join(a.set) if a.set else ''}; best of {steps} timed step(s) after a warm-up, best of {repeat} runs; "
+        f"presets {', '.join(presets)}{' with ' + ' '.join(a.set) if a.set else ''}; "
+        f"best of {steps} timed step(s) after a warm-up, best of {repeat} runs; "
         f"AMP {'on' if cuda else 'off (CPU)'}; input pipeline over {n_clips} synthetic clips"))
 
     model_rows, input_rows, results = [], [], {}
