@@ -39,19 +39,21 @@ def fat2019_workload(cfg):
         curated=FAT2019["curated"]["clips"],
         curated_windows=FAT2019["curated"]["clips"] * windows_per_clip(cfg, mean_s["curated"]),
         test_windows=FAT2019["test"]["clips"] * windows_per_clip(cfg, mean_s["test"]),
+        test_clips=FAT2019["test"]["clips"],
     )
     return w, mean_s
 
 
 def breakdown(cfg, w, tp, plan) -> dict:
     """Seconds per part of the run, from fattag.budget's own cost model (their sum is the plan's total)."""
-    from fattag.budget import stage_costs
+    from fattag.budget import pseudo_s, stage_costs
     c = stage_costs(cfg, w, tp, plan.tta_aug_passes)
     return {
         "stage 1 (training + holdout validation)": plan.epochs_noisy * c["noisy_epoch"],
         "stage 2 epochs (training + validation, all folds)": plan.folds_trained * plan.epochs_curated * c["fold_epoch"],
         "OOF predictions": plan.folds_trained * c["oof_predict"],
         "test TTA (all fold models)": plan.folds_trained * c["test_predict"],
+        "test pseudo-label round (all fold models)": plan.folds_trained * pseudo_s(c, plan.epochs_pseudo),
     }
 
 
@@ -170,6 +172,7 @@ def main(argv=None) -> dict:
         infer_windows_s=1 / tp.infer_s_per_window, prep_s=prep, plan_full_s=full.total_s,
         projected_total_s=total_full, budget_s=budget_s,
         fitted=dict(epochs_noisy=fitted.epochs_noisy, epochs_curated=fitted.epochs_curated,
+                    epochs_pseudo=fitted.epochs_pseudo,
                     folds=fitted.folds_trained, total_s=fitted.total_s, notes=fitted.notes),
         needed_train_clips_s=need, needed_infer_windows_s=need * rho, speedup_needed=need / have,
         parts_s={"decode": prep_dec, "logmel": prep_feat, **parts}, workload=dataclasses.asdict(w))

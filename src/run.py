@@ -21,7 +21,8 @@ from fattag.cli import parse_args  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
-from fattag.predict import load_fold_models, predict_and_submit, prediction_config  # noqa: E402
+from fattag.predict import final_weights, load_fold_models, predict_and_submit, prediction_config  # noqa: E402
+from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
 from fattag.select import select_noisy  # noqa: E402
 from fattag.session import open_session  # noqa: E402
@@ -68,7 +69,10 @@ def main(argv=None, defaults: dict | None = None) -> int:
     scores = score_oof(data.curated.targets, folds)
     write_oof(s.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
-    # 6. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
+    # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
+    folds.models = pseudo_label_round(s, d, folds, test)
+
+    # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
     #    every test clip gets a row. The checkpoints and config.json record how it was done.
     s.cfg = apply_plan(s.cfg, s.budget.plan, tta_aug_passes=s.budget.test_passes(len(folds.models)))
     record_settings(s, folds)
@@ -77,7 +81,7 @@ def main(argv=None, defaults: dict | None = None) -> int:
                                                             stage1_holdout=s.stage1_holdout), indent=2) + "\n")
     log.info("time plan vs actual:\n%s", s.timing_table())
 
-    # 7. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
+    # 8. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
     rows = folds.predicted
     write_report(s.work_dir, mode="train", classes=data.classes, timings=s.timings, scores=scores,
                  dataset=dataset_summary(s, [curated, noisy, test]), folds=folds.results, stage1=s.stage1_holdout,
@@ -105,7 +109,7 @@ def record_settings(s, folds) -> None:
     """config.json: the settings and plan the run used; each fold checkpoint: the inference settings of the test
     predictions, so that a predict-only run from these weights makes the same submission."""
     for row in folds.results:
-        path = s.work_dir / f"fold{row['fold']}" / "model.pth"
+        path = final_weights(s.work_dir / f"fold{row['fold']}" / "model.pth")
         if load_checkpoint(path)[0].get("inference") != s.cfg.inference_dict():
             update_meta(path, inference=s.cfg.inference_dict())
     s.save_config(plan=s.budget.plan.to_dict(), folds_run=folds.results)

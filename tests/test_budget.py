@@ -101,13 +101,14 @@ def test_budget_deadlines_leave_the_later_work_its_time():
     b = _budget(Throughput(1 / 300, 1 / 1200, "gpu-ish"), 3000)
     c = b.costs()
     fold_cost = b.plan.epochs_curated * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
-    assert b.stage1_deadline() == pytest.approx(b.deadline - b.plan.folds_trained * fold_cost)
+    # compared as seconds before the deadline: a wall-clock time is too large for approx's relative tolerance
+    assert b.deadline - b.stage1_deadline() == pytest.approx(b.plan.folds_trained * fold_cost)
     b.epochs_for(0)
     floor = MIN_EPOCHS_CURATED * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
     n = b.plan.folds_trained
     for k in (0, 1):  # its own OOF, test TTA of the k + 1 models so far, the later folds at their floor
-        expected = b.deadline - c["oof_predict"] - (k + 1) * c["test_predict"] - (n - k - 1) * floor
-        assert b.fold_deadline(k) == pytest.approx(expected)
+        expected = c["oof_predict"] + (k + 1) * c["test_predict"] + (n - k - 1) * floor
+        assert b.deadline - b.fold_deadline(k) == pytest.approx(expected)
 
 
 def test_no_deadline_never_cuts():

@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY, run_pipeline
 from fattag.data import load_dataset
 from fattag.metrics import lwlrap
+from fattag.predict import load_fold_models
 from fattag.submission import SubmissionError, validate_submission
 
 
@@ -67,12 +68,30 @@ OTHER_FEATURES = ["--set", "n_mels=40", "--set", "hop_length=200", "--set", "cro
 
 @pytest.fixture(scope="module")
 def other_features_run(tiny_data, tmp_path_factory):
-    """A training run whose feature and inference settings are not any preset's."""
+    """A training run whose feature and inference settings are not any preset's, with a test pseudo-label round."""
     work = tmp_path_factory.mktemp("run-other")
     proc = run_pipeline(["--data-dir", tiny_data, "--work-dir", work, *TINY, "--set", "epochs_curated=1",
-                         *OTHER_FEATURES])
+                         *OTHER_FEATURES, "--set", "pseudo_epochs=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work
+
+
+def test_the_pseudo_label_round_trains_each_fold_on_its_clips_and_the_labelled_test_clips(other_features_run,
+                                                                                         tiny_data):
+    data = load_dataset(tiny_data)
+    labels = pd.read_csv(other_features_run / "pseudo_labels.csv")
+    assert labels["fname"].tolist() == data.test.fnames and labels["labels"].str.len().min() > 0
+    assert set(",".join(labels["labels"]).split(",")) <= set(data.classes)
+    log = (other_features_run / "log.txt").read_text()
+    n_curated = len(data.curated)
+    for k in (0, 1):  # its fold's training clips (about half the curated set) plus every test clip
+        line = next(ln for ln in log.splitlines() if f"fold {k} + test pseudo-labels:" in ln)
+        n_train = int(line.split(": ")[1].split(" training clips")[0])
+        assert n_train - len(data.test) in range(n_curated // 2 - 2, n_curated // 2 + 3), line
+        assert (other_features_run / f"fold{k}" / "pseudo" / "model.pth").is_file()
+    loaded = load_fold_models(other_features_run, data.classes)   # prediction uses the weights after the round
+    assert [str(path.parent.name) for path, _, _ in loaded] == ["pseudo", "pseudo"]
+    assert all(meta["stage"] == "pseudo" and "inference" in meta for _, _, meta in loaded)
 
 
 @pytest.mark.parametrize("run", ["tiny_run", "other_features_run"])

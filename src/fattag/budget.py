@@ -2,8 +2,9 @@
 
 Kaggle kills a kernel at its limit (FAT2019: 1 h on GPU) and DCASE 2019 teams were disqualified for running
 over. So the run measures its own speed on a few warmed-up batches and fits the preset's recipe into what is
-left of the budget, cutting in this order: epochs of both stages (proportionally, down to a floor), augmented
-TTA passes, the number of folds trained, and finally stage 1. During training the plan is redone from the
+left of the budget, cutting in this order: the test pseudo-label round (it only gets time that the rest of the
+recipe leaves), epochs of both stages (proportionally, down to a floor), augmented TTA passes, the number of folds
+trained, and finally stage 1. During training the plan is redone from the
 measured epoch times, and a deadline guard stops training early so test inference always fits.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ OVERHEAD = 1.15          # data loading, callbacks and logging on top of the mea
 MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
 MIN_EPOCHS_NOISY = 1
 SELECT_HOLDOUT = 0.1     # share of the curated clips that watch the selection scorer
+PSEUDO_STAGE = "pseudo-label round"  # its name in plans and timing tables
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Workload:
     curated_windows: int        # whole-clip windows over all curated clips
     test_windows: int           # whole-clip windows over all test clips
     noisy_windows: int = 0      # whole-clip windows over all noisy clips (scored once by noisy-clip selection)
+    test_clips: int = 0         # decodable test clips (trained on in the pseudo-label round)
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Plan:
     available_s: float
     stages: list = field(default_factory=list)   # (stage name, planned seconds)
     notes: list = field(default_factory=list)    # what was cut, and why
+    epochs_pseudo: int = 0                       # the test pseudo-label round, per fold model (pseudo.py)
 
     @property
     def total_s(self) -> float:
@@ -117,28 +121,34 @@ class Plan:
         rows += [f"{name:<22}{secs:>9.0f}s" for name, secs in self.stages]
         rows.append(f"{'total':<22}{self.total_s:>9.0f}s  (available {self.available_s:.0f}s)")
         head = (f"plan: stage 1 {self.epochs_noisy} epochs, stage 2 {self.epochs_curated} epochs x "
-                f"{self.folds_trained} folds, {self.tta_aug_passes} augmented TTA passes")
+                f"{self.folds_trained} folds, " + (f"{self.epochs_pseudo} pseudo-label epochs per fold, "
+                                                   if self.epochs_pseudo else "")
+                + f"{self.tta_aug_passes} augmented TTA passes")
         return "\n".join([head, *rows, *self.notes])
 
     def to_dict(self) -> dict:
         return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
-                    folds_trained=self.folds_trained, tta_aug_passes=self.tta_aug_passes,
+                    epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained, tta_aug_passes=self.tta_aug_passes,
                     available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
                     stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
 
 
 def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: dict | None = None) -> dict:
     """Seconds per unit of work, from the measured throughput (times `scale[kind]`, the measured/predicted ratio
-    of work already done): a stage-1 epoch, a fold epoch, one fold's OOF predictions, one model's test TTA."""
+    of work already done): a stage-1 epoch, a fold epoch, one fold's OOF predictions, one model's test TTA, and for
+    the pseudo-label round one model's labelling pass over the test clips and one of its epochs."""
     k = cfg.folds
     infer = tp.infer_s_per_window * OVERHEAD
     train = tp.train_s_per_clip * OVERHEAD
     per_fold_windows = w.curated_windows / k
     share = cfg.noisy_share_curated if w.noisy_train else 0.0   # stage-2 batches topped up with noisy clips
     selecting = cfg.select_noisy and w.noisy_train > 0
+    fold_train = w.curated * (k - 1) / k / (1 - share)   # a fold's training clips, noisy top-up included
     base = dict(
         noisy_epoch=w.noisy_train * train + w.noisy_holdout_windows * infer,
-        fold_epoch=w.curated * (k - 1) / k / (1 - share) * train + per_fold_windows * infer,
+        fold_epoch=fold_train * train + per_fold_windows * infer,
+        pseudo_epoch=(fold_train + w.test_clips) * train + per_fold_windows * infer,
+        teacher_predict=w.test_windows * infer,
         oof_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer,   # centre crop + windows (+ passes)
         test_predict=w.test_windows * (1 + passes + cfg.adapt_bn) * infer,   # AdaBN: one more pass per model
         # noisy-clip selection: a scorer trained on the curated clips, then one pass over every noisy clip
@@ -156,9 +166,23 @@ def _geomean(values: list) -> float:
     return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
 
 
-def fold_s(c: dict, epochs: int) -> float:
-    """One fold: its epochs, its OOF predictions and its model's share of test TTA."""
-    return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
+def fold_s(c: dict, epochs: int, pseudo: int = 0) -> float:
+    """One fold: its epochs, its OOF predictions, its model's share of test TTA and of the pseudo-label round."""
+    return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"] + pseudo_s(c, pseudo)
+
+
+def pseudo_s(c: dict, epochs: int) -> float:
+    """One model's part of the pseudo-label round: labelling the test clips, then `epochs` epochs (0: no round)."""
+    return c["teacher_predict"] + epochs * c["pseudo_epoch"] if epochs > 0 else 0.0
+
+
+def fit_pseudo(requested: int, total_with, available_s: float | None) -> int:
+    """The most pseudo-label epochs (up to `requested`) with which `total_with(epochs)`, the whole recipe's time, fits
+    `available_s`; 0 when the recipe does not fit even without the round. The round is cut first: on realdev it
+    gained less under the budget than the stage epochs it would have taken."""
+    if available_s is None or requested <= 0:
+        return max(requested, 0)
+    return next((p for p in range(requested, 0, -1) if total_with(p) <= available_s), 0)
 
 
 def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None, min_folds: int = 1):
@@ -205,18 +229,24 @@ def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: fl
 def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None,
              scale: dict | None = None) -> Plan:
     """Fit the preset's epochs, TTA passes and folds into `available_s` seconds (None: no budget, no cuts)."""
-    def total(e1, e2, folds, passes):
-        c = stage_costs(cfg, w, tp, passes, scale)
-        return c["select"] + e1 * c["noisy_epoch"] + folds * fold_s(c, e2)
+    def total_with(ep):
+        def total(e1, e2, folds, passes):
+            c = stage_costs(cfg, w, tp, passes, scale)
+            return c["select"] + e1 * c["noisy_epoch"] + folds * fold_s(c, e2, ep)
+        return total
 
     e1 = cfg.epochs_noisy if w.noisy_train else 0
-    e1, e2, folds, passes, notes = fit_recipe(e1, cfg.epochs_curated, cfg.folds, cfg.tta_aug_passes, total,
-                                              available_s)
+    recipe = (e1, cfg.epochs_curated, cfg.folds, cfg.tta_aug_passes)
+    ep = fit_pseudo(cfg.pseudo_epochs, lambda p: total_with(p)(*recipe), available_s)
+    e1, e2, folds, passes, notes = fit_recipe(*recipe, total_with(ep), available_s)
+    if ep < cfg.pseudo_epochs:
+        notes.insert(0, f"pseudo-label round cut to fit the budget: {cfg.pseudo_epochs} -> {ep} epochs")
     c = stage_costs(cfg, w, tp, passes, scale)
     stages = [("select noisy clips", c["select"])] if c["select"] and e1 else []
     stages += [("stage 1 (noisy)", e1 * c["noisy_epoch"])] if e1 else []
     stages += [(f"fold {k}", fold_s(c, e2)) for k in range(folds)]
-    return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, stages, notes)
+    stages += [(PSEUDO_STAGE, folds * pseudo_s(c, ep))] if ep else []
+    return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, stages, notes, ep)
 
 
 def _scaled(epochs: int, scale: float, floor: int) -> int:
@@ -258,7 +288,8 @@ class Budget:
         """Stage 1 must stop in time to leave the planned folds their planned time."""
         if self.deadline is None:
             return None
-        return self.deadline - self.plan.folds_trained * fold_s(self.costs(), self.plan.epochs_curated)
+        return self.deadline - self.plan.folds_trained * fold_s(self.costs(), self.plan.epochs_curated,
+                                                                 self.plan.epochs_pseudo)
 
     def select_deadline(self) -> float | None:
         """Noisy-clip selection must stop in time to leave stage 1 and the folds their planned time."""
@@ -276,13 +307,14 @@ class Budget:
         return self.plan.epochs_curated if k < self.plan.folds_trained else 0
 
     def fold_deadline(self, k: int) -> float | None:
-        """Fold k trains until: the deadline, less its OOF predictions, test TTA for the k + 1 models trained by then,
-        and the planned later folds at their floor."""
+        """Fold k trains until: the deadline, less its OOF predictions, test TTA and the pseudo-label round for the
+        k + 1 models trained by then, and the planned later folds at their floor."""
         if self.deadline is None:
             return None
         c = self.costs()
         later = max(self.plan.folds_trained - k - 1, 0) * fold_s(c, MIN_EPOCHS_CURATED)
-        return self.deadline - c["oof_predict"] - (k + 1) * c["test_predict"] - later
+        return (self.deadline - c["oof_predict"] - (k + 1) * (c["test_predict"] + pseudo_s(c, self.plan.epochs_pseudo))
+                - later)
 
     def fold_done(self, k: int) -> None:
         self.folds_done = k + 1
@@ -290,21 +322,49 @@ class Budget:
     def _replan_folds(self, k: int) -> Plan:
         """The folds from k on, fitted into the time left after test TTA for the k folds already trained."""
         req = self.requested
-        fixed = self.folds_done * self.costs()["test_predict"]
 
-        def total(e1, e2, folds, passes):
-            return fixed + folds * fold_s(self.costs(passes), e2)
+        def total_with(ep):
+            def total(e1, e2, folds, passes):  # the folds trained so far still need their test TTA and pseudo round
+                c = self.costs(passes)
+                return self.folds_done * (c["test_predict"] + pseudo_s(c, ep)) + folds * fold_s(c, e2, ep)
+            return total
 
-        _, e2, n, passes, notes = fit_recipe(0, req.epochs_curated, req.folds - k, req.tta_aug_passes, total,
-                                             self.remaining(), min_folds=1 if k == 0 else 0)
+        recipe = (0, req.epochs_curated, req.folds - k, req.tta_aug_passes)
+        ep = fit_pseudo(req.pseudo_epochs, lambda p: total_with(p)(*recipe), self.remaining())
+        _, e2, n, passes, notes = fit_recipe(*recipe, total_with(ep), self.remaining(), min_folds=1 if k == 0 else 0)
         c = self.costs(passes)
-        kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold")]
+        kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold") and name != PSEUDO_STAGE]
         done = [(f"fold {j}", secs) for j, (name, secs) in enumerate(
             [st for st in self.plan.stages if st[0].startswith("fold")]) if j < k]
         stages = kept + done + [(f"fold {j}", fold_s(c, e2)) for j in range(k, k + n)]
+        stages += [(PSEUDO_STAGE, (k + n) * pseudo_s(c, ep))] if ep else []
         return Plan(self.plan.epochs_noisy, e2, k + n, passes, self.plan.available_s, stages, self.plan.notes + [
             f"re-planned before fold {k} from measured times: {n} more fold(s) of {e2} epochs"
-            + (f" ({'; '.join(notes)})" if notes else "")])
+            + (f" ({'; '.join(notes)})" if notes else "")], ep)
+
+    def pseudo_epochs(self, n_models: int) -> int:
+        """Epochs of the pseudo-label round for each of `n_models` fold models, decided when stage 2 is over: the
+        plan's, fewer when they no longer fit before the plain test pass, more (up to the requested number) when
+        time is left; 0 when not even one epoch fits."""
+        planned = self.plan.epochs_pseudo if self.deadline is not None else self.requested.pseudo_epochs
+        if self.deadline is None or n_models == 0 or self.requested.pseudo_epochs <= 0:
+            return planned if n_models else 0
+        c = self.costs(0)
+        left = self.remaining() - n_models * (c["test_predict"] + c["teacher_predict"])
+        fit = int(left // max(n_models * c["pseudo_epoch"], 1e-9))
+        epochs = max(0, min(fit, self.requested.pseudo_epochs))
+        if epochs != planned:
+            self.plan.notes.append(f"pseudo-label round: {epochs} epochs per model (planned {planned}) fit the time "
+                                   "left")
+        self.plan.epochs_pseudo = epochs
+        return epochs
+
+    def pseudo_deadline(self, k: int, n_models: int) -> float | None:
+        """Model k's pseudo-label epochs stop in time for the later models' one epoch each and the plain test pass."""
+        if self.deadline is None:
+            return None
+        c = self.costs(0)
+        return self.deadline - n_models * c["test_predict"] - (n_models - k - 1) * c["pseudo_epoch"]
 
     def test_passes(self, n_models: int) -> int:
         """Augmented TTA passes for the test set, decided when training is over: the plan's, fewer if they no longer
@@ -324,7 +384,7 @@ class Budget:
 def apply_plan(cfg: Config, plan: Plan, **more) -> Config:
     """The config with the plan's epochs and TTA passes (and any `more` values): what the run actually uses."""
     return replace(cfg, **{**dict(epochs_noisy=plan.epochs_noisy, epochs_curated=plan.epochs_curated,
-                                  tta_aug_passes=plan.tta_aug_passes), **more})
+                                  pseudo_epochs=plan.epochs_pseudo, tta_aug_passes=plan.tta_aug_passes), **more})
 
 
 def count_workload(cfg: Config, noisy, curated, test) -> Workload:
@@ -336,5 +396,5 @@ def count_workload(cfg: Config, noisy, curated, test) -> Workload:
     n_hold = max(1, int(round(len(noisy_ok) * cfg.noisy_holdout))) if len(noisy_ok) else 0
     return Workload(noisy_train=len(noisy_ok) - n_hold, noisy_holdout_windows=windows(noisy, noisy_ok[:n_hold]),
                     curated=int(curated.ok.sum()), curated_windows=windows(curated, np.flatnonzero(curated.ok)),
-                    test_windows=windows(test, np.flatnonzero(test.ok)),
+                    test_windows=windows(test, np.flatnonzero(test.ok)), test_clips=int(test.ok.sum()),
                     noisy_windows=windows(noisy, noisy_ok) if cfg.select_noisy else 0)

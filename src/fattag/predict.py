@@ -94,10 +94,18 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown fold ensemble {how!r}: mean or geomean")
 
 
+def final_weights(fold_model: Path) -> Path:
+    """A fold's final weights: after the test pseudo-label round when it ran (fold*/pseudo/model.pth), else stage 2's."""
+    after_round = Path(fold_model).parent / "pseudo" / "model.pth"
+    return after_round if after_round.is_file() else Path(fold_model)
+
+
 def load_fold_models(weights_dir, classes: list[str]) -> list:
-    """Every fold*/model.pth under `weights_dir` as (path, model, meta); a clear error when none or mismatched."""
+    """Every fold's final weights under `weights_dir` (fold*/model.pth, or fold*/pseudo/model.pth where the
+    pseudo-label round ran) as (path, model, meta); a clear error when there are none or they mismatch."""
     weights_dir = Path(weights_dir)
     paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
+    paths = [final_weights(p) for p in paths]
     if not paths:
         raise FileNotFoundError(f"no fold*/model.pth under {weights_dir}: point --weights at a training run's "
                                 "work dir (or the dataset holding its fold folders)")
