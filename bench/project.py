@@ -5,7 +5,8 @@
 Measured here: decode (iter_decoded over cached synthetic 15 s clips), log-mel per clip (build_store's path) and
 fattag.budget.measure_throughput (training s/clip and inference s/window of the preset's model). The run's work
 (decode + features of curated+noisy+test, stage 1, K folds of stage 2 with per-epoch validation, OOF and test TTA)
-is then priced by fattag.budget's cost model (stage_costs, plan_run): once as configured (no budget), once fitted into the preset's budget.
+is then priced by fattag.budget's cost model (stage_costs, plan_run): once as configured (no budget), once fitted into
+the preset's budget.
 Finally: the training rate a GPU would need for the preset's full recipe (without the test pseudo-label round, which
 only gets the time left) to fit its budget.
 """

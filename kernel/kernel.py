@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 15e295b7aae5). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 43365f77a8eb). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,7 +11,7 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      236 lines
-#   src/fattag/budget.py                       400 lines
+#   src/fattag/budget.py                       402 lines
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   140 lines
 #   src/fattag/cli.py                           63 lines
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '15e295b7aae5'
+BUILD_HASH = '43365f77a8eb'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -604,8 +604,8 @@ Kaggle kills a kernel at its limit (FAT2019: 1 h on GPU) and DCASE 2019 teams we
 over. So the run measures its own speed on a few warmed-up batches and fits the preset's recipe into what is
 left of the budget, cutting in this order: the test pseudo-label round (it only gets time that the rest of the
 recipe leaves), epochs of both stages (proportionally, down to a floor), augmented TTA passes, the number of folds
-trained, and finally stage 1. During training the plan is redone from the
-measured epoch times, and a deadline guard stops training early so test inference always fits.
+trained, and finally stage 1. During training the plan is redone from the measured epoch times, and a deadline
+guard stops training early so test inference always fits.
 """
 from __future__ import annotations
 
@@ -728,7 +728,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
-                    epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained, tta_aug_passes=self.tta_aug_passes,
+                    epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained,
+                    tta_aug_passes=self.tta_aug_passes,
                     available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
                     stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
 
@@ -946,10 +947,11 @@ class Budget:
         """Epochs of the pseudo-label round for each of `n_models` fold models, decided when stage 2 is over: the
         plan's, fewer when they no longer fit before the plain test pass, more (up to the requested number) when
         time is left; 0 when not even one epoch fits."""
-        planned = self.plan.epochs_pseudo if self.deadline is not None else self.requested.pseudo_epochs
-        if self.deadline is None or n_models == 0 or self.requested.pseudo_epochs <= 0:
-            return planned if n_models else 0
-        c = self.costs(0)
+        if n_models == 0 or self.requested.pseudo_epochs <= 0:
+            return 0
+        if self.deadline is None:
+            return self.requested.pseudo_epochs
+        planned, c = self.plan.epochs_pseudo, self.costs(0)
         left = self.remaining() - n_models * (c["test_predict"] + c["teacher_predict"])
         fit = int(left // max(n_models * c["pseudo_epoch"], 1e-9))
         epochs = max(0, min(fit, self.requested.pseudo_epochs))
@@ -3037,7 +3039,7 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
 
 
 def final_weights(fold_model: Path) -> Path:
-    """A fold's final weights: after the test pseudo-label round when it ran (fold*/pseudo/model.pth), else stage 2's."""
+    """A fold's final weights: those after the test pseudo-label round when it ran (fold*/pseudo/), else stage 2's."""
     after_round = Path(fold_model).parent / "pseudo" / "model.pth"
     return after_round if after_round.is_file() else Path(fold_model)
 

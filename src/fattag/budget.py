@@ -4,8 +4,8 @@ Kaggle kills a kernel at its limit (FAT2019: 1 h on GPU) and DCASE 2019 teams we
 over. So the run measures its own speed on a few warmed-up batches and fits the preset's recipe into what is
 left of the budget, cutting in this order: the test pseudo-label round (it only gets time that the rest of the
 recipe leaves), epochs of both stages (proportionally, down to a floor), augmented TTA passes, the number of folds
-trained, and finally stage 1. During training the plan is redone from the
-measured epoch times, and a deadline guard stops training early so test inference always fits.
+trained, and finally stage 1. During training the plan is redone from the measured epoch times, and a deadline
+guard stops training early so test inference always fits.
 """
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
-                    epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained, tta_aug_passes=self.tta_aug_passes,
+                    epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained,
+                    tta_aug_passes=self.tta_aug_passes,
                     available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
                     stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
 
@@ -346,10 +347,11 @@ class Budget:
         """Epochs of the pseudo-label round for each of `n_models` fold models, decided when stage 2 is over: the
         plan's, fewer when they no longer fit before the plain test pass, more (up to the requested number) when
         time is left; 0 when not even one epoch fits."""
-        planned = self.plan.epochs_pseudo if self.deadline is not None else self.requested.pseudo_epochs
-        if self.deadline is None or n_models == 0 or self.requested.pseudo_epochs <= 0:
-            return planned if n_models else 0
-        c = self.costs(0)
+        if n_models == 0 or self.requested.pseudo_epochs <= 0:
+            return 0
+        if self.deadline is None:
+            return self.requested.pseudo_epochs
+        planned, c = self.plan.epochs_pseudo, self.costs(0)
         left = self.remaining() - n_models * (c["test_predict"] + c["teacher_predict"])
         fit = int(left // max(n_models * c["pseudo_epoch"], 1e-9))
         epochs = max(0, min(fit, self.requested.pseudo_epochs))

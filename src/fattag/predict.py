@@ -95,7 +95,7 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
 
 
 def final_weights(fold_model: Path) -> Path:
-    """A fold's final weights: after the test pseudo-label round when it ran (fold*/pseudo/model.pth), else stage 2's."""
+    """A fold's final weights: those after the test pseudo-label round when it ran (fold*/pseudo/), else stage 2's."""
     after_round = Path(fold_model).parent / "pseudo" / "model.pth"
     return after_round if after_round.is_file() else Path(fold_model)
 
