@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 43365f77a8eb). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 917181f741d8). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,7 +11,7 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      236 lines
-#   src/fattag/budget.py                       402 lines
+#   src/fattag/budget.py                       401 lines
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   140 lines
 #   src/fattag/cli.py                           63 lines
@@ -29,7 +29,7 @@
 #   src/fattag/select.py                        64 lines
 #   src/fattag/session.py                      136 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/train.py                        360 lines
+#   src/fattag/train.py                        365 lines
 #   src/run.py                                 148 lines
 
 import hashlib
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '43365f77a8eb'
+BUILD_HASH = '917181f741d8'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -952,9 +952,8 @@ class Budget:
         if self.deadline is None:
             return self.requested.pseudo_epochs
         planned, c = self.plan.epochs_pseudo, self.costs(0)
-        left = self.remaining() - n_models * (c["test_predict"] + c["teacher_predict"])
-        fit = int(left // max(n_models * c["pseudo_epoch"], 1e-9))
-        epochs = max(0, min(fit, self.requested.pseudo_epochs))
+        epochs = fit_pseudo(self.requested.pseudo_epochs, lambda p: n_models * (c["test_predict"] + pseudo_s(c, p)),
+                            self.remaining())
         if epochs != planned:
             self.plan.notes.append(f"pseudo-label round: {epochs} epochs per model (planned {planned}) fit the time "
                                    "left")
@@ -3364,7 +3363,7 @@ def pseudo_labels(probs: np.ndarray, threshold: float, balance: bool) -> np.ndar
     """Multi-hot (n, C) float32: each clip's top class (by the class-balanced scores when `balance`), plus every
     class whose probability is at least `threshold`."""
     labels = (probs >= threshold).astype(np.float32)
-    ranked = balance_classes(probs.copy()) if balance else probs
+    ranked = balance_classes(probs) if balance else probs
     labels[np.arange(len(probs)), ranked.argmax(1)] = 1.0
     return labels
 
@@ -3416,8 +3415,8 @@ def train_on_pseudo(s: Session, d: TrainingData, row: dict, model, pseudo: Clips
     if done is not None:
         student.load_state_dict(done[1])
         return student
-    train, valid = d.fold(k)
-    parts = [train, *d.noisy_top_up(len(train), cfg.noisy_share_curated, spec.seed), pseudo]
+    train, valid = d.fold_training(k, cfg.noisy_share_curated, spec.seed)
+    parts = [*train, pseudo]   # stage 2's training sets of this fold, plus the pseudo-labelled test clips
     deadline = s.budget.pseudo_deadline(k, n_models) if s.budget else None
     res = fit_stage(student, parts, valid, spec, deadline)
     if s.budget:
@@ -4345,6 +4344,12 @@ class TrainingData:
         return (Clips(self.curated, np.flatnonzero((self.folds >= 0) & (self.folds != k))),
                 Clips(self.curated, np.flatnonzero(self.folds == k)))
 
+    def fold_training(self, k: int, share: float, seed: int) -> tuple[list[Clips], Clips]:
+        """Stage 2's (training sets, validation clips) of fold k: the other folds' clips, topped up with noisy clips
+        so that they are `share` of the training items."""
+        train, valid = self.fold(k)
+        return [train, *self.noisy_top_up(len(train), share, seed)], valid
+
     def noisy_top_up(self, n_curated: int, share: float, seed: int) -> list[Clips]:
         """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it."""
         if share <= 0 or self.noisy is None or not len(self.noisy_pool):
@@ -4426,8 +4431,7 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
     model = build_model(cfg, len(d.classes), *d.stats)
     if init is not None:
         model.load_state_dict(init)
-    train, valid = d.fold(k)
-    train = [train, *d.noisy_top_up(len(train), cfg.noisy_share_curated, spec.seed)]
+    train, valid = d.fold_training(k, cfg.noisy_share_curated, spec.seed)
     res = fit_stage(model, train, valid, spec, s.budget.fold_deadline(k) if s.budget else None)
     if s.budget:
         s.budget.measured("fold_epoch", res.seconds, len(res.history))

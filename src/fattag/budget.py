@@ -352,9 +352,8 @@ class Budget:
         if self.deadline is None:
             return self.requested.pseudo_epochs
         planned, c = self.plan.epochs_pseudo, self.costs(0)
-        left = self.remaining() - n_models * (c["test_predict"] + c["teacher_predict"])
-        fit = int(left // max(n_models * c["pseudo_epoch"], 1e-9))
-        epochs = max(0, min(fit, self.requested.pseudo_epochs))
+        epochs = fit_pseudo(self.requested.pseudo_epochs, lambda p: n_models * (c["test_predict"] + pseudo_s(c, p)),
+                            self.remaining())
         if epochs != planned:
             self.plan.notes.append(f"pseudo-label round: {epochs} epochs per model (planned {planned}) fit the time "
                                    "left")

@@ -39,7 +39,7 @@ def pseudo_labels(probs: np.ndarray, threshold: float, balance: bool) -> np.ndar
     """Multi-hot (n, C) float32: each clip's top class (by the class-balanced scores when `balance`), plus every
     class whose probability is at least `threshold`."""
     labels = (probs >= threshold).astype(np.float32)
-    ranked = balance_classes(probs.copy()) if balance else probs
+    ranked = balance_classes(probs) if balance else probs
     labels[np.arange(len(probs)), ranked.argmax(1)] = 1.0
     return labels
 
@@ -91,8 +91,8 @@ def train_on_pseudo(s: Session, d: TrainingData, row: dict, model, pseudo: Clips
     if done is not None:
         student.load_state_dict(done[1])
         return student
-    train, valid = d.fold(k)
-    parts = [train, *d.noisy_top_up(len(train), cfg.noisy_share_curated, spec.seed), pseudo]
+    train, valid = d.fold_training(k, cfg.noisy_share_curated, spec.seed)
+    parts = [*train, pseudo]   # stage 2's training sets of this fold, plus the pseudo-labelled test clips
     deadline = s.budget.pseudo_deadline(k, n_models) if s.budget else None
     res = fit_stage(student, parts, valid, spec, deadline)
     if s.budget:

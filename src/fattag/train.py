@@ -223,6 +223,12 @@ class TrainingData:
         return (Clips(self.curated, np.flatnonzero((self.folds >= 0) & (self.folds != k))),
                 Clips(self.curated, np.flatnonzero(self.folds == k)))
 
+    def fold_training(self, k: int, share: float, seed: int) -> tuple[list[Clips], Clips]:
+        """Stage 2's (training sets, validation clips) of fold k: the other folds' clips, topped up with noisy clips
+        so that they are `share` of the training items."""
+        train, valid = self.fold(k)
+        return [train, *self.noisy_top_up(len(train), share, seed)], valid
+
     def noisy_top_up(self, n_curated: int, share: float, seed: int) -> list[Clips]:
         """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it."""
         if share <= 0 or self.noisy is None or not len(self.noisy_pool):
@@ -304,8 +310,7 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
     model = build_model(cfg, len(d.classes), *d.stats)
     if init is not None:
         model.load_state_dict(init)
-    train, valid = d.fold(k)
-    train = [train, *d.noisy_top_up(len(train), cfg.noisy_share_curated, spec.seed)]
+    train, valid = d.fold_training(k, cfg.noisy_share_curated, spec.seed)
     res = fit_stage(model, train, valid, spec, s.budget.fold_deadline(k) if s.budget else None)
     if s.budget:
         s.budget.measured("fold_epoch", res.seconds, len(res.history))
