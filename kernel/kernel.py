@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 917181f741d8). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash b1cb539cc0f0). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -21,7 +21,7 @@
 #   src/fattag/features.py                     229 lines
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
-#   src/fattag/model.py                        104 lines
+#   src/fattag/model.py                        128 lines
 #   src/fattag/predict.py                      195 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/pseudo.py                       113 lines
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '917181f741d8'
+BUILD_HASH = 'b1cb539cc0f0'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1410,7 +1410,7 @@ class Config:
     self_attention: bool = True
     mish: bool = True
     dropout: float = 0.2
-    input_norm: str = "global"    # global: fixed mean/std; band: each band's median over the crop subtracted; both
+    input_norm: str = "global"    # channels: global (mean/std), band (band median off), pcen; "+"-joined; both
     pool: str = "avg"             # avg: global average; freqmean_timemax: mean over frequency, mean + max over time
 
     # --- training ---
@@ -2842,6 +2842,7 @@ prediction needs besides the metadata that guards against a mismatch (classes, f
 from __future__ import annotations
 
 import torch
+import torchaudio
 from fastai.vision.models.xresnet import ResBlock, XResNet, xresnet18, xresnet34, xresnet50
 from torch import nn
 
@@ -2852,30 +2853,53 @@ SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, cha
 
 
 class InputNorm(nn.Module):
-    """(x - mean) / std with fixed statistics of the training log-mels; float16 stores become float32 here.
+    """The model's input channels from a log-mel crop; float16 stores become float32 here.
 
-    Mode `band`: each band's median over the crop's frames is subtracted instead of the global mean (a per-clip,
-    per-frequency normalisation: a stationary background colour or a recording's EQ no longer shifts the input,
-    but neither does a sustained sound's own spectrum); `both`: the two as two input channels.
+    Channels (`input_norm`, one name or several joined by "+"):
+    - `global`: (x - mean) / std with fixed statistics of the training log-mels;
+    - `band`: each band's median over the crop's frames subtracted (a per-clip, per-frequency normalisation: a
+      stationary background colour or a recording's EQ no longer shifts the input, but neither does a sustained
+      sound's own spectrum);
+    - `pcen`: per-channel energy normalisation (Wang et al. 2017): each band's energy divided by its own smoothed
+      past (an automatic gain control over ~0.4 s), then root-compressed, so a slowly varying background fades and
+      onsets stand out. The smoother is torchaudio's IIR `lfilter`, started at the crop's first frame.
+    `both` is `global+band`.
     """
 
-    MODES = {"global": 1, "band": 1, "both": 2}  # mode -> input channels the model gets
+    CHANNELS = ("global", "band", "pcen")
+    ALIASES = {"both": "global+band"}
+    # PCEN constants as in the paper for 64 frames/s-ish hops: smoothing s, gain exponent, bias, root.
+    PCEN_S, PCEN_ALPHA, PCEN_DELTA, PCEN_R = 0.04, 0.98, 2.0, 0.5
+
+    @classmethod
+    def channels(cls, mode: str) -> list[str]:
+        names = cls.ALIASES.get(mode, mode).split("+")
+        if not names or any(n not in cls.CHANNELS for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"unknown input_norm {mode!r}: channels {', '.join(cls.CHANNELS)} joined by '+', "
+                             f"or {', '.join(cls.ALIASES)}")
+        return names
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, mode: str = "global"):
         super().__init__()
-        if mode not in self.MODES:
-            raise ValueError(f"unknown input_norm {mode!r}: {', '.join(self.MODES)}")
-        self.mode = mode
+        self.mode, self.names = mode, self.channels(mode)
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
+    def pcen(self, x: torch.Tensor) -> torch.Tensor:
+        energy = torch.pow(10.0, (x - self.mean) / 10.0)  # dB (power) -> energy, relative to the store's mean level
+        start = energy[..., :1]
+        s = self.PCEN_S
+        smooth = torchaudio.functional.lfilter(energy - start, torch.tensor([1.0, s - 1.0]), torch.tensor([s, 0.0]),
+                                               clamp=False) + start
+        gain = energy / (1e-6 + smooth).pow(self.PCEN_ALPHA)
+        return (gain + self.PCEN_DELTA).pow(self.PCEN_R) - self.PCEN_DELTA ** self.PCEN_R
+
     def forward(self, x):
         x = x.float()
-        out = []
-        if self.mode in ("global", "both"):
-            out.append((x - self.mean) / self.std)
-        if self.mode in ("band", "both"):
-            out.append((x - x.median(dim=-1, keepdim=True).values) / self.std)
+        make = {"global": lambda: (x - self.mean) / self.std,
+                "band": lambda: (x - x.median(dim=-1, keepdim=True).values) / self.std,
+                "pcen": lambda: self.pcen(x)}
+        out = [make[name]() for name in self.names]
         return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
@@ -2898,7 +2922,7 @@ def input_mean(model: nn.Module) -> float:
 def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0) -> nn.Module:
     norm = InputNorm(mean, std, cfg.input_norm)
     act = nn.Mish if cfg.mish else nn.ReLU
-    kw = dict(c_in=InputNorm.MODES[cfg.input_norm], n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
+    kw = dict(c_in=len(InputNorm.channels(cfg.input_norm)), n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
     if cfg.arch in SMALL:  # a few hundred thousand to a few million weights: CPU runs, demos and tests
         body = XResNet(ResBlock, 1, [1, 1, 1, 1], stem_szs=(16, 32, 64), widen=SMALL[cfg.arch], **kw)
     elif cfg.arch in ARCHS:

@@ -144,7 +144,9 @@ def test_per_band_input_normalisation_removes_each_bands_level():
     assert torch.allclose(out.median(dim=-1).values, torch.zeros(2, 1, cfg.n_mels), atol=1e-5)
     assert torch.allclose(model[0](x + 13.0), out, atol=1e-5)  # a gain or EQ change no longer moves the input
     with pytest.raises(ValueError, match="input_norm"):
-        build_model(make_config("demo", sets=["input_norm=pcen"]), 3)
+        build_model(make_config("demo", sets=["input_norm=cepstrum"]), 3)
+    with pytest.raises(ValueError, match="input_norm"):
+        build_model(make_config("demo", sets=["input_norm=band+band"]), 3)
 
 
 def test_both_input_normalisations_as_two_channels():
@@ -156,3 +158,21 @@ def test_both_input_normalisations_as_two_channels():
     assert torch.allclose(out[:, :1], (x + 40) / 20, atol=1e-5)
     assert torch.allclose(out[:, 1:], (x - x.median(dim=-1, keepdim=True).values) / 20, atol=1e-5)
     assert model(x).shape == (2, 3)
+
+
+def test_pcen_channel_fades_a_steady_background_and_keeps_onsets():
+    cfg = make_config("demo", sets=["input_norm=global+band+pcen"])
+    model = build_model(cfg, 3, -40.0, 20.0)
+    x = torch.full((2, 1, cfg.n_mels, 128), -50.0)
+    x[:, :, : cfg.n_mels // 2] = -20.0           # a loud steady band region: a coloured background
+    x[1, :, 5, 64:] += 30.0                       # an onset in one band of the second clip
+    out = model[0](x)
+    assert out.shape == (2, 3, cfg.n_mels, 128) and model(x).shape == (2, 3)
+    pcen = out[:, 2]
+    steady = pcen[0]
+    # a steady input gives one flat value whatever its level (30 dB apart: 1.5 in the global channel, < 0.05
+    # here): a background's colour is (almost) gone
+    assert torch.allclose(steady, steady[0, 0].expand_as(steady), atol=0.05)
+    onset = pcen[1, 5]
+    assert onset[64] > 5 * steady[5, 64] and onset[64] > 2 * onset[120], "onset stands out, then fades"
+    assert torch.allclose(pcen[1, 6], steady[6]), "bands are normalised independently"

@@ -34,7 +34,7 @@ class Config:
     self_attention: bool = True
     mish: bool = True
     dropout: float = 0.2
-    input_norm: str = "global"    # global: fixed mean/std; band: each band's median over the crop subtracted; both
+    input_norm: str = "global"    # channels: global (mean/std), band (band median off), pcen; "+"-joined; both
     pool: str = "avg"             # avg: global average; freqmean_timemax: mean over frequency, mean + max over time
 
     # --- training ---
