@@ -83,6 +83,10 @@ ABLATION = {
     "preset: + level/EQ": ["level_eq_curated=true", "level_eq_noisy=true"],
     "preset: stage-2 lr 1e-3": ["lr_curated=0.001"],
     "preset: mixup in stage 1 (alpha 0.2)": ["mixup_noisy=0.2"],
+    "preset: + PCEN channel": ["input_norm=global+band+pcen"],
+    "preset: 3 s crops": ["crop_seconds=3"],
+    "preset: Lsoft loss in stage 1": ["loss_noisy=lsoft"],
+    "preset: + weight averaging (EMA)": ["average_epochs=2"],
     "union: + background + level/EQ": ["@demo", *_UNION, "background_curated=0.3", "background_noisy=0.3",
                                        "level_eq_curated=true", "level_eq_noisy=true"],
     "union: + weight averaging (EMA)": ["@demo", *_UNION, "average_epochs=2"],
@@ -158,8 +162,8 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
         key["weights"], mode = str(weights), ["--mode", "predict", "--weights", str(weights)]
     if result_file.is_file() and not args.force:
         old = json.loads(result_file.read_text())
-        if old.get("key") == key:
-            return old
+        if old.get("key") == key:   # the same run, whatever name it was made under
+            return {**old, "variant": variant}
     work.mkdir(parents=True, exist_ok=True)
     for stale in ("submission.csv", "scores.json"):
         (work / stale).unlink(missing_ok=True)
