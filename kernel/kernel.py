@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash b1cb539cc0f0). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 8a6ec37fc6e8). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -21,7 +21,7 @@
 #   src/fattag/features.py                     229 lines
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
-#   src/fattag/model.py                        128 lines
+#   src/fattag/model.py                        127 lines
 #   src/fattag/predict.py                      195 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/pseudo.py                       113 lines
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'b1cb539cc0f0'
+BUILD_HASH = '8a6ec37fc6e8'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -2887,10 +2887,9 @@ class InputNorm(nn.Module):
 
     def pcen(self, x: torch.Tensor) -> torch.Tensor:
         energy = torch.pow(10.0, (x - self.mean) / 10.0)  # dB (power) -> energy, relative to the store's mean level
-        start = energy[..., :1]
-        s = self.PCEN_S
-        smooth = torchaudio.functional.lfilter(energy - start, torch.tensor([1.0, s - 1.0]), torch.tensor([s, 0.0]),
-                                               clamp=False) + start
+        start, s = energy[..., :1], self.PCEN_S
+        a, b = (torch.tensor(c, device=x.device, dtype=energy.dtype) for c in ([1.0, s - 1.0], [s, 0.0]))
+        smooth = torchaudio.functional.lfilter(energy - start, a, b, clamp=False) + start
         gain = energy / (1e-6 + smooth).pow(self.PCEN_ALPHA)
         return (gain + self.PCEN_DELTA).pow(self.PCEN_R) - self.PCEN_DELTA ** self.PCEN_R
 

@@ -62,3 +62,14 @@ def test_throughput_measurement_with_grad_scaler_on_cuda(setup):
     tp = measure_throughput(cfg, len(data.classes), "cuda")
     assert tp.device.startswith("cuda")
     assert 0 < tp.train_s_per_clip < 1 and 0 < tp.infer_s_per_window < tp.train_s_per_clip * 10
+
+
+def test_every_input_channel_on_cuda_matches_cpu(setup):
+    """The input channels (PCEN's IIR smoother included) run on the device, under autocast as in training."""
+    cfg, data = setup
+    cfg = make_config("demo", sets=["input_norm=global+band+pcen"])
+    norm = build_model(cfg, len(data.classes), -40.0, 20.0)[0]
+    x = torch.randn(4, 1, cfg.n_mels, 128) * 8 - 45
+    with torch.autocast("cuda", dtype=torch.float16):
+        gpu = norm.cuda()(x.cuda().half())
+    np.testing.assert_allclose(norm.cpu()(x.half()).numpy(), gpu.float().cpu().numpy(), atol=2e-2)

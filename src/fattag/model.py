@@ -51,10 +51,9 @@ class InputNorm(nn.Module):
 
     def pcen(self, x: torch.Tensor) -> torch.Tensor:
         energy = torch.pow(10.0, (x - self.mean) / 10.0)  # dB (power) -> energy, relative to the store's mean level
-        start = energy[..., :1]
-        s = self.PCEN_S
-        smooth = torchaudio.functional.lfilter(energy - start, torch.tensor([1.0, s - 1.0]), torch.tensor([s, 0.0]),
-                                               clamp=False) + start
+        start, s = energy[..., :1], self.PCEN_S
+        a, b = (torch.tensor(c, device=x.device, dtype=energy.dtype) for c in ([1.0, s - 1.0], [s, 0.0]))
+        smooth = torchaudio.functional.lfilter(energy - start, a, b, clamp=False) + start
         gain = energy / (1e-6 + smooth).pow(self.PCEN_ALPHA)
         return (gain + self.PCEN_DELTA).pow(self.PCEN_R) - self.PCEN_DELTA ** self.PCEN_R
 
