@@ -1,4 +1,4 @@
-"""The model: fastai's xresnet on one-channel log-mels, with the input normalisation built in.
+"""The model: fastai's xresnet on log-mel crops, with the input channels (normalisations) built in.
 
 Keeping the normalisation statistics inside the model (as buffers) means a saved state dict is all that
 prediction needs besides the metadata that guards against a mismatch (classes, feature settings).
