@@ -86,8 +86,6 @@ ABLATION = {
     "preset: mixup in stage 1 (alpha 0.2)": ["mixup_noisy=0.2"],
     "preset: + PCEN channel": ["input_norm=global+band+pcen"],
     "preset: 3 s crops": ["crop_seconds=3"],
-    "preset: Lsoft loss in stage 1": ["loss_noisy=lsoft"],
-    "preset: + weight averaging (EMA)": ["average_epochs=2"],
     "union: + background + level/EQ": ["@demo", *_UNION, "background_curated=0.3", "background_noisy=0.3",
                                        "level_eq_curated=true", "level_eq_noisy=true"],
     "union: + weight averaging (EMA)": ["@demo", *_UNION, "average_epochs=2"],
