@@ -66,7 +66,7 @@ def test_throughput_measurement_with_grad_scaler_on_cuda(setup):
 
 def test_every_input_channel_on_cuda_matches_cpu(setup):
     """The input channels (PCEN's IIR smoother included) run on the device, under autocast as in training."""
-    cfg, data = setup
+    _, data = setup
     cfg = make_config("demo", sets=["input_norm=global+band+pcen"])
     norm = build_model(cfg, len(data.classes), -40.0, 20.0)[0]
     x = torch.randn(4, 1, cfg.n_mels, 128) * 8 - 45

@@ -38,14 +38,14 @@ class InputNorm(nn.Module):
     @classmethod
     def channels(cls, mode: str) -> list[str]:
         names = cls.ALIASES.get(mode, mode).split("+")
-        if not names or any(n not in cls.CHANNELS for n in names) or len(set(names)) != len(names):
+        if any(n not in cls.CHANNELS for n in names) or len(set(names)) != len(names):
             raise ValueError(f"unknown input_norm {mode!r}: channels {', '.join(cls.CHANNELS)} joined by '+', "
                              f"or {', '.join(cls.ALIASES)}")
         return names
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, mode: str = "global"):
         super().__init__()
-        self.mode, self.names = mode, self.channels(mode)
+        self.names = self.channels(mode)
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
@@ -85,7 +85,7 @@ def input_mean(model: nn.Module) -> float:
 def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0) -> nn.Module:
     norm = InputNorm(mean, std, cfg.input_norm)
     act = nn.Mish if cfg.mish else nn.ReLU
-    kw = dict(c_in=len(InputNorm.channels(cfg.input_norm)), n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
+    kw = dict(c_in=len(norm.names), n_out=n_classes, p=cfg.dropout, sa=cfg.self_attention, act_cls=act)
     if cfg.arch in SMALL:  # a few hundred thousand to a few million weights: CPU runs, demos and tests
         body = XResNet(ResBlock, 1, [1, 1, 1, 1], stem_szs=(16, 32, 64), widen=SMALL[cfg.arch], **kw)
     elif cfg.arch in ARCHS:
