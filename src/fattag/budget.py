@@ -18,7 +18,7 @@ import torch
 
 from .config import Config
 from .features import WindowDataset
-from .model import build_model
+from .model import build_model, to_device
 
 OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
 MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
@@ -47,7 +47,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     times correct the estimate later).
     """
     device = torch.device(device)
-    model = build_model(cfg, n_classes).to(device)
+    model = to_device(build_model(cfg, n_classes), device)
     bs = cfg.batch_size
     x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
     y = (torch.rand(bs, n_classes, device=device) < 0.05).float()

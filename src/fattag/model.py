@@ -76,6 +76,14 @@ class FreqMeanTimeMax(nn.Module):
         return x.mean(-1) + x.amax(-1)
 
 
+def to_device(model: nn.Module, device) -> nn.Module:
+    """`model` on `device`, in the memory layout that is fastest there: channels-last on the CPU, where oneDNN's
+    convolutions then train 15-30 % and predict 30-60 % faster (bench/train.py); the default layout on CUDA, whose
+    speed mixed precision decides (a change there is unmeasured). Values are unchanged; only strides differ."""
+    device = torch.device(device)
+    return model.to(device, memory_format=torch.channels_last if device.type == "cpu" else torch.preserve_format)
+
+
 def input_mean(model: nn.Module) -> float:
     """The log-mel value that the model's input normalisation maps to zero: the neutral fill for masks."""
     norm = model[0] if isinstance(model, nn.Sequential) else None

@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint
 from .config import INFERENCE_KEYS, Config
 from .augment import spec_augment
 from .features import MelStore, WindowDataset, aggregate_windows
-from .model import check_classes, input_mean, model_from_state
+from .model import check_classes, input_mean, model_from_state, to_device
 from .progress import progress
 from .submission import fill_missing, write_submission
 
@@ -39,7 +39,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     indices = np.asarray(indices)
     ds = WindowDataset(store, indices, cfg.crop_frames, cfg.tta_step_frac, center_only=center_only)
     bs = batch_size or max(cfg.batch_size * 2, 8)
-    model = model.to(device).eval()
+    model = to_device(model, device).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
     passes = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -31,7 +31,7 @@ from .config import Config
 from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_windows, store_stats
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
-from .model import build_model, input_mean, model_from_state, model_meta
+from .model import build_model, input_mean, model_from_state, model_meta, to_device
 from .predict import predict_clips
 from .session import Session
 
@@ -133,6 +133,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
                   deadline: float | None) -> Learner:
     """A fastai Learner on random training crops and whole-clip validation windows, with the stage's callbacks."""
     cfg, device = spec.cfg, torch.device(spec.device)
+    to_device(model, device)  # the device's fastest layout; fastai's own move to the device keeps it
     train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed)
     valid_ds = WindowDataset(valid.store, valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
