@@ -38,6 +38,17 @@ def test_each_clip_gets_its_top_class_and_the_classes_over_the_threshold():
     assert (loose[:30] == [1, 1, 0]).all() and (loose[30:] == [1, 0, 1]).all()
 
 
+def test_soft_pseudo_labels_keep_the_ensembles_probability_for_the_other_classes():
+    p = biased_scores()
+    hard = pseudo_labels(p, threshold=0.5, balance=True)
+    soft = pseudo_labels(p, threshold=0.5, balance=True, soft=True)
+    assert soft.dtype == np.float32
+    assert (soft[hard == 1] == 1).all()                                   # the same positives
+    others = hard == 0
+    assert np.allclose(soft[others], p[others]) and (soft[others] > 0).all()   # not 0: the teacher's probability
+    assert (soft[:30, 2] == np.float32(0.08)).all() and (soft[30:, 1] == np.float32(0.05)).all()
+
+
 def test_labelled_test_clips_skip_the_undecodable_and_carry_the_labels():
     mels = [np.zeros((4, 10), np.float16), None, np.ones((4, 12), np.float16)]
     test = MelStore(ClipTable("test", ["a.wav", "b.wav", "c.wav"], [None] * 3), mels)

@@ -53,6 +53,7 @@ class Config:
     noisy_share_curated: float = 0.0  # share of stage-2 training items drawn from the (kept) noisy clips
     pseudo_epochs: int = 0        # test pseudo-labels: epochs of each fold model on its clips + the labelled test clips
     pseudo_threshold: float = 0.5  # a test clip's pseudo-labels: the ensemble's top class, plus classes scored >= this
+    pseudo_soft: bool = False     # every other class keeps the ensemble's probability as its target (else 0)
     lr_pseudo: float = 1e-3
     loss_noisy: str = "bce"       # per stage: bce, focal, lsep or lsoft (see losses.py)
     loss_curated: str = "bce"
@@ -129,7 +130,7 @@ INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ense
 # resumed stage keeps its own), the budget, workers, how test clips are predicted, and the pseudo-label round's
 # settings (that round records them in its own recipe, pseudo.py). Every other value is part of the recipe that a
 # work dir's saved stages must match before a later run reuses them.
-NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "lr_pseudo", "time_budget",
+NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo", "time_budget",
                    "safety_margin", "tta_fill_passes", "num_workers", *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
