@@ -129,3 +129,20 @@ def test_predict_test_balances_only_when_asked(cfg, store, monkeypatch):
     balanced = predict.predict_test(models, store, make_config("demo", sets=["class_balance=true"]), "cpu", 0)
     ratio = plain / plain.mean(0)
     assert np.allclose(balanced, ratio / ratio.max()) and not np.allclose(balanced, plain)
+
+
+def test_cpu_layout_is_channels_last_and_predicts_the_same(cfg, store):
+    """model.to_device puts a CPU model's convolutions in channels-last layout (the faster one there); the
+    predictions are those of the default layout up to float rounding."""
+    from fattag.model import to_device
+    plain = model_for(cfg, 0)
+    fast = to_device(model_for(cfg, 0), "cpu")
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert sum(not w.is_contiguous() for w in convs) > len(convs) / 2   # 1x1 kernels are both layouts at once
+    x = torch.from_numpy(np.stack([m[:, :cfg.crop_frames] for m in store.mels])[:, None].astype(np.float32))
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), plain(x), atol=1e-4)
+    idx = np.arange(len(store.mels))
+    assert np.allclose(predict.predict_clips(plain, store, idx, cfg), predict.predict_clips(fast, store, idx, cfg),
+                       atol=1e-5)
