@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash da672bf25c8b). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash ff14c6ad7cc7). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -15,13 +15,13 @@
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   140 lines
 #   src/fattag/cli.py                           63 lines
-#   src/fattag/config.py                       238 lines
+#   src/fattag/config.py                       239 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     229 lines
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
-#   src/fattag/model.py                        135 lines
+#   src/fattag/model.py                        137 lines
 #   src/fattag/predict.py                      195 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/pseudo.py                       118 lines
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'da672bf25c8b'
+BUILD_HASH = 'ff14c6ad7cc7'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -647,7 +647,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     times correct the estimate later).
     """
     device = torch.device(device)
-    model = to_device(build_model(cfg, n_classes), device)
+    model = to_device(build_model(cfg, n_classes), device, cfg.channels_last)
     bs = cfg.batch_size
     x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
     y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
@@ -1461,6 +1461,7 @@ class Config:
     freq_masks: int = 2
     freq_mask_frac: float = 0.1   # widest frequency mask, as a share of the mel bands
     num_workers: int = 0
+    channels_last: bool = True    # on the CPU, the model in channels-last memory layout (faster there; CUDA keeps its)
 
     # --- inference / TTA ---
     tta_step_frac: float = 0.5    # window step as a share of the window (0.5 = half-overlapping windows)
@@ -1507,7 +1508,7 @@ INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ense
 # settings (that round records them in its own recipe, pseudo.py). Every other value is part of the recipe that a
 # work dir's saved stages must match before a later run reuses them.
 NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo", "time_budget",
-                   "safety_margin", "tta_fill_passes", "num_workers", *(k for k in INFERENCE_KEYS if k != "batch_size"))
+                   "safety_margin", "tta_fill_passes", "num_workers", "channels_last", *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.
@@ -2913,12 +2914,14 @@ class FreqMeanTimeMax(nn.Module):
         return x.mean(-1) + x.amax(-1)
 
 
-def to_device(model: nn.Module, device) -> nn.Module:
-    """`model` on `device`, in the memory layout that is fastest there: channels-last on the CPU, where oneDNN's
-    convolutions then train 15-30 % and predict 30-60 % faster (bench/train.py); the default layout on CUDA, whose
-    speed mixed precision decides (a change there is unmeasured). Values are unchanged; only strides differ."""
+def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:
+    """`model` on `device`, in the memory layout that is fastest there: channels-last on the CPU (`channels_last`),
+    where oneDNN's convolutions then run the pipeline's epochs ~15 % and its predictions ~35 % faster (README);
+    the default layout on CUDA, whose speed mixed precision decides (a change there is unmeasured). Values are
+    unchanged; only strides, and so float rounding, differ."""
     device = torch.device(device)
-    return model.to(device, memory_format=torch.channels_last if device.type == "cpu" else torch.preserve_format)
+    fast = channels_last and device.type == "cpu"
+    return model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
 
 
 def input_mean(model: nn.Module) -> float:
@@ -3014,7 +3017,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     indices = np.asarray(indices)
     ds = WindowDataset(store, indices, cfg.crop_frames, cfg.tta_step_frac, center_only=center_only)
     bs = batch_size or max(cfg.batch_size * 2, 8)
-    model = to_device(model, device).eval()
+    model = to_device(model, device, cfg.channels_last).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
     passes = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -4291,7 +4294,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
                   deadline: float | None) -> Learner:
     """A fastai Learner on random training crops and whole-clip validation windows, with the stage's callbacks."""
     cfg, device = spec.cfg, torch.device(spec.device)
-    to_device(model, device)  # the device's fastest layout; fastai's own move to the device keeps it
+    to_device(model, device, cfg.channels_last)  # the device's fastest layout; fastai's move to the device keeps it
     train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed)
     valid_ds = WindowDataset(valid.store, valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))

@@ -140,6 +140,7 @@ def test_cpu_layout_is_channels_last_and_predicts_the_same(cfg, store):
     convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert sum(not w.is_contiguous() for w in convs) > len(convs) / 2   # 1x1 kernels are both layouts at once
+    assert all(w.is_contiguous() for w in to_device(model_for(cfg, 0), "cpu", channels_last=False).parameters())
     x = torch.from_numpy(np.stack([m[:, :cfg.crop_frames] for m in store.mels])[:, None].astype(np.float32))
     with torch.inference_mode():
         assert torch.allclose(fast(x), plain(x), atol=1e-4)

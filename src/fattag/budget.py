@@ -47,7 +47,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     times correct the estimate later).
     """
     device = torch.device(device)
-    model = to_device(build_model(cfg, n_classes), device)
+    model = to_device(build_model(cfg, n_classes), device, cfg.channels_last)
     bs = cfg.batch_size
     x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
     y = (torch.rand(bs, n_classes, device=device) < 0.05).float()

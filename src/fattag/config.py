@@ -85,6 +85,7 @@ class Config:
     freq_masks: int = 2
     freq_mask_frac: float = 0.1   # widest frequency mask, as a share of the mel bands
     num_workers: int = 0
+    channels_last: bool = True    # on the CPU, the model in channels-last memory layout (faster there; CUDA keeps its)
 
     # --- inference / TTA ---
     tta_step_frac: float = 0.5    # window step as a share of the window (0.5 = half-overlapping windows)
@@ -131,7 +132,7 @@ INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ense
 # settings (that round records them in its own recipe, pseudo.py). Every other value is part of the recipe that a
 # work dir's saved stages must match before a later run reuses them.
 NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo", "time_budget",
-                   "safety_margin", "tta_fill_passes", "num_workers", *(k for k in INFERENCE_KEYS if k != "batch_size"))
+                   "safety_margin", "tta_fill_passes", "num_workers", "channels_last", *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.

@@ -39,7 +39,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     indices = np.asarray(indices)
     ds = WindowDataset(store, indices, cfg.crop_frames, cfg.tta_step_frac, center_only=center_only)
     bs = batch_size or max(cfg.batch_size * 2, 8)
-    model = to_device(model, device).eval()
+    model = to_device(model, device, cfg.channels_last).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
     passes = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -133,7 +133,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
                   deadline: float | None) -> Learner:
     """A fastai Learner on random training crops and whole-clip validation windows, with the stage's callbacks."""
     cfg, device = spec.cfg, torch.device(spec.device)
-    to_device(model, device)  # the device's fastest layout; fastai's own move to the device keeps it
+    to_device(model, device, cfg.channels_last)  # the device's fastest layout; fastai's move to the device keeps it
     train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed)
     valid_ds = WindowDataset(valid.store, valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
