@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash b49be8437d4d). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 5ed6cadeb74f). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -15,7 +15,7 @@
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   140 lines
 #   src/fattag/cli.py                           63 lines
-#   src/fattag/config.py                       239 lines
+#   src/fattag/config.py                       240 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     229 lines
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'b49be8437d4d'
+BUILD_HASH = '5ed6cadeb74f'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1504,11 +1504,12 @@ MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
 INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
                   "batch_size")
 # Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
-# resumed stage keeps its own), the budget, workers, how test clips are predicted, and the pseudo-label round's
-# settings (that round records them in its own recipe, pseudo.py). Every other value is part of the recipe that a
-# work dir's saved stages must match before a later run reuses them.
-NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo", "time_budget",
-                   "safety_margin", "tta_fill_passes", "num_workers", "channels_last", *(k for k in INFERENCE_KEYS if k != "batch_size"))
+# resumed stage keeps its own), the budget, workers, the CPU memory layout (float rounding only), how test clips are
+# predicted, and the pseudo-label round's settings (that round records them in its own recipe, pseudo.py). Every
+# other value is part of the recipe that a work dir's saved stages must match before a later run reuses them.
+NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo",
+                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last",
+                   *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.

@@ -128,11 +128,12 @@ MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
 INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
                   "batch_size")
 # Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
-# resumed stage keeps its own), the budget, workers, how test clips are predicted, and the pseudo-label round's
-# settings (that round records them in its own recipe, pseudo.py). Every other value is part of the recipe that a
-# work dir's saved stages must match before a later run reuses them.
-NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo", "time_budget",
-                   "safety_margin", "tta_fill_passes", "num_workers", "channels_last", *(k for k in INFERENCE_KEYS if k != "batch_size"))
+# resumed stage keeps its own), the budget, workers, the CPU memory layout (float rounding only), how test clips are
+# predicted, and the pseudo-label round's settings (that round records them in its own recipe, pseudo.py). Every
+# other value is part of the recipe that a work dir's saved stages must match before a later run reuses them.
+NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo",
+                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last",
+                   *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.
