@@ -145,8 +145,10 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     share = cfg.noisy_share_curated if w.noisy_train else 0.0   # stage-2 batches topped up with noisy clips
     selecting = cfg.select_noisy and w.noisy_train > 0
     fold_train = w.curated * (k - 1) / k / (1 - share)   # a fold's training clips, noisy top-up included
+    stage1_share = cfg.curated_share_noisy if w.noisy_train else 0.0   # stage-1 batches topped up with curated clips
+    stage1_train = w.noisy_train + min(w.curated, round(w.noisy_train * stage1_share / (1 - stage1_share)))
     base = dict(
-        noisy_epoch=w.noisy_train * train + w.noisy_holdout_windows * infer,
+        noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
         fold_epoch=fold_train * train + per_fold_windows * infer,
         pseudo_epoch=(fold_train + w.test_clips) * train + per_fold_windows * infer,
         teacher_predict=w.test_windows * infer,

@@ -51,6 +51,7 @@ class Config:
     select_epochs: int = 10       # epochs of that scorer (on the curated clips, from scratch)
     select_margin: int = 1        # a clip agrees when each of its n labels ranks in the model's top n + margin
     noisy_share_curated: float = 0.0  # share of stage-2 training items drawn from the (kept) noisy clips
+    curated_share_noisy: float = 0.0  # share of stage-1 training items drawn from the curated clips (at most all)
     pseudo_epochs: int = 0        # test pseudo-labels: epochs of each fold model on its clips + the labelled test clips
     pseudo_threshold: float = 0.5  # a test clip's pseudo-labels: the ensemble's top class, plus classes scored >= this
     pseudo_soft: bool = False     # every other class keeps the ensemble's probability as its target (else 0)
