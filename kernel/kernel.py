@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 5ed6cadeb74f). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash d09460936283). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,11 +11,11 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      236 lines
-#   src/fattag/budget.py                       401 lines
+#   src/fattag/budget.py                       403 lines
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   140 lines
 #   src/fattag/cli.py                           63 lines
-#   src/fattag/config.py                       240 lines
+#   src/fattag/config.py                       241 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     229 lines
@@ -29,7 +29,7 @@
 #   src/fattag/select.py                        64 lines
 #   src/fattag/session.py                      136 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/train.py                        366 lines
+#   src/fattag/train.py                        379 lines
 #   src/run.py                                 148 lines
 
 import hashlib
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '5ed6cadeb74f'
+BUILD_HASH = 'd09460936283'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -745,8 +745,10 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     share = cfg.noisy_share_curated if w.noisy_train else 0.0   # stage-2 batches topped up with noisy clips
     selecting = cfg.select_noisy and w.noisy_train > 0
     fold_train = w.curated * (k - 1) / k / (1 - share)   # a fold's training clips, noisy top-up included
+    stage1_share = cfg.curated_share_noisy if w.noisy_train else 0.0   # stage-1 batches topped up with curated clips
+    stage1_train = w.noisy_train + min(w.curated, round(w.noisy_train * stage1_share / (1 - stage1_share)))
     base = dict(
-        noisy_epoch=w.noisy_train * train + w.noisy_holdout_windows * infer,
+        noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
         fold_epoch=fold_train * train + per_fold_windows * infer,
         pseudo_epoch=(fold_train + w.test_clips) * train + per_fold_windows * infer,
         teacher_predict=w.test_windows * infer,
@@ -1427,6 +1429,7 @@ class Config:
     select_epochs: int = 10       # epochs of that scorer (on the curated clips, from scratch)
     select_margin: int = 1        # a clip agrees when each of its n labels ranks in the model's top n + margin
     noisy_share_curated: float = 0.0  # share of stage-2 training items drawn from the (kept) noisy clips
+    curated_share_noisy: float = 0.0  # share of stage-1 training items drawn from the curated clips (at most all)
     pseudo_epochs: int = 0        # test pseudo-labels: epochs of each fold model on its clips + the labelled test clips
     pseudo_threshold: float = 0.5  # a test clip's pseudo-labels: the ensemble's top class, plus classes scored >= this
     pseudo_soft: bool = False     # every other class keeps the ensemble's probability as its target (else 0)
@@ -4394,10 +4397,22 @@ class TrainingData:
 
     def noisy_top_up(self, n_curated: int, share: float, seed: int) -> list[Clips]:
         """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it."""
-        if share <= 0 or self.noisy is None or not len(self.noisy_pool):
-            return []
-        n = min(len(self.noisy_pool), int(round(n_curated * share / (1 - share))))
-        return [Clips(self.noisy, np.sort(np.random.default_rng(seed).choice(self.noisy_pool, n, replace=False)))]
+        return top_up(self.noisy, self.noisy_pool, n_curated, share, seed)
+
+    def curated_top_up(self, n_noisy: int, share: float, seed: int) -> list[Clips]:
+        """Curated clips to add to stage 1's `n_noisy` training clips so that they are `share` of the items (at
+        most every decodable curated clip). Stage 1 then hears every fold's clean clips, so stage 2's fold scores
+        and the OOF predictions over-promise (realdev: OOF 0.998)."""
+        return top_up(self.curated, np.flatnonzero(self.curated.ok), n_noisy, share, seed)
+
+
+def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, seed: int) -> list[Clips]:
+    """Clips of `pool` (indices into `store`) to add to a training set of `n_base` clips so that they are `share` of
+    the items, capped at the whole pool; drawn without replacement, seeded. [] when there is nothing to add."""
+    if share <= 0 or store is None or not len(pool):
+        return []
+    n = min(len(pool), int(round(n_base * share / (1 - share))))
+    return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)))]
 
 
 def train_stage1(s: Session, d: TrainingData) -> dict | None:
@@ -4416,7 +4431,8 @@ def train_stage1(s: Session, d: TrainingData) -> dict | None:
     train_idx, hold_idx = holdout_split(d.noisy_pool, cfg.noisy_holdout, spec.seed)
     set_seed(spec.seed, reproducible=True)  # initial weights too: the same seed gives the same run
     model = build_model(cfg, len(classes), *d.stats)
-    res = fit_stage(model, Clips(noisy, train_idx), Clips(noisy, hold_idx), spec,
+    train = [Clips(noisy, train_idx), *d.curated_top_up(len(train_idx), cfg.curated_share_noisy, spec.seed)]
+    res = fit_stage(model, train, Clips(noisy, hold_idx), spec,
                     s.budget.stage1_deadline() if s.budget else None)
     s.record("stage 1 (noisy)", time.time() - t0)
     if s.budget:

@@ -206,7 +206,7 @@ def test_time_left_at_the_end_buys_augmented_test_passes():
     assert Budget(cfg, FAT2019, Throughput(1, 1, "x"), None).test_passes(5) == cfg.tta_aug_passes  # no budget
 
 
-def test_selection_and_noisy_top_up_are_priced():
+def test_selection_and_both_top_ups_are_priced():
     tp = Throughput(1 / 300, 1 / 1200, "gpu-ish")
     plain = stage_costs(make_config("kaggle-1h", sets=["noisy_share_curated=0"]), FAT2019, tp, 0)
     w = Workload(**{**FAT2019.__dict__, "noisy_windows": 80000})
@@ -215,6 +215,10 @@ def test_selection_and_noisy_top_up_are_priced():
     topped = stage_costs(make_config("kaggle-1h", sets=["noisy_share_curated=0.5"]), FAT2019, tp, 0)
     train_part = plain["fold_epoch"] - 15000 / 5 / 1200 * 1.15
     assert topped["fold_epoch"] == pytest.approx(plain["fold_epoch"] + train_part, rel=1e-6)  # twice the clips
+    stage1 = stage_costs(make_config("kaggle-1h", sets=["curated_share_noisy=0.2"]), FAT2019, tp, 0)
+    assert stage1["noisy_epoch"] == pytest.approx(plain["noisy_epoch"] + 4700 / 300 * 1.15, rel=1e-6)  # + 18800/4
+    all_curated = stage_costs(make_config("kaggle-1h", sets=["curated_share_noisy=0.5"]), FAT2019, tp, 0)
+    assert all_curated["noisy_epoch"] == pytest.approx(plain["noisy_epoch"] + 4970 / 300 * 1.15, rel=1e-6)  # capped
     plan = plan_run(make_config("kaggle-1h", sets=["select_noisy=true"]), w, tp, None)
     assert plan.stages[0][0] == "select noisy clips"
 

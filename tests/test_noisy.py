@@ -1,10 +1,11 @@
-"""The noisy set: clip selection by agreement, stage-2 top-up, the stage-1 chance level."""
+"""The noisy set: clip selection by agreement, the stage-2 noisy and stage-1 curated top-ups, stage 1's chance level."""
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import fattag.select as select
+import fattag.train as train
 from fattag.config import make_config
 from fattag.data import ClipTable
 from fattag.features import Clips, CropDataset, MelStore
@@ -71,6 +72,38 @@ def test_noisy_top_up_makes_the_share_from_the_pool_only():
     again = d.noisy_top_up(12, 0.4, 1)[0]
     assert again.indices.tolist() == extra.indices.tolist()
     assert d.noisy_top_up(12, 0.0, 1) == [] and len(d.noisy_top_up(12, 0.9, 1)[0]) == 12  # capped by the pool
+
+
+def test_curated_top_up_makes_the_stage1_share_from_the_decodable_curated_clips():
+    d, _ = _noisy_data()
+    d.curated.mels[5] = None   # undecodable: never drawn
+    [extra] = d.curated_top_up(n_noisy=14, share=0.3, seed=2)   # 14 * 0.3 / 0.7 = 6 curated items
+    assert extra.store is d.curated and len(extra) == 6 == len(set(extra.indices))
+    assert 5 not in extra.indices and set(extra.indices) <= set(range(12))
+    assert d.curated_top_up(14, 0.3, 2)[0].indices.tolist() == extra.indices.tolist()   # seeded
+    assert d.curated_top_up(14, 0.0, 2) == []
+    assert sorted(d.curated_top_up(14, 0.9, 2)[0].indices) == [i for i in range(12) if i != 5]   # capped at all
+
+
+def test_stage1_trains_on_the_noisy_clips_plus_the_curated_share(tmp_path, monkeypatch):
+    d, cfg = _noisy_data()
+    seen = []
+
+    def fake_fit(model, parts, valid, spec, deadline=None):
+        seen.append((list(parts), valid))
+        return StageResult(pd.DataFrame(columns=train.HISTORY_COLUMNS), 0.5, 1, 0.1, spec.epochs)
+
+    monkeypatch.setattr(train, "fit_stage", fake_fit)
+    monkeypatch.setattr(train, "finish_stage", lambda *a, **k: None)
+    # 37 noisy training clips: a share of 0.1 adds 37 * 0.1 / 0.9 = 4 curated clips; 0.5 would add 37, capped at 12
+    for share, n_curated in ((0.0, 0), (0.1, 4), (0.5, 12)):
+        cfg.curated_share_noisy = share
+        train.train_stage1(Session(cfg, "demo", tmp_path / str(share), tmp_path, torch.device("cpu"), False), d)
+        parts, valid = seen[-1]
+        assert parts[0].store is d.noisy and valid.store is d.noisy   # the holdout stays noisy
+        assert not set(parts[0].indices) & set(valid.indices)
+        extra = [p for p in parts[1:] if p.store is d.curated]
+        assert sum(len(p) for p in extra) == n_curated and len(parts) == 1 + len(extra)
 
 
 def test_crop_dataset_over_several_sets_returns_each_clip_with_its_own_labels():
