@@ -33,6 +33,14 @@ def test_parse_duration():
         parse_duration("soon")
 
 
+def test_a_share_of_one_or_more_is_a_clear_error():
+    assert make_config("cpu", sets=["curated_share_noisy=0.5"]).curated_share_noisy == 0.5
+    for name in ("curated_share_noisy", "noisy_share_curated"):
+        for bad in ("1", "1.5", "-0.1"):
+            with pytest.raises(ValueError, match=name):
+                make_config("cpu", sets=[f"{name}={bad}"])
+
+
 def test_no_budget_keeps_the_preset():
     cfg = make_config("kaggle-1h")
     plan = plan_run(cfg, FAT2019, Throughput(1e-3, 1e-4, "x"), None)

@@ -102,6 +102,11 @@ class Config:
     time_budget: float = 0.0      # seconds for the whole run; 0 = no budget
     safety_margin: float = 0.08   # share of the budget kept free
 
+    def __post_init__(self):
+        for name in SHARE_KEYS:   # a share of 1 would leave no item of the stage's own set (and divide by zero)
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be at least 0 and below 1, got {getattr(self, name)!r}")
+
     @property
     def crop_frames(self) -> int:
         return max(1, int(round(self.crop_seconds * self.sample_rate / self.hop_length)))
@@ -122,6 +127,8 @@ class Config:
         return {k: getattr(self, k) for k in INFERENCE_KEYS}
 
 
+# Shares of a stage's training items drawn from the other set (train.top_up): each in [0, 1).
+SHARE_KEYS = ("noisy_share_curated", "curated_share_noisy")
 # Groups of settings that a checkpoint records (see model.model_meta and predict.prediction_config).
 FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
                 "trim_silence", "trim_db", "crop_seconds")
