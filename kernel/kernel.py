@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash da083fef8d3f). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash ba0e82ce0229). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -15,7 +15,7 @@
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   140 lines
 #   src/fattag/cli.py                           63 lines
-#   src/fattag/config.py                       248 lines
+#   src/fattag/config.py                       256 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     229 lines
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'da083fef8d3f'
+BUILD_HASH = 'ba0e82ce0229'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -616,7 +616,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, top_up_size
 from .features import WindowDataset
 from .model import build_model, to_device
 
@@ -746,7 +746,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     selecting = cfg.select_noisy and w.noisy_train > 0
     fold_train = w.curated * (k - 1) / k / (1 - share)   # a fold's training clips, noisy top-up included
     stage1_share = cfg.curated_share_noisy if w.noisy_train else 0.0   # stage-1 batches topped up with curated clips
-    stage1_train = w.noisy_train + min(w.curated, round(w.noisy_train * stage1_share / (1 - stage1_share)))
+    stage1_train = w.noisy_train + top_up_size(w.noisy_train, stage1_share, w.curated)
     base = dict(
         noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
         fold_epoch=fold_train * train + per_fold_windows * infer,
@@ -1507,6 +1507,14 @@ class Config:
 
 # Shares of a stage's training items drawn from the other set (train.top_up): each in [0, 1).
 SHARE_KEYS = ("noisy_share_curated", "curated_share_noisy")
+
+
+def top_up_size(n_base: int, share: float, available: int) -> int:
+    """How many clips of the other set make them `share` of a training set of `n_base` clips, at most `available`:
+    what train.top_up draws and what the budget prices."""
+    return min(available, int(round(n_base * share / (1 - share))))
+
+
 # Groups of settings that a checkpoint records (see model.model_meta and predict.prediction_config).
 FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
                 "trim_silence", "trim_db", "crop_seconds")
@@ -4199,7 +4207,7 @@ from fastcore.basics import noop
 from .augment import augment_policy
 from .callbacks import Deadline, EpochCheckpoint, EpochLog, KeepBest, NanGuard, WeightAverage
 from .checkpoint import Resume, StageDir
-from .config import Config
+from .config import Config, top_up_size
 from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_windows, store_stats
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
@@ -4418,7 +4426,7 @@ def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, 
     the items, capped at the whole pool; drawn without replacement, seeded. [] when there is nothing to add."""
     if share <= 0 or store is None or not len(pool):
         return []
-    n = min(len(pool), int(round(n_base * share / (1 - share))))
+    n = top_up_size(n_base, share, len(pool))
     return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)))]
 
 

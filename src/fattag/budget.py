@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, top_up_size
 from .features import WindowDataset
 from .model import build_model, to_device
 
@@ -146,7 +146,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     selecting = cfg.select_noisy and w.noisy_train > 0
     fold_train = w.curated * (k - 1) / k / (1 - share)   # a fold's training clips, noisy top-up included
     stage1_share = cfg.curated_share_noisy if w.noisy_train else 0.0   # stage-1 batches topped up with curated clips
-    stage1_train = w.noisy_train + min(w.curated, round(w.noisy_train * stage1_share / (1 - stage1_share)))
+    stage1_train = w.noisy_train + top_up_size(w.noisy_train, stage1_share, w.curated)
     base = dict(
         noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
         fold_epoch=fold_train * train + per_fold_windows * infer,

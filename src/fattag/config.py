@@ -129,6 +129,14 @@ class Config:
 
 # Shares of a stage's training items drawn from the other set (train.top_up): each in [0, 1).
 SHARE_KEYS = ("noisy_share_curated", "curated_share_noisy")
+
+
+def top_up_size(n_base: int, share: float, available: int) -> int:
+    """How many clips of the other set make them `share` of a training set of `n_base` clips, at most `available`:
+    what train.top_up draws and what the budget prices."""
+    return min(available, int(round(n_base * share / (1 - share))))
+
+
 # Groups of settings that a checkpoint records (see model.model_meta and predict.prediction_config).
 FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
                 "trim_silence", "trim_db", "crop_seconds")

@@ -27,7 +27,7 @@ from fastcore.basics import noop
 from .augment import augment_policy
 from .callbacks import Deadline, EpochCheckpoint, EpochLog, KeepBest, NanGuard, WeightAverage
 from .checkpoint import Resume, StageDir
-from .config import Config
+from .config import Config, top_up_size
 from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_windows, store_stats
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
@@ -246,7 +246,7 @@ def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, 
     the items, capped at the whole pool; drawn without replacement, seeded. [] when there is nothing to add."""
     if share <= 0 or store is None or not len(pool):
         return []
-    n = min(len(pool), int(round(n_base * share / (1 - share))))
+    n = top_up_size(n_base, share, len(pool))
     return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)))]
 
 
