@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash ba0e82ce0229). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 86e516db14c8). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,26 +11,27 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      236 lines
-#   src/fattag/budget.py                       403 lines
+#   src/fattag/budget.py                       405 lines
 #   src/fattag/callbacks.py                    160 lines
 #   src/fattag/checkpoint.py                   140 lines
 #   src/fattag/cli.py                           63 lines
-#   src/fattag/config.py                       256 lines
+#   src/fattag/config.py                       262 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     229 lines
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
-#   src/fattag/model.py                        137 lines
-#   src/fattag/predict.py                      195 lines
+#   src/fattag/model.py                        141 lines
+#   src/fattag/precision.py                     76 lines
+#   src/fattag/predict.py                      197 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/pseudo.py                       118 lines
 #   src/fattag/report.py                       399 lines
 #   src/fattag/select.py                        64 lines
 #   src/fattag/session.py                      136 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/train.py                        379 lines
-#   src/run.py                                 148 lines
+#   src/fattag/train.py                        381 lines
+#   src/run.py                                 150 lines
 
 import hashlib
 import importlib.abc
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'ba0e82ce0229'
+BUILD_HASH = '86e516db14c8'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -619,6 +620,7 @@ import torch
 from .config import Config, top_up_size
 from .features import WindowDataset
 from .model import build_model, to_device
+from .precision import amp_dtype, autocast, grad_scaler
 
 OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
 MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
@@ -653,12 +655,13 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    dtype = amp_dtype(cfg, device)  # as training and prediction run (stage_learner, predict_clips)
+    scaler = grad_scaler(device, dtype)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     spent = [0.0]
 
     def train_step():
-        with torch.autocast(device.type, enabled=cuda):
+        with autocast(device, dtype):
             loss = loss_fn(model(x).float(), y)
         opt.zero_grad()
         scaler.scale(loss).backward()
@@ -666,7 +669,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
         scaler.update()
 
     def infer():
-        with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
+        with torch.inference_mode(), autocast(device, dtype):
             model(x)
 
     def timed(fn, share: float) -> float:
@@ -1465,6 +1468,7 @@ class Config:
     freq_mask_frac: float = 0.1   # widest frequency mask, as a share of the mel bands
     num_workers: int = 0
     channels_last: bool = True    # on the CPU, the model in channels-last memory layout (faster there; CUDA keeps its)
+    amp: str = "auto"             # mixed precision: auto (float16 on CUDA, float32 on CPU), fp16, bf16 or off
 
     # --- inference / TTA ---
     tta_step_frac: float = 0.5    # window step as a share of the window (0.5 = half-overlapping windows)
@@ -1484,6 +1488,8 @@ class Config:
         for name in SHARE_KEYS:   # a share of 1 would leave no item of the stage's own set (and divide by zero)
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be at least 0 and below 1, got {getattr(self, name)!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"unknown amp {self.amp!r}: {', '.join(AMP_CHOICES)}")
 
     @property
     def crop_frames(self) -> int:
@@ -1505,6 +1511,8 @@ class Config:
         return {k: getattr(self, k) for k in INFERENCE_KEYS}
 
 
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")  # precision.amp_dtype says what each means on which device
+
 # Shares of a stage's training items drawn from the other set (train.top_up): each in [0, 1).
 SHARE_KEYS = ("noisy_share_curated", "curated_share_noisy")
 
@@ -1522,11 +1530,12 @@ MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
 INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
                   "batch_size")
 # Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
-# resumed stage keeps its own), the budget, workers, the CPU memory layout (float rounding only), how test clips are
-# predicted, and the pseudo-label round's settings (that round records them in its own recipe, pseudo.py). Every
-# other value is part of the recipe that a work dir's saved stages must match before a later run reuses them.
+# resumed stage keeps its own), the budget, workers, the CPU memory layout and mixed precision (float rounding only,
+# like the device itself), how test clips are predicted, and the pseudo-label round's settings (that round records
+# them in its own recipe, pseudo.py). Every other value is part of the recipe that a work dir's saved stages must
+# match before a later run reuses them.
 NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo",
-                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last",
+                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last", "amp",
                    *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
@@ -1552,7 +1561,7 @@ PRESETS: dict[str, dict] = {
     # longer stage 1; the budget keeps a slower machine inside the 10 minutes (the pseudo-label round goes first).
     "cpu": {**_DEMO, **_REAL_DATA_RECIPE, "arch": "xresnet_small", "epochs_noisy": 30, "time_budget": 570.0},
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
-    # Kaggle GPU (P100 / T4). The cpu preset's recipe (union mixing, stage-2 batches half noisy, three-channel
+    # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe (union mixing, stage-2 batches half noisy, three-channel
     # input, class balancing, the test pseudo-label round in the time left) at FAT2019's feature settings; sized
     # for ~700 training clips/s (about 42 min of training and prediction on FAT2019 before the round). The
     # time-budget planner cuts the round, then epochs (then folds) to what the measured GPU speed allows.
@@ -2915,12 +2924,16 @@ class InputNorm(nn.Module):
         return (gain + self.PCEN_DELTA).pow(self.PCEN_R) - self.PCEN_DELTA ** self.PCEN_R
 
     def forward(self, x):
-        x = x.float()
-        make = {"global": lambda: (x - self.mean) / self.std,
-                "band": lambda: (x - x.median(dim=-1, keepdim=True).values) / self.std,
-                "pcen": lambda: self.pcen(x)}
-        out = [make[name]() for name in self.names]
-        return out[0] if len(out) == 1 else torch.cat(out, 1)
+        # Always float32, also inside a mixed-precision region: torchaudio's lfilter runs its FIR part as a conv1d
+        # that autocast would make half precision, and its IIR loop accepts only float32/float64. The layers after
+        # this one keep autocast's speed.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            make = {"global": lambda: (x - self.mean) / self.std,
+                    "band": lambda: (x - x.median(dim=-1, keepdim=True).values) / self.std,
+                    "pcen": lambda: self.pcen(x)}
+            out = [make[name]() for name in self.names]
+            return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
 class FreqMeanTimeMax(nn.Module):
@@ -2994,6 +3007,85 @@ def model_from_state(meta: dict, state: dict) -> nn.Module:
     return model.eval()
 ''')
 
+_add('src/fattag/precision.py', r'''
+"""Mixed precision and the GPU check: which autocast dtype a device runs with, and whether torch can use the GPU.
+
+The autocast dtype is a setting of the device (`cfg.amp`), not a `device.type == "cuda"` branch, so that the
+same training, throughput and prediction paths run under CPU autocast (bfloat16) in tests that have no GPU.
+"""
+from __future__ import annotations
+
+import torch
+from fastai.callback.fp16 import MixedPrecision
+
+from .config import Config
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def amp_dtype(cfg: Config, device) -> torch.dtype | None:
+    """The autocast dtype of `cfg.amp` on `device`: `auto` is float16 on CUDA and float32 (None) on the CPU, where
+    bfloat16 is asked for with `bf16`; `off` is float32 everywhere (Config checks the name)."""
+    if cfg.amp == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else None
+    return AMP_DTYPES.get(cfg.amp)
+
+
+def autocast(device, dtype: torch.dtype | None):
+    """torch's autocast on `device` with `dtype`, or a disabled one for float32 (None)."""
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def grad_scaler(device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling for float16 (its range is narrow); bfloat16 has float32's range and float32 needs none."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+
+
+class DeviceMixedPrecision(MixedPrecision):
+    """fastai's MixedPrecision callback on the data's device with the given dtype: fastai 2.8 always autocasts
+    for "cuda", which leaves a CPU run in float32 whatever it asks for. Everything after `before_fit` (loss
+    scaling, skipped steps on overflow, float predictions) is fastai's."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__(amp_mode="fp16" if dtype == torch.float16 else "bf16")
+        self.dtype = dtype
+
+    def before_fit(self):
+        device = self.learn.dls.device
+        self.autocast, self.learn.scaler, self.scales = autocast(device, self.dtype), grad_scaler(device, self.dtype), []
+
+
+def unsupported_gpu(name: str, capability: tuple[int, int], arch_list: list[str]) -> str | None:
+    """Why this torch build cannot run on the GPU (`name`, compute capability `capability`), or None when it can.
+
+    A build runs on a GPU when it ships kernels for its capability (`sm_XY` in `torch.cuda.get_arch_list()`), or
+    PTX (`compute_XY`) of an equal or lower capability of the same major version that the driver can compile.
+    Kaggle's torch 2.10 is a CUDA 12.8 build from sm_70 up: the retired P100 (6.0) is not among them.
+    """
+    major, minor = capability
+    sm = [tuple(divmod(int(a.split("_")[1]), 10)) for a in arch_list if a.startswith("sm_")]
+    ptx = [tuple(divmod(int(a.split("_")[1]), 10)) for a in arch_list if a.startswith("compute_")]
+    if (major, minor) in sm or any(p[0] == major and p <= (major, minor) for p in ptx):
+        return None
+    return (f"this torch {torch.__version__} (CUDA {torch.version.cuda}) has no kernels for the GPU {name} "
+            f"(compute capability {major}.{minor}; built for {', '.join(arch_list) or 'no GPU'}). On Kaggle choose "
+            f"the accelerator 'GPU T4 x2' (capability 7.5) in the notebook's settings; elsewhere use a GPU of "
+            f"capability {min(sm, default=(7, 0))[0]}.{min(sm, default=(7, 0))[1]} or newer, or run on the CPU "
+            f"with CUDA_VISIBLE_DEVICES=''.")
+
+
+def check_device(device) -> None:
+    """Stop with one clear error when the device is a GPU this torch build cannot run on (before any training)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    index = device.index or 0
+    why = unsupported_gpu(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index),
+                          torch.cuda.get_arch_list())
+    if why:
+        raise SystemExit(f"error: {why}")
+''')
+
 _add('src/fattag/predict.py', r'''
 """Whole-clip inference: every window of every clip, batched on the device, aggregated per clip.
 
@@ -3017,6 +3109,7 @@ from .config import INFERENCE_KEYS, Config
 from .augment import spec_augment
 from .features import MelStore, WindowDataset, aggregate_windows
 from .model import check_classes, input_mean, model_from_state, to_device
+from .precision import amp_dtype, autocast
 from .progress import progress
 from .submission import fill_missing, write_submission
 
@@ -3038,6 +3131,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     bs = batch_size or max(cfg.batch_size * 2, 8)
     model = to_device(model, device, cfg.channels_last).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
+    dtype = amp_dtype(cfg, device)
     passes = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # augmented passes are reproducible and leave the training RNG untouched
@@ -3050,7 +3144,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
                 x = torch.stack([ds[w][0] for w in range(start, min(start + bs, len(ds)))]).to(device)
                 if p > 0:
                     x = tta_augment(x, cfg, fill=input_mean(model))
-                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                with autocast(device, dtype):
                     probs.append(torch.sigmoid(model(x).float()))
             window_probs = torch.cat(probs) if probs else torch.zeros(0, n_outputs(model), device=device)
             passes.append(aggregate_windows(window_probs, clip_of, len(indices), cfg.tta_aggregate))
@@ -4212,6 +4306,7 @@ from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_win
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
 from .model import build_model, input_mean, model_from_state, model_meta, to_device
+from .precision import DeviceMixedPrecision, amp_dtype
 from .predict import predict_clips
 from .session import Session
 
@@ -4333,8 +4428,9 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     learn.logger = noop  # EpochLog writes the per-epoch lines
     if not sys.stderr.isatty():
         learn.remove_cb(ProgressCallback)
-    if device.type == "cuda":
-        learn.to_fp16()
+    dtype = amp_dtype(cfg, device)
+    if dtype is not None:
+        learn.add_cb(DeviceMixedPrecision(dtype))
     learn.resume_epoch = resume.epochs_done
     if resume.last is not None:  # continue an interrupted stage: its weights, optimiser state and schedule
         learn.create_opt()
@@ -4583,6 +4679,7 @@ from fattag.cli import parse_args  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
+from fattag.precision import check_device  # noqa: E402
 from fattag.predict import final_weights, load_fold_models, predict_and_submit, prediction_config  # noqa: E402
 from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
@@ -4601,14 +4698,15 @@ def main(argv=None, defaults: dict | None = None) -> int:
     data = load_dataset(s.data_dir)
     log.info(data.summary())
     prior = class_prior(data.curated.targets)
-    if args.mode == "predict":
-        return predict_only(s, data, args.weights, prior)
 
     # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
-    #    one it has); then the log-mel stores.
+    #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores.
     if not (s.work_dir / "submission.csv").exists():
         write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          np.tile(prior, (len(data.test), 1)))
+    check_device(s.device)
+    if args.mode == "predict":
+        return predict_only(s, data, args.weights, prior)
     t0 = time.time()
     test = build_store(data.test, s.cfg, s.device)
     curated = build_store(data.curated, s.cfg, s.device)

@@ -21,6 +21,7 @@ from fattag.cli import parse_args  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
+from fattag.precision import check_device  # noqa: E402
 from fattag.predict import final_weights, load_fold_models, predict_and_submit, prediction_config  # noqa: E402
 from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
@@ -39,14 +40,15 @@ def main(argv=None, defaults: dict | None = None) -> int:
     data = load_dataset(s.data_dir)
     log.info(data.summary())
     prior = class_prior(data.curated.targets)
-    if args.mode == "predict":
-        return predict_only(s, data, args.weights, prior)
 
     # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
-    #    one it has); then the log-mel stores.
+    #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores.
     if not (s.work_dir / "submission.csv").exists():
         write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          np.tile(prior, (len(data.test), 1)))
+    check_device(s.device)
+    if args.mode == "predict":
+        return predict_only(s, data, args.weights, prior)
     t0 = time.time()
     test = build_store(data.test, s.cfg, s.device)
     curated = build_store(data.curated, s.cfg, s.device)

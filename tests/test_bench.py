@@ -16,6 +16,7 @@ CASES = {
     "train": ["--quick", "--preset", "demo", "--batch", "4", "--clips", "8", "--threads", "1"],
     "memory": ["--quick", "--preset", "demo", "--hours", "0.002", "--clip-seconds", "2", "--threads", "1"],
     "project": ["--quick", "--preset", "demo", "--batch", "4", "--clips", "2", "--threads", "1"],
+    "gpu_check": ["--dry-run", "--batch", "2", "--threads", "1"],  # the kaggle-1h model, as on a GPU
 }
 EXPECT = {  # a figure each script must print in its table, and a key of its JSON results
     "decode": ("audio s/s", "workers_1"),
@@ -23,6 +24,7 @@ EXPECT = {  # a figure each script must print in its table, and a key of its JSO
     "train": ("train clips/s", "demo"),
     "memory": ("projected peak RSS", "store_bytes_per_audio_s"),
     "project": ("needed training rate", "needed_train_clips_s"),
+    "gpu_check": ("inference windows/s", "fitted"),
 }
 
 

@@ -1,4 +1,4 @@
-"""GPU paths: mixed precision training (fastai to_fp16), autocast inference, GradScaler timing, log-mel on CUDA.
+"""GPU paths: mixed precision training (float16 autocast through the stage learner), autocast inference, GradScaler timing, log-mel on CUDA.
 
 They run when CUDA is present and are reported as skipped otherwise (`pytest -rs` lists them).
 """
@@ -62,6 +62,19 @@ def test_throughput_measurement_with_grad_scaler_on_cuda(setup):
     tp = measure_throughput(cfg, len(data.classes), "cuda")
     assert tp.device.startswith("cuda")
     assert 0 < tp.train_s_per_clip < 1 and 0 < tp.infer_s_per_window < tp.train_s_per_clip * 10
+
+
+def test_kaggle_model_trains_under_fp16_autocast_on_cuda(setup, tmp_path):
+    """The kernel's default model (three input channels, PCEN included) through the stage learner in float16."""
+    _, data = setup
+    cfg = make_config("kaggle-1h", sets=["n_mels=64", "crop_seconds=1.5", "batch_size=8"])
+    store = build_store(data.curated, cfg, "cuda", progress=False)
+    idx = np.flatnonzero(store.ok)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(data.classes), -40.0, 20.0)
+    spec = StageSpec("gpu fp16", "curated", tmp_path, epochs=1, lr=1e-3, loss="bce", seed=0, cfg=cfg, device="cuda")
+    res = fit_stage(model, Clips(store, idx[8:]), Clips(store, idx[:8]), spec)
+    assert res.usable and res.history[["train_loss", "valid_loss", "lwlrap"]].notna().all().all()
 
 
 def test_every_input_channel_on_cuda_matches_cpu(setup):

@@ -19,6 +19,7 @@ import torch
 from .config import Config, top_up_size
 from .features import WindowDataset
 from .model import build_model, to_device
+from .precision import amp_dtype, autocast, grad_scaler
 
 OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
 MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
@@ -53,12 +54,13 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    dtype = amp_dtype(cfg, device)  # as training and prediction run (stage_learner, predict_clips)
+    scaler = grad_scaler(device, dtype)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     spent = [0.0]
 
     def train_step():
-        with torch.autocast(device.type, enabled=cuda):
+        with autocast(device, dtype):
             loss = loss_fn(model(x).float(), y)
         opt.zero_grad()
         scaler.scale(loss).backward()
@@ -66,7 +68,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
         scaler.update()
 
     def infer():
-        with torch.inference_mode(), torch.autocast(device.type, enabled=cuda):
+        with torch.inference_mode(), autocast(device, dtype):
             model(x)
 
     def timed(fn, share: float) -> float:

@@ -87,6 +87,7 @@ class Config:
     freq_mask_frac: float = 0.1   # widest frequency mask, as a share of the mel bands
     num_workers: int = 0
     channels_last: bool = True    # on the CPU, the model in channels-last memory layout (faster there; CUDA keeps its)
+    amp: str = "auto"             # mixed precision: auto (float16 on CUDA, float32 on CPU), fp16, bf16 or off
 
     # --- inference / TTA ---
     tta_step_frac: float = 0.5    # window step as a share of the window (0.5 = half-overlapping windows)
@@ -106,6 +107,8 @@ class Config:
         for name in SHARE_KEYS:   # a share of 1 would leave no item of the stage's own set (and divide by zero)
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be at least 0 and below 1, got {getattr(self, name)!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"unknown amp {self.amp!r}: {', '.join(AMP_CHOICES)}")
 
     @property
     def crop_frames(self) -> int:
@@ -127,6 +130,8 @@ class Config:
         return {k: getattr(self, k) for k in INFERENCE_KEYS}
 
 
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")  # precision.amp_dtype says what each means on which device
+
 # Shares of a stage's training items drawn from the other set (train.top_up): each in [0, 1).
 SHARE_KEYS = ("noisy_share_curated", "curated_share_noisy")
 
@@ -144,11 +149,12 @@ MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
 INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
                   "batch_size")
 # Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
-# resumed stage keeps its own), the budget, workers, the CPU memory layout (float rounding only), how test clips are
-# predicted, and the pseudo-label round's settings (that round records them in its own recipe, pseudo.py). Every
-# other value is part of the recipe that a work dir's saved stages must match before a later run reuses them.
+# resumed stage keeps its own), the budget, workers, the CPU memory layout and mixed precision (float rounding only,
+# like the device itself), how test clips are predicted, and the pseudo-label round's settings (that round records
+# them in its own recipe, pseudo.py). Every other value is part of the recipe that a work dir's saved stages must
+# match before a later run reuses them.
 NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo",
-                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last",
+                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last", "amp",
                    *(k for k in INFERENCE_KEYS if k != "batch_size"))
 
 
@@ -174,7 +180,7 @@ PRESETS: dict[str, dict] = {
     # longer stage 1; the budget keeps a slower machine inside the 10 minutes (the pseudo-label round goes first).
     "cpu": {**_DEMO, **_REAL_DATA_RECIPE, "arch": "xresnet_small", "epochs_noisy": 30, "time_budget": 570.0},
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
-    # Kaggle GPU (P100 / T4). The cpu preset's recipe (union mixing, stage-2 batches half noisy, three-channel
+    # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe (union mixing, stage-2 batches half noisy, three-channel
     # input, class balancing, the test pseudo-label round in the time left) at FAT2019's feature settings; sized
     # for ~700 training clips/s (about 42 min of training and prediction on FAT2019 before the round). The
     # time-budget planner cuts the round, then epochs (then folds) to what the measured GPU speed allows.

@@ -58,12 +58,16 @@ class InputNorm(nn.Module):
         return (gain + self.PCEN_DELTA).pow(self.PCEN_R) - self.PCEN_DELTA ** self.PCEN_R
 
     def forward(self, x):
-        x = x.float()
-        make = {"global": lambda: (x - self.mean) / self.std,
-                "band": lambda: (x - x.median(dim=-1, keepdim=True).values) / self.std,
-                "pcen": lambda: self.pcen(x)}
-        out = [make[name]() for name in self.names]
-        return out[0] if len(out) == 1 else torch.cat(out, 1)
+        # Always float32, also inside a mixed-precision region: torchaudio's lfilter runs its FIR part as a conv1d
+        # that autocast would make half precision, and its IIR loop accepts only float32/float64. The layers after
+        # this one keep autocast's speed.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            make = {"global": lambda: (x - self.mean) / self.std,
+                    "band": lambda: (x - x.median(dim=-1, keepdim=True).values) / self.std,
+                    "pcen": lambda: self.pcen(x)}
+            out = [make[name]() for name in self.names]
+            return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
 class FreqMeanTimeMax(nn.Module):

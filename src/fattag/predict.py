@@ -20,6 +20,7 @@ from .config import INFERENCE_KEYS, Config
 from .augment import spec_augment
 from .features import MelStore, WindowDataset, aggregate_windows
 from .model import check_classes, input_mean, model_from_state, to_device
+from .precision import amp_dtype, autocast
 from .progress import progress
 from .submission import fill_missing, write_submission
 
@@ -41,6 +42,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     bs = batch_size or max(cfg.batch_size * 2, 8)
     model = to_device(model, device, cfg.channels_last).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
+    dtype = amp_dtype(cfg, device)
     passes = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # augmented passes are reproducible and leave the training RNG untouched
@@ -53,7 +55,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
                 x = torch.stack([ds[w][0] for w in range(start, min(start + bs, len(ds)))]).to(device)
                 if p > 0:
                     x = tta_augment(x, cfg, fill=input_mean(model))
-                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                with autocast(device, dtype):
                     probs.append(torch.sigmoid(model(x).float()))
             window_probs = torch.cat(probs) if probs else torch.zeros(0, n_outputs(model), device=device)
             passes.append(aggregate_windows(window_probs, clip_of, len(indices), cfg.tta_aggregate))

@@ -32,6 +32,7 @@ from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_win
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
 from .model import build_model, input_mean, model_from_state, model_meta, to_device
+from .precision import DeviceMixedPrecision, amp_dtype
 from .predict import predict_clips
 from .session import Session
 
@@ -153,8 +154,9 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     learn.logger = noop  # EpochLog writes the per-epoch lines
     if not sys.stderr.isatty():
         learn.remove_cb(ProgressCallback)
-    if device.type == "cuda":
-        learn.to_fp16()
+    dtype = amp_dtype(cfg, device)
+    if dtype is not None:
+        learn.add_cb(DeviceMixedPrecision(dtype))
     learn.resume_epoch = resume.epochs_done
     if resume.last is not None:  # continue an interrupted stage: its weights, optimiser state and schedule
         learn.create_opt()
