@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
         f"autocast {amp_dtype(cfg, device)}"))
 
     facts = device_facts(device)
-    print_table(["device fact", "value"], [[k, ", ".join(v) if isinstance(v, list) else v]
+    print_table(["device fact", "value"], [[k, (", ".join(v) or "-") if isinstance(v, list) else v]
                                             for k, v in facts.items() if k != "unsupported"], "device")
     print(f"\ncan this torch run here: {'no: ' + facts['unsupported'] if facts['unsupported'] else 'yes'}")
     if facts["unsupported"]:
