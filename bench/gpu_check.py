@@ -6,14 +6,14 @@ kernel's model under mixed precision, and what does the kaggle-1h plan look like
 
 Steps: (1) the device: name, compute capability, torch / CUDA / cuDNN versions, the architectures this torch was
 built for and `fattag.precision.unsupported_gpu`'s verdict; (2) `pytest tests/test_gpu.py` in a child process
-(skipped test by test without CUDA); (3) `fattag.budget.measure_throughput` of the preset's model (the planner's own timing) under
-its mixed precision and in float32; (4) `fattag.budget.plan_run` on FAT2019's sizes (`bench/project.py`'s
-workload) at the measured rates, with the preset's budget less the data preparation time (`--prep-s`).
+(skipped test by test without CUDA); (3) `fattag.budget.measure_throughput` of the preset's model (the planner's
+own timing) under its mixed precision and in float32; (4) `fattag.budget.plan_run` on FAT2019's sizes
+(`bench/project.py`'s workload) at the measured rates, with the preset's budget less the data preparation time
+(`--prep-s`).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-tests", action="store_true", help="skip the pytest step")
     a = p.parse_args(argv)
     import torch
-    from fattag.budget import Throughput, measure_throughput, plan_run
+    from fattag.budget import measure_throughput, plan_run
     from fattag.config import make_config
     from fattag.precision import amp_dtype
 
@@ -95,11 +95,8 @@ def main(argv=None) -> dict:
               f"in {tests['seconds']:.0f} s{chr(10) + tests['tail'] if tests['tail'] else ''}")
 
     runs = 2 if device.type == "cpu" else 6
-    rates = {}
-    for name, setting in (("mixed precision", amp), ("float32", "off")):
-        c = dataclasses.replace(cfg, amp=setting)
-        tp = measure_throughput(c, N_CLASSES, device, runs=runs)
-        rates[name] = tp
+    rates = {name: measure_throughput(dataclasses.replace(cfg, amp=setting), N_CLASSES, device, runs=runs)
+             for name, setting in (("mixed precision", amp), ("float32", "off"))}
     print_table(["precision", "training clips/s", "inference windows/s"],
                 [[k, 1 / t.train_s_per_clip, 1 / t.infer_s_per_window] for k, t in rates.items()],
                 f"measure_throughput ({runs} timed batches each, the fastest kept)")

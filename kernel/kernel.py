@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 86e516db14c8). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 3e3c6c286ced). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -22,7 +22,7 @@
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
 #   src/fattag/model.py                        141 lines
-#   src/fattag/precision.py                     76 lines
+#   src/fattag/precision.py                     77 lines
 #   src/fattag/predict.py                      197 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/pseudo.py                       118 lines
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '86e516db14c8'
+BUILD_HASH = '3e3c6c286ced'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1561,10 +1561,10 @@ PRESETS: dict[str, dict] = {
     # longer stage 1; the budget keeps a slower machine inside the 10 minutes (the pseudo-label round goes first).
     "cpu": {**_DEMO, **_REAL_DATA_RECIPE, "arch": "xresnet_small", "epochs_noisy": 30, "time_budget": 570.0},
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
-    # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe (union mixing, stage-2 batches half noisy, three-channel
-    # input, class balancing, the test pseudo-label round in the time left) at FAT2019's feature settings; sized
-    # for ~700 training clips/s (about 42 min of training and prediction on FAT2019 before the round). The
-    # time-budget planner cuts the round, then epochs (then folds) to what the measured GPU speed allows.
+    # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe (union mixing, stage-2 batches half noisy,
+    # three-channel input, class balancing, the test pseudo-label round in the time left) at FAT2019's feature
+    # settings; sized for ~700 training clips/s (about 42 min of training and prediction on FAT2019 before the
+    # round). The time-budget planner cuts the round, then epochs (then folds) to what the measured GPU speed allows.
     "kaggle-1h": dict(
         **_REAL_DATA_RECIPE, arch="xresnet18", folds=5, batch_size=64, epochs_noisy=15, epochs_curated=25,
         time_budget=3300.0,
@@ -3052,7 +3052,8 @@ class DeviceMixedPrecision(MixedPrecision):
 
     def before_fit(self):
         device = self.learn.dls.device
-        self.autocast, self.learn.scaler, self.scales = autocast(device, self.dtype), grad_scaler(device, self.dtype), []
+        self.autocast, self.learn.scaler = autocast(device, self.dtype), grad_scaler(device, self.dtype)
+        self.scales = []
 
 
 def unsupported_gpu(name: str, capability: tuple[int, int], arch_list: list[str]) -> str | None:
@@ -3067,11 +3068,11 @@ def unsupported_gpu(name: str, capability: tuple[int, int], arch_list: list[str]
     ptx = [tuple(divmod(int(a.split("_")[1]), 10)) for a in arch_list if a.startswith("compute_")]
     if (major, minor) in sm or any(p[0] == major and p <= (major, minor) for p in ptx):
         return None
+    oldest = min(sm, default=(7, 0))
     return (f"this torch {torch.__version__} (CUDA {torch.version.cuda}) has no kernels for the GPU {name} "
             f"(compute capability {major}.{minor}; built for {', '.join(arch_list) or 'no GPU'}). On Kaggle choose "
             f"the accelerator 'GPU T4 x2' (capability 7.5) in the notebook's settings; elsewhere use a GPU of "
-            f"capability {min(sm, default=(7, 0))[0]}.{min(sm, default=(7, 0))[1]} or newer, or run on the CPU "
-            f"with CUDA_VISIBLE_DEVICES=''.")
+            f"capability {oldest[0]}.{oldest[1]} or newer, or run on the CPU with CUDA_VISIBLE_DEVICES=''.")
 
 
 def check_device(device) -> None:

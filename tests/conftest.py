@@ -39,3 +39,20 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     proc = run_pipeline(["--data-dir", tiny_data, "--work-dir", work, *TINY])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work
+
+
+def fit_fresh_model(cfg, n_classes, store, device, out_dir, epochs, lr, n_valid, label="test", watch=None):
+    """A fresh model (seed 0) of `cfg` trained by fit_stage on `store`'s decodable clips, the first `n_valid`
+    validating; `watch(model)` is called before training (e.g. to hook its layers). Returns (StageResult, model)."""
+    import numpy as np
+    import torch
+    from fattag.features import Clips
+    from fattag.model import build_model
+    from fattag.train import StageSpec, fit_stage
+    idx = np.flatnonzero(store.ok)
+    torch.manual_seed(0)
+    model = build_model(cfg, n_classes, -40.0, 20.0)
+    if watch is not None:
+        watch(model)
+    spec = StageSpec(label, "curated", out_dir, epochs=epochs, lr=lr, loss="bce", seed=0, cfg=cfg, device=device)
+    return fit_stage(model, Clips(store, idx[n_valid:]), Clips(store, idx[:n_valid]), spec), model

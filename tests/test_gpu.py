@@ -1,18 +1,19 @@
-"""GPU paths: mixed precision training (float16 autocast through the stage learner), autocast inference, GradScaler timing, log-mel on CUDA.
+"""GPU paths: float16 autocast training through the stage learner, autocast inference, GradScaler timing, log-mel
+on CUDA.
 
 They run when CUDA is present and are reported as skipped otherwise (`pytest -rs` lists them).
 """
 import numpy as np
 import pytest
 import torch
+from conftest import fit_fresh_model
 
 from fattag.budget import measure_throughput
 from fattag.config import make_config
 from fattag.data import load_dataset
-from fattag.features import Clips, build_store
+from fattag.features import build_store
 from fattag.model import build_model
 from fattag.predict import predict_clips
-from fattag.train import StageSpec, fit_stage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU paths)")
 
@@ -35,15 +36,11 @@ def test_logmel_on_cuda_matches_cpu(setup):
 def test_fp16_training_on_cuda_gives_finite_usable_weights(setup, tmp_path):
     cfg, data = setup
     store = build_store(data.curated, cfg, "cuda", progress=False)
-    idx = np.flatnonzero(store.ok)
-    torch.manual_seed(0)
-    model = build_model(cfg, len(data.classes), -40.0, 20.0)
-    spec = StageSpec("gpu test", "curated", tmp_path, epochs=2, lr=3e-3, loss="bce", seed=0, cfg=cfg, device="cuda")
-    res = fit_stage(model, Clips(store, idx[6:]), Clips(store, idx[:6]), spec)
+    res, model = fit_fresh_model(cfg, len(data.classes), store, "cuda", tmp_path, epochs=2, lr=3e-3, n_valid=6)
     assert res.usable and len(res.history) == 2
     assert res.history[["train_loss", "valid_loss", "lwlrap"]].notna().all().all()
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
-    assert next(model.parameters()).dtype == torch.float32  # fastai's to_fp16 keeps float32 master weights
+    assert next(model.parameters()).dtype == torch.float32  # mixed precision keeps float32 master weights
 
 
 def test_autocast_inference_matches_cpu(setup):
@@ -69,11 +66,7 @@ def test_kaggle_model_trains_under_fp16_autocast_on_cuda(setup, tmp_path):
     _, data = setup
     cfg = make_config("kaggle-1h", sets=["n_mels=64", "crop_seconds=1.5", "batch_size=8"])
     store = build_store(data.curated, cfg, "cuda", progress=False)
-    idx = np.flatnonzero(store.ok)
-    torch.manual_seed(0)
-    model = build_model(cfg, len(data.classes), -40.0, 20.0)
-    spec = StageSpec("gpu fp16", "curated", tmp_path, epochs=1, lr=1e-3, loss="bce", seed=0, cfg=cfg, device="cuda")
-    res = fit_stage(model, Clips(store, idx[8:]), Clips(store, idx[:8]), spec)
+    res, _ = fit_fresh_model(cfg, len(data.classes), store, "cuda", tmp_path, epochs=1, lr=1e-3, n_valid=8)
     assert res.usable and res.history[["train_loss", "valid_loss", "lwlrap"]].notna().all().all()
 
 

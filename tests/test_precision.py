@@ -3,16 +3,16 @@ the kernel's kaggle-1h model with every input channel, against float32; and the 
 import numpy as np
 import pytest
 import torch
+from conftest import fit_fresh_model
 
 import fattag.budget as budget
 from fattag.config import PRESETS, make_config
 from fattag.data import load_dataset
-from fattag.features import Clips, build_store
+from fattag.features import build_store
 from fattag.losses import LOSSES, make_loss
 from fattag.model import InputNorm, build_model
 from fattag.precision import amp_dtype, check_device, unsupported_gpu
 from fattag.predict import predict_clips
-from fattag.train import StageSpec, fit_stage
 
 # kaggle-1h's model (xresnet18 + self-attention, Mish, the three input channels) on smaller crops, for speed.
 SMALL = ["n_mels=64", "crop_seconds=1.5", "batch_size=8"]
@@ -89,21 +89,18 @@ def test_losses_inside_the_autocast_region_equal_float32(name):
 
 
 def fit_one_epoch(setup, amp, tmp_path):
-    data, cfg, store = setup
+    data, _, store = setup
     cfg = make_config("kaggle-1h", sets=[*SMALL, f"amp={amp}"])
-    idx = np.flatnonzero(store.ok)
-    torch.manual_seed(0)
-    model = build_model(cfg, len(data.classes), -40.0, 20.0)
-    convs = ConvDtypes(model)
-    spec = StageSpec(f"amp {amp}", "curated", tmp_path / amp, epochs=1, lr=1e-3, loss="bce", seed=0, cfg=cfg,
-                     device="cpu")
-    res = fit_stage(model, Clips(store, idx[8:]), Clips(store, idx[:8]), spec)
-    return res, model, convs.seen
+    hooks = []
+    res, model = fit_fresh_model(cfg, len(data.classes), store, "cpu", tmp_path / amp, epochs=1, lr=1e-3, n_valid=8,
+                                 label=f"amp {amp}", watch=lambda m: hooks.append(ConvDtypes(m)))
+    return res, model, hooks[0].seen
 
 
 def test_a_training_epoch_under_bfloat16_autocast_matches_float32(setup, tmp_path):
     """One epoch of kaggle-1h's model through the stage learner (its stage-2 mixing and SpecAugment on the batch)
-    under CPU bfloat16 autocast: the convolutions really run in bfloat16, the master weights stay float32, and loss, metric and weights are close to float32's."""
+    under CPU bfloat16 autocast: the convolutions really run in bfloat16, the master weights stay float32, and
+    loss, metric and weights are close to float32's."""
     amp, amp_model, amp_seen = fit_one_epoch(setup, "bf16", tmp_path)
     ref, ref_model, ref_seen = fit_one_epoch(setup, "off", tmp_path)
     assert torch.bfloat16 in amp_seen and torch.bfloat16 not in ref_seen

@@ -180,10 +180,10 @@ PRESETS: dict[str, dict] = {
     # longer stage 1; the budget keeps a slower machine inside the 10 minutes (the pseudo-label round goes first).
     "cpu": {**_DEMO, **_REAL_DATA_RECIPE, "arch": "xresnet_small", "epochs_noisy": 30, "time_budget": 570.0},
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
-    # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe (union mixing, stage-2 batches half noisy, three-channel
-    # input, class balancing, the test pseudo-label round in the time left) at FAT2019's feature settings; sized
-    # for ~700 training clips/s (about 42 min of training and prediction on FAT2019 before the round). The
-    # time-budget planner cuts the round, then epochs (then folds) to what the measured GPU speed allows.
+    # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe (union mixing, stage-2 batches half noisy,
+    # three-channel input, class balancing, the test pseudo-label round in the time left) at FAT2019's feature
+    # settings; sized for ~700 training clips/s (about 42 min of training and prediction on FAT2019 before the
+    # round). The time-budget planner cuts the round, then epochs (then folds) to what the measured GPU speed allows.
     "kaggle-1h": dict(
         **_REAL_DATA_RECIPE, arch="xresnet18", folds=5, batch_size=64, epochs_noisy=15, epochs_curated=25,
         time_budget=3300.0,

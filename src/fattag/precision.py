@@ -42,7 +42,8 @@ class DeviceMixedPrecision(MixedPrecision):
 
     def before_fit(self):
         device = self.learn.dls.device
-        self.autocast, self.learn.scaler, self.scales = autocast(device, self.dtype), grad_scaler(device, self.dtype), []
+        self.autocast, self.learn.scaler = autocast(device, self.dtype), grad_scaler(device, self.dtype)
+        self.scales = []
 
 
 def unsupported_gpu(name: str, capability: tuple[int, int], arch_list: list[str]) -> str | None:
@@ -57,11 +58,11 @@ def unsupported_gpu(name: str, capability: tuple[int, int], arch_list: list[str]
     ptx = [tuple(divmod(int(a.split("_")[1]), 10)) for a in arch_list if a.startswith("compute_")]
     if (major, minor) in sm or any(p[0] == major and p <= (major, minor) for p in ptx):
         return None
+    oldest = min(sm, default=(7, 0))
     return (f"this torch {torch.__version__} (CUDA {torch.version.cuda}) has no kernels for the GPU {name} "
             f"(compute capability {major}.{minor}; built for {', '.join(arch_list) or 'no GPU'}). On Kaggle choose "
             f"the accelerator 'GPU T4 x2' (capability 7.5) in the notebook's settings; elsewhere use a GPU of "
-            f"capability {min(sm, default=(7, 0))[0]}.{min(sm, default=(7, 0))[1]} or newer, or run on the CPU "
-            f"with CUDA_VISIBLE_DEVICES=''.")
+            f"capability {oldest[0]}.{oldest[1]} or newer, or run on the CPU with CUDA_VISIBLE_DEVICES=''.")
 
 
 def check_device(device) -> None:
