@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
             plan = config.get("plan", {})
             folds = config.get("folds_run", [])
         runs.append(dict(wall_s=wall, share_of_usable=wall / usable, folds=len(folds),
-                         epochs=[f["epochs_run"] for f in folds], tta_passes=config["settings"]["tta_aug_passes"]))
+                         epochs=[f["epochs_run"] for f in folds], tta_passes=plan.get("tta_aug_passes")))
         rows.append([i + 1, wall, wall / usable, len(folds), " ".join(map(str, runs[-1]["epochs"])),
                      plan.get("epochs_noisy"), runs[-1]["tta_passes"], "yes" if 0.9 <= wall / usable <= 1 else "NO"])
     print_table(["run", "wall s", "of usable", "folds", "fold epochs", "stage-1 epochs", "TTA passes",

@@ -6,8 +6,8 @@ kernel's model under mixed precision, and what does the kaggle-1h plan look like
 
 Steps: (1) the device: name, compute capability, torch / CUDA / cuDNN versions, the architectures this torch was
 built for and `fattag.precision.unsupported_gpu`'s verdict; (2) `pytest tests/test_gpu.py` in a child process
-(skipped test by test without CUDA); (3) `fattag.budget.measure_throughput` of the preset's model (the planner's
-own timing) under its mixed precision and in float32; (4) `fattag.budget.plan_run` on FAT2019's sizes
+(skipped test by test without CUDA); (3) `fattag.throughput.measure_throughput` of the preset's model (the
+planner's own timing) under its mixed precision and in float32; (4) `fattag.cost.plan_run` on FAT2019's sizes
 (`bench/project.py`'s workload) at the measured rates, with the preset's budget less the data preparation time
 (`--prep-s`).
 """
@@ -65,7 +65,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-tests", action="store_true", help="skip the pytest step")
     a = p.parse_args(argv)
     import torch
-    from fattag.budget import measure_throughput, plan_run
+    from fattag.cost import plan_run
+    from fattag.throughput import measure_throughput
     from fattag.config import make_config
     from fattag.precision import amp_dtype
 
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
         plan_full_s=full.total_s, budget_available_s=available,
         fitted=dict(epochs_noisy=fitted.epochs_noisy, epochs_curated=fitted.epochs_curated,
                     epochs_pseudo=fitted.epochs_pseudo, folds=fitted.folds_trained,
-                    tta_aug_passes=fitted.tta_aug_passes, total_s=fitted.total_s, notes=fitted.notes))
+                    tta_aug_passes=fitted.tta_aug_passes, total_s=fitted.total_s, notes=list(fitted.notes)))
     if tests and tests["rc"] not in (0, None):
         print("gpu_check: the GPU tests failed (see above)", file=sys.stderr)
     return print_json("gpu_check", info, results, preset=a.preset, batch=batch, dry_run=a.dry_run)

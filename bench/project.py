@@ -3,9 +3,9 @@
     python bench/project.py [--preset kaggle-1h] [--quick]
 
 Measured here: decode (iter_decoded over cached synthetic 15 s clips), log-mel per clip (build_store's path) and
-fattag.budget.measure_throughput (training s/clip and inference s/window of the preset's model). The run's work
+fattag.throughput.measure_throughput (training s/clip and inference s/window of the preset's model). The run's work
 (decode + features of curated+noisy+test, stage 1, K folds of stage 2 with per-epoch validation, OOF and test TTA)
-is then priced by fattag.budget's cost model (stage_costs, plan_run): once as configured (no budget), once fitted into
+is then priced by fattag.cost's cost model (stage_costs, plan_run): once as configured (no budget), once fitted into
 the preset's budget.
 Finally: the training rate a GPU would need for the preset's full recipe (without the test pseudo-label round, which
 only gets the time left) to fit its budget.
@@ -31,24 +31,25 @@ def windows_per_clip(cfg, seconds: float) -> int:
 
 
 def fat2019_workload(cfg):
-    from fattag.budget import Workload
+    from fattag.cost import Workload
     mean_s = {k: d["hours"] * 3600 / d["clips"] for k, d in FAT2019.items()}
     noisy = FAT2019["noisy"]["clips"]
     hold = max(1, int(round(noisy * cfg.noisy_holdout)))
     w = Workload(
-        noisy_train=(noisy - hold) if cfg.epochs_noisy > 0 else 0,
+        noisy_train=(noisy - hold) if cfg.noisy.epochs > 0 else 0,
         noisy_holdout_windows=hold * windows_per_clip(cfg, mean_s["noisy"]),
         curated=FAT2019["curated"]["clips"],
         curated_windows=FAT2019["curated"]["clips"] * windows_per_clip(cfg, mean_s["curated"]),
         test_windows=FAT2019["test"]["clips"] * windows_per_clip(cfg, mean_s["test"]),
         test_clips=FAT2019["test"]["clips"],
+        noisy_clips=noisy if cfg.noisy.epochs > 0 else 0,
     )
     return w, mean_s
 
 
 def breakdown(cfg, w, tp, plan) -> dict:
-    """Seconds per part of the run, from fattag.budget's own cost model (their sum is the plan's total)."""
-    from fattag.budget import pseudo_s, stage_costs
+    """Seconds per part of the run, from fattag.cost's own cost model (their sum is the plan's total)."""
+    from fattag.cost import pseudo_s, stage_costs
     c = stage_costs(cfg, w, tp, plan.tta_aug_passes)
     return {
         "stage 1 (training + holdout validation)": plan.epochs_noisy * c["noisy_epoch"],
@@ -91,7 +92,8 @@ def main(argv=None) -> dict:
                                                            "--quick 8)")
     p.add_argument("--budget", type=float, default=None, help="seconds (default: the preset's time_budget, or 3300)")
     a = p.parse_args(argv)
-    from fattag.budget import OVERHEAD, Throughput, measure_throughput, plan_run
+    from fattag.cost import OVERHEAD, plan_run
+    from fattag.throughput import Throughput, measure_throughput
     from fattag.config import make_config
 
     device = pick_device(a.threads)
@@ -102,8 +104,8 @@ def main(argv=None) -> dict:
     budget_s = a.budget or cfg.time_budget or 3300.0
     repeat = a.repeat or (1 if a.quick else 2)
     info = print_machine(f"project: {a.preset} on FAT2019 sizes", device, notes=(
-        f"{cfg.arch}, batch {cfg.batch_size}, {cfg.folds} folds, epochs {cfg.epochs_noisy} noisy / "
-        f"{cfg.epochs_curated} curated, TTA step {cfg.tta_step_frac:g}, {cfg.tta_aug_passes} aug passes; "
+        f"{cfg.arch}, batch {cfg.batch_size}, {cfg.folds} folds, epochs {cfg.noisy.epochs} noisy / "
+        f"{cfg.curated.epochs} curated, TTA step {cfg.tta_step_frac:g}, {cfg.tta_aug_passes} aug passes; "
         f"budget {budget_s:.0f} s, safety margin {cfg.safety_margin:.0%}; best of {repeat} measurements"))
 
     t0 = time.perf_counter()
@@ -114,13 +116,13 @@ def main(argv=None) -> dict:
     measure_s = time.perf_counter() - t0
 
     w, mean_s = fat2019_workload(cfg)
-    audio_s = sum(d["hours"] for k, d in FAT2019.items() if k != "noisy" or cfg.epochs_noisy > 0) * 3600
+    audio_s = sum(d["hours"] for k, d in FAT2019.items() if k != "noisy" or cfg.noisy.epochs > 0) * 3600
     prep_dec, prep_feat = audio_s / dec_rate, audio_s / feat_rate
     prep = prep_dec + prep_feat  # on a CPU-only machine both share the cores; on a GPU the log-mel part shrinks
     print_table(["measured", "value", "unit"], [
         ["decode (iter_decoded, default workers)", dec_rate, "audio s/s"],
         [f"log-mel per clip on {device}", feat_rate, "audio s/s"],
-        ["training (budget.measure_throughput)", 1 / tp.train_s_per_clip, "clips/s"],
+        ["training (throughput.measure_throughput)", 1 / tp.train_s_per_clip, "clips/s"],
         ["inference", 1 / tp.infer_s_per_window, "windows/s"],
     ], f"throughputs measured on this machine ({measure_s:.0f} s of measuring)")
     print_table(["assumption", "value"], [
@@ -130,7 +132,7 @@ def main(argv=None) -> dict:
             str(windows_per_clip(cfg, mean_s[k])) for k in ("curated", "noisy", "test")) + " (at the mean length)"],
         ["stage-1 training clips / holdout windows", f"{w.noisy_train} / {w.noisy_holdout_windows}"],
         ["curated clips / windows, test windows", f"{w.curated} / {w.curated_windows}, {w.test_windows}"],
-        ["overhead on model time (budget.OVERHEAD)", f"{OVERHEAD:g}"],
+        ["overhead on model time (cost.OVERHEAD)", f"{OVERHEAD:g}"],
     ], "workload (FAT2019 sizes from /work/shared/FAT2019.md)")
 
     full = plan_run(cfg, w, tp, None)
@@ -142,8 +144,8 @@ def main(argv=None) -> dict:
     print_table(["part of the run (full recipe)", "seconds", "hours"], [r + [r[1] / 3600] for r in rows],
                 "projected wall time by part on this machine")
     if abs(sum(parts.values()) - full.total_s) > 1e-6 * max(full.total_s, 1):
-        print(f"note: parts sum to {sum(parts.values()):.0f} s, budget.plan_run says {full.total_s:.0f} s")
-    print("\nfattag.budget.plan_run, full recipe as configured (no budget):")
+        print(f"note: parts sum to {sum(parts.values()):.0f} s, cost.plan_run says {full.total_s:.0f} s")
+    print("\nfattag.cost.plan_run, full recipe as configured (no budget):")
     print(full.table())
     total_full = prep + full.total_s
     print(f"projected wall time on this machine: {total_full:.0f} s = {total_full / 3600:.1f} h "

@@ -1,8 +1,8 @@
 """Real-recording dev benchmark: test lwlrap on the two realdev families, one row per variant.
 
     python bench/realdev.py --preset cpu --seeds 0,1,2                       # the preset as it is
-    python bench/realdev.py --variant "no_stage1:epochs_noisy=0" --seeds 0   # a variant (repeatable)
-    python bench/realdev.py --ablation --seeds 0,1,2                         # every row of the README table
+    python bench/realdev.py --variant "no_stage1:noisy.epochs=0" --seeds 0   # a variant (repeatable)
+    python bench/realdev.py --ablation --seeds 0,1,2                         # every row of docs/ablation.md
 
 realdev (built by `../shared/realdev/build.sh`, see its README) is FAT2019-shaped data made of real recordings
 whose test clips come from sources no training clip uses: `instruments` (sample banks) and `everyday` (game sound
@@ -12,9 +12,9 @@ modelling choice is judged by *test* lwlrap on both families; OOF and the OOF-te
 Each (variant, family, seed) is one full `src/run.py` run in its own work dir under --out; a finished run's
 result.json is reused unless --force (so a table can be grown a variant at a time). Runs are made without the
 preset's time budget (unless --keep-budget), so the recipe does not depend on the machine's speed; with the same
---threads a run reproduces its scores exactly (the README's table: --jobs 2 --threads 1 on 2 cores). Datasets are looked for
-under --root (default $FATTAG_REALDEV, else <repo>/.cache/realdev) and built there with build.sh when missing.
-This is a benchmark, not a test: a run takes minutes.
+--threads a run reproduces its scores exactly (docs/ablation.md: --jobs 2 --threads 1 on 2 cores). Datasets are
+looked for under --root (default $FATTAG_REALDEV, else <repo>/.cache/realdev) and built there with build.sh when
+missing. This is a benchmark, not a test: a run takes minutes.
 """
 from __future__ import annotations
 
@@ -40,20 +40,21 @@ from fattag.metrics import lwlrap  # noqa: E402
 BUILD_SCRIPT = REPO.parent / "shared" / "realdev" / "build.sh"
 FAMILIES = {"instruments": "realdev", "everyday": "realdev-everyday"}  # --family -> folder build.sh writes
 
-# The README's ablation table. Rows run with --preset (cpu) plus their --set values; "@demo" switches a row to
-# the demo preset (the recipe as landed before the realdev work). The first rows are the path from that recipe to
-# the cpu preset, each adding one change; "cpu: ..." rows change one thing in the cpu recipe as it was before the
-# two-channel input and test-time class balancing joined it (_BEFORE); "preset: ..." rows change one thing in the
-# cpu preset as it was before the test pseudo-label round and the PCEN channel joined it; the last rows are
-# branches tried on the way, on the base they name.
-_UNION = ["union_mix_curated=0.5", "union_mix_noisy=0.5"]
-_SHARE = [*_UNION, "noisy_share_curated=0.5"]
+# The rows of docs/ablation.md, by the name `--only` selects (no commas: --only splits on them). Rows run with
+# --preset (cpu) plus their --set values; "@demo" switches a row to the demo preset. The first rows are the path
+# from the demo preset to the cpu preset, each adding one change; "cpu: ..." rows change one thing in the cpu
+# recipe without the two-channel input and test-time class balancing (_BEFORE); "preset: ..." rows change one
+# thing in the cpu preset without the test pseudo-label round and the PCEN channel; "union: ..." and
+# "half noisy: ..." rows change the second and third rows. Rows of removed options are in docs/ablation.md's
+# "Removed options", with the commit whose bench still runs them.
+_UNION = ["curated.union_mix=0.5", "noisy.union_mix=0.5"]
+_SHARE = [*_UNION, "curated.top_up=0.5"]
 _UNBALANCED = ["class_balance=false"]
-_BEFORE = ["input_norm=global", *_UNBALANCED]   # the cpu recipe before the two-channel input and class balancing
+_BEFORE = ["input_norm=global", *_UNBALANCED]   # the cpu recipe without the two-channel input and class balancing
 _32K = ["sample_rate=32000", "n_fft=1024", "win_length=800", "hop_length=500"]  # 64 frames/s, as at 16 kHz
 ABLATION = {
-    "as landed (demo preset)": ["@demo"],
-    "+ union mixing, both stages": ["@demo", *_UNION],
+    "the demo preset": ["@demo"],
+    "+ union mixing in both stages": ["@demo", *_UNION],
     "+ stage-2 batches half noisy": ["@demo", *_SHARE],
     "+ xresnet_small": ["@demo", *_SHARE, "arch=xresnet_small"],
     "+ stage 1 30 epochs": [*_BEFORE],
@@ -62,45 +63,37 @@ ABLATION = {
     "+ test pseudo-labels (10 epochs)": ["pseudo_epochs=10"],
     "+ PCEN input channel = cpu preset": ["pseudo_epochs=10", "input_norm=global+band+pcen"],
     "class balancing alone (no two-channel input)": ["input_norm=global"],
-    "cpu: no stage 1": ["epochs_noisy=0", *_BEFORE],
-    "cpu: no union mixing": ["union_mix_curated=0", "union_mix_noisy=0", *_BEFORE],
-    "cpu: + background mixing": ["background_curated=0.3", "background_noisy=0.3", *_BEFORE],
+    "cpu: no stage 1": ["noisy.epochs=0", *_BEFORE],
+    "cpu: no union mixing": ["curated.union_mix=0", "noisy.union_mix=0", *_BEFORE],
     "cpu: + per-band normalisation (one channel)": ["input_norm=band", *_UNBALANCED],
-    "cpu: + time-concatenation mixing": ["concat_mix_curated=0.3", "concat_mix_noisy=0.3", *_BEFORE],
+    "cpu: + time-concatenation mixing": ["curated.concat_mix=0.3", "noisy.concat_mix=0.3", *_BEFORE],
     "cpu: + weight averaging (EMA)": ["average_epochs=2", *_BEFORE],
-    "cpu: focal loss": ["loss_curated=focal", "loss_noisy=focal", *_BEFORE],
-    "cpu: LSEP ranking loss": ["loss_curated=lsep", "loss_noisy=lsep", *_BEFORE],
-    "cpu: + frequency shift (2 bands)": ["freq_shift_curated=2", "freq_shift_noisy=2", *_BEFORE],
-    "cpu: + time stretch (0.2)": ["time_stretch_curated=0.2", "time_stretch_noisy=0.2", *_BEFORE],
+    "cpu: focal loss": ["curated.loss=focal", "noisy.loss=focal", *_BEFORE],
+    "cpu: LSEP ranking loss": ["curated.loss=lsep", "noisy.loss=lsep", *_BEFORE],
+    "cpu: + frequency shift (2 bands)": ["curated.freq_shift=2", "noisy.freq_shift=2", *_BEFORE],
+    "cpu: + time stretch (0.2)": ["curated.time_stretch=0.2", "noisy.time_stretch=0.2", *_BEFORE],
     "cpu: wider SpecAugment stripes": ["freq_mask_frac=0.2", "time_mask_frac=0.2", *_BEFORE],
-    "cpu: freq-mean, time-max pooling": ["pool=freqmean_timemax", *_BEFORE],
-    "cpu: dropout 0.3, weight decay 0.05": ["dropout=0.3", "wd=0.05", *_BEFORE],
-    "cpu: + test-time BN adaptation": ["adapt_bn=true", *_BEFORE],
-    "preset: union mixing twice (up to 4 sounds)": ["union_mix_rounds=2"],
+    "cpu: freq-mean time-max pooling": ["pool=freqmean_timemax", *_BEFORE],
+    "cpu: dropout 0.3 and weight decay 0.05": ["dropout=0.3", "wd=0.05", *_BEFORE],
     "preset: 5 folds": ["folds=5"],
     "preset: 64 mels": ["n_mels=64"],
-    "preset: 32 kHz, 48 mels": [*_32K, "n_mels=48", "f_max=16000"],
-    "preset: 32 kHz, 64 mels": [*_32K, "n_mels=64", "f_max=16000"],
-    "preset: + level/EQ": ["level_eq_curated=true", "level_eq_noisy=true"],
-    "preset: stage-2 lr 1e-3": ["lr_curated=0.001"],
-    "preset: mixup in stage 1 (alpha 0.2)": ["mixup_noisy=0.2"],
+    "preset: 32 kHz and 48 mels": [*_32K, "n_mels=48", "f_max=16000"],
+    "preset: 32 kHz and 64 mels": [*_32K, "n_mels=64", "f_max=16000"],
+    "preset: stage-2 lr 1e-3": ["curated.lr=0.001"],
+    "preset: mixup in stage 1 (alpha 0.2)": ["noisy.mixup=0.2"],
     "preset: + PCEN channel": ["input_norm=global+band+pcen"],
     "preset: 3 s crops": ["crop_seconds=3"],
-    "union: + background + level/EQ": ["@demo", *_UNION, "background_curated=0.3", "background_noisy=0.3",
-                                       "level_eq_curated=true", "level_eq_noisy=true"],
     "union: + weight averaging (EMA)": ["@demo", *_UNION, "average_epochs=2"],
-    "union: 2x epochs (24 + 60)": ["@demo", *_UNION, "epochs_noisy=24", "epochs_curated=60"],
-    "half noisy: + level/EQ": ["@demo", *_SHARE, "level_eq_curated=true", "level_eq_noisy=true"],
-    "half noisy: + Lsoft loss in stage 1": ["@demo", *_SHARE, "loss_noisy=lsoft"],
+    "union: 2x epochs (24 + 60)": ["@demo", *_UNION, "noisy.epochs=24", "curated.epochs=60"],
+    "half noisy: + Lsoft loss in stage 1": ["@demo", *_SHARE, "noisy.loss=lsoft"],
     "half noisy: + noisy-clip selection": ["@demo", *_SHARE, "select_noisy=true"],
-    "half noisy: 32 kHz, 64 mels": ["@demo", *_SHARE, "sample_rate=32000", "n_fft=1024", "win_length=1024",
-                                    "hop_length=500", "n_mels=64", "f_max=16000"],
+    "half noisy: 32 kHz and 64 mels": ["@demo", *_SHARE, "sample_rate=32000", "n_fft=1024", "win_length=1024",
+                                       "hop_length=500", "n_mels=64", "f_max=16000"],
 }
-# The preset has gained units since most rows were measured: every row on the cpu preset before "+ test
-# pseudo-labels" was measured without the pseudo-label round, and every row before the PCEN rows with two input
-# channels (global + per-band); every row was measured in the default memory layout (channels-last on the CPU came
-# later and changes float rounding). Those rows switch the later units off (a row's own values come after, so they
-# win), so that they still reproduce their numbers.
+# Each row runs as it was measured (docs/ablation.md names the commit). Rows whose base recipe has no test
+# pseudo-label round (every row but _ROUND_ROWS) pin pseudo_epochs=0; rows whose base recipe has two input
+# channels, global + per-band (every row but _PCEN_ROWS), pin input_norm=both; every row pins the default memory
+# layout (channels_last=false), which changes float rounding only. A row's own values come after these, so they win.
 _ROUND_ROWS = ("+ test pseudo-labels (10 epochs)", "+ PCEN input channel = cpu preset")
 _PCEN_ROWS = ("preset: + PCEN channel", "+ PCEN input channel = cpu preset")
 _LAYOUT = ["channels_last=false"]
@@ -227,8 +220,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="0", help="comma-separated run seeds (default 0)")
     p.add_argument("--families", default="instruments,everyday", help="instruments, everyday or both")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:SET,SET",
-                   help="a variant: a name and --set values, e.g. 'no_stage1:epochs_noisy=0' (repeatable)")
-    p.add_argument("--ablation", action="store_true", help="run every row of the README's ablation table")
+                   help="a variant: a name and --set values, e.g. 'no_stage1:noisy.epochs=0' (repeatable)")
+    p.add_argument("--ablation", action="store_true", help="run every row of docs/ablation.md's tables")
     p.add_argument("--only", default=None, help="with --ablation: comma-separated row names to run")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
                    help="an extra --set for every run")

@@ -2,7 +2,7 @@
 
     python bench/train.py [--preset P] [--quick] [--batch B] [--clips N] [--set name=value ...]
 
-Model rate: fattag.budget.measure_throughput, the step the run's planner times (forward + backward + AdamW on random
+Model rate: fattag.throughput.measure_throughput, the step the run's planner times (forward + backward + AdamW on random
 float16 input of the crop size, batch = the preset's, AMP on CUDA; inference: forward passes of one batch).
 
 Input rate: one epoch of the real CropDataset over a synthetic MelStore (float16 mels of curated-like lengths,
@@ -40,10 +40,10 @@ def synthetic_store(cfg, n_clips: int, seed: int = 0):
 
 
 def model_rates(cfg, bs: int, device, runs: int, repeat: int) -> dict:
-    """Training clips/s and inference windows/s of the preset's model, timed by fattag.budget.measure_throughput (the
+    """Training clips/s and inference windows/s of the preset's model, timed by fattag.throughput.measure_throughput (the
     step the run's planner times), best of `repeat`; plus the model's size."""
     import dataclasses
-    from fattag.budget import measure_throughput
+    from fattag.throughput import measure_throughput
     from fattag.model import build_model
     cfg = dataclasses.replace(cfg, batch_size=bs)
     n_params = sum(p.numel() for p in build_model(cfg, N_CLASSES).parameters())
@@ -92,7 +92,7 @@ def input_rates(cfg, store, bs: int, device, repeat: int) -> dict:
     ds = CropDataset(Clips(store, idx), cfg.crop_frames, seed=0)
     fill = -40.0
 
-    policy = augment_policy(cfg, "curated", fill)  # the stage-2 batch callbacks, as fit_stage attaches them
+    policy = augment_policy(cfg, cfg.curated, fill)  # the stage-2 batch callbacks, as fit_stage attaches them
 
     def augment(x, y):
         for cb in policy:

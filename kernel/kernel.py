@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 3e3c6c286ced). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 2a8fb9dda27a). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -10,28 +10,31 @@
 # Embedded files:
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
-#   src/fattag/augment.py                      236 lines
-#   src/fattag/budget.py                       405 lines
-#   src/fattag/callbacks.py                    160 lines
-#   src/fattag/checkpoint.py                   140 lines
-#   src/fattag/cli.py                           63 lines
-#   src/fattag/config.py                       262 lines
+#   src/fattag/augment.py                      193 lines
+#   src/fattag/budget.py                       129 lines
+#   src/fattag/callbacks.py                    158 lines
+#   src/fattag/checkpoint.py                   137 lines
+#   src/fattag/cli.py                           64 lines
+#   src/fattag/config.py                       275 lines
+#   src/fattag/context.py                      140 lines
+#   src/fattag/cost.py                         242 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
-#   src/fattag/features.py                     229 lines
+#   src/fattag/features.py                     239 lines
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
-#   src/fattag/model.py                        141 lines
+#   src/fattag/model.py                        114 lines
 #   src/fattag/precision.py                     77 lines
-#   src/fattag/predict.py                      197 lines
+#   src/fattag/predict.py                      133 lines
 #   src/fattag/progress.py                     180 lines
-#   src/fattag/pseudo.py                       118 lines
+#   src/fattag/pseudo.py                       111 lines
 #   src/fattag/report.py                       399 lines
-#   src/fattag/select.py                        64 lines
-#   src/fattag/session.py                      136 lines
+#   src/fattag/select.py                        69 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/train.py                        381 lines
-#   src/run.py                                 150 lines
+#   src/fattag/throughput.py                    78 lines
+#   src/fattag/train.py                        404 lines
+#   src/fattag/weights.py                      157 lines
+#   src/run.py                                 142 lines
 
 import hashlib
 import importlib.abc
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '3e3c6c286ced'
+BUILD_HASH = '2a8fb9dda27a'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -364,15 +367,13 @@ _add('src/fattag/augment.py', r'''
 
 Each callback acts on `learn.xb`/`learn.yb` before a training batch (`run_valid = False`: validation batches are
 never touched). Inputs are log-mel crops (B, 1, n_mels, T) in dB of power; targets are multi-hot (B, C). Which
-ones a stage uses, and how strongly, is its augmentation policy (`augment_policy`), read from the config.
+ones a stage uses, and how strongly, is its augmentation policy (`augment_policy`), read from the
+`StageSettings` it is given (`cfg.noisy`, `cfg.curated`).
 
 Mixing is done in the power domain (two sounds add as powers, not as dB values), with the partner's level set
 relative to the clip's own level, so "-6 dB" means what it means for the test mixtures:
 - UnionMix: add a partner clip at a random relative gain; the labels are the union (FAT2019 1st/3rd place).
 - ConcatMix: the clip up to a random cut, then the partner; the labels are the union (1st place).
-- BackgroundMix: add a partner far below the clip's level as background; the labels stay the clip's own.
-- LevelEQ: random overall gain, a spectral tilt and sometimes a low-pass: level and colour of a recording should
-  not decide its class.
 - FreqShift: the whole spectrum moved up or down by a few mel bands (a small pitch/formant shift): another
   speaker, another instrument sample bank.
 - TimeStretch: the crop played a little faster or slower: another tempo.
@@ -385,7 +386,7 @@ import torch
 import torchaudio
 from fastai.callback.core import Callback
 
-from .config import Config
+from .config import Config, StageSettings
 
 
 def spec_augment(x: torch.Tensor, n_time: int, time_width: int, n_freq: int, freq_width: int,
@@ -462,30 +463,6 @@ def concat_mix(x: torch.Tensor, y: torch.Tensor, p: float, gain_db: float):
     return x, y
 
 
-def background_mix(x: torch.Tensor, y: torch.Tensor, p: float, snr_lo: float, snr_hi: float):
-    """With probability p per item: add a partner as background, `snr` dB in [snr_lo, snr_hi] below the item's
-    level; the labels stay the item's own (a quiet other sound is background, not an event)."""
-    b = x.shape[0]
-    chosen = torch.rand(b, device=x.device) < p
-    j = partners(b, x.device)
-    shift = level_db(x) - level_db(x[j]) - uniform(b, snr_lo, snr_hi, x.device)
-    mixed = add_power(x, x[j] + shift.view(b, 1, 1, 1))
-    return torch.where(chosen.view(b, 1, 1, 1), mixed.to(x.dtype), x), y
-
-
-def level_eq(x: torch.Tensor, gain_db: float, tilt_db: float, lowpass_p: float) -> torch.Tensor:
-    """Per item: a gain in [-gain_db, gain_db], a linear spectral tilt of up to +-tilt_db from the lowest to the
-    highest band, and with probability lowpass_p a low-pass (12 dB per tenth of the bands above a random cutoff)."""
-    b, f = x.shape[0], x.shape[2]
-    band = torch.linspace(-0.5, 0.5, f, device=x.device)                                   # (F,)
-    change = uniform(b, -gain_db, gain_db, x.device)[:, None] + uniform(b, -tilt_db, tilt_db, x.device)[:, None] * band
-    cutoff = uniform(b, 0.0, 0.5, x.device)[:, None]
-    above = (band[None, :] - cutoff).clamp(min=0) * 120.0                                  # dB below the cutoff's level
-    lowpass = torch.rand(b, device=x.device)[:, None] < lowpass_p
-    change = change - torch.where(lowpass, above, torch.zeros_like(above))
-    return (x.float() + change.view(b, 1, f, 1)).to(x.dtype)
-
-
 def freq_shift(x: torch.Tensor, max_bands: int) -> torch.Tensor:
     """Per item: move the spectrum by a random whole number of mel bands in [-max_bands, max_bands]; the bands that
     come in at the edge repeat the edge band."""
@@ -544,16 +521,6 @@ class ConcatMix(BatchAugment):
     order, fn = 62, staticmethod(concat_mix)
 
 
-class BackgroundMix(BatchAugment):
-    """(p, snr_lo, snr_hi): a partner far below as background; labels kept."""
-    order, fn = 63, staticmethod(background_mix)
-
-
-class LevelEQ(BatchAugment):
-    """(gain_db, tilt_db, lowpass_p): after mixing, so the whole mixture is one recording with one level and colour."""
-    order, fn = 64, staticmethod(lambda x, y, *p: (level_eq(x, *p), y))
-
-
 class FreqShift(BatchAugment):
     """(max_bands,): a small shift of the whole spectrum along the mel axis."""
     order, fn = 65, staticmethod(lambda x, y, *p: (freq_shift(x, *p), y))
@@ -570,315 +537,70 @@ class SpecAugment(BatchAugment):
     order, fn = 70, staticmethod(lambda x, y, *p: (spec_augment(x, *p), y))
 
 
-def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
-    """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
-    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, time stretch, then
-    SpecAugment stripes."""
-    def value(name):
-        return getattr(cfg, f"{name}_{stage}")
-
+def augment_policy(cfg: Config, stage: StageSettings, fill: float) -> list[Callback]:
+    """The training-batch callbacks of a stage (`cfg.noisy`, `cfg.curated`, or whichever a step trains with), in the
+    order they act: mixing (mixup, union, concatenation), frequency shift, time stretch, then SpecAugment stripes;
+    `cfg` gives the settings both stages share (mixing gain, stripe widths)."""
     cbs: list[Callback] = []
-    if value("mixup") > 0:
-        cbs.append(Mixup(value("mixup")))
-    if value("union_mix") > 0:  # each round may add a partner, itself perhaps already mixed
-        cbs += [UnionMix(value("union_mix"), cfg.mix_gain_db) for _ in range(cfg.union_mix_rounds)]
-    if value("concat_mix") > 0:
-        cbs.append(ConcatMix(value("concat_mix"), cfg.mix_gain_db))
-    if value("background") > 0:
-        cbs.append(BackgroundMix(value("background"), cfg.background_snr_min, cfg.background_snr_max))
-    if value("level_eq"):
-        cbs.append(LevelEQ(cfg.level_gain_db, cfg.eq_tilt_db, cfg.lowpass_p))
-    if value("freq_shift") > 0:
-        cbs.append(FreqShift(value("freq_shift")))
-    if value("time_stretch") > 0:
-        cbs.append(TimeStretch(value("time_stretch")))
-    if value("specaug"):
+    if stage.mixup > 0:
+        cbs.append(Mixup(stage.mixup))
+    if stage.union_mix > 0:
+        cbs.append(UnionMix(stage.union_mix, cfg.mix_gain_db))
+    if stage.concat_mix > 0:
+        cbs.append(ConcatMix(stage.concat_mix, cfg.mix_gain_db))
+    if stage.freq_shift > 0:
+        cbs.append(FreqShift(stage.freq_shift))
+    if stage.time_stretch > 0:
+        cbs.append(TimeStretch(stage.time_stretch))
+    if stage.specaug:
         cbs.append(SpecAugment(cfg.time_masks, int(cfg.crop_frames * cfg.time_mask_frac), cfg.freq_masks,
                                int(cfg.n_mels * cfg.freq_mask_frac), fill))
     return sorted(cbs, key=lambda cb: cb.order)
 ''')
 
 _add('src/fattag/budget.py', r'''
-"""Time budget: measure what a training step and an inference window really cost here, then plan epochs.
+"""Budget: the run's time plan while it runs: what each stage may spend, when each must stop, and re-planning.
 
-Kaggle kills a kernel at its limit (FAT2019: 1 h on GPU) and DCASE 2019 teams were disqualified for running
-over. So the run measures its own speed on a few warmed-up batches and fits the preset's recipe into what is
-left of the budget, cutting in this order: the test pseudo-label round (it only gets time that the rest of the
-recipe leaves), epochs of both stages (proportionally, down to a floor), augmented TTA passes, the number of folds
-trained, and finally stage 1. During training the plan is redone from the measured epoch times, and a deadline
-guard stops training early so test inference always fits.
+It starts from the requested recipe (`Plan.requested`); once the throughput is measured (`start`) it plans with
+the cost model (cost.py), and after every stage it re-plans the work still to do from the seconds that stage really
+took, upward as well as downward: epochs and folds that were cut come back when the stages run faster than
+predicted, and go when they run slower. It never plans more than the requested recipe. Without a deadline every
+step gets the requested recipe and no deadline, so the steps never ask whether there is a budget.
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-import numpy as np
-import torch
-
-from .config import Config, top_up_size
-from .features import WindowDataset
-from .model import build_model, to_device
-from .precision import amp_dtype, autocast, grad_scaler
-
-OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
-MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
-MIN_EPOCHS_NOISY = 1
-SELECT_HOLDOUT = 0.1     # share of the curated clips that watch the selection scorer
-PSEUDO_STAGE = "pseudo-label round"  # its name in plans and timing tables
-
-
-@dataclass
-class Throughput:
-    train_s_per_clip: float     # forward + backward + optimiser step, per training crop
-    infer_s_per_window: float   # forward pass, per inference window
-    device: str
-
-    def describe(self) -> str:
-        return (f"{self.device}: training {1 / self.train_s_per_clip:.0f} clips/s, "
-                f"inference {1 / self.infer_s_per_window:.0f} windows/s")
-
-
-def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,
-                       runs: int = 4) -> Throughput:
-    """Time training steps and inference batches of the real model on random input of the crop size.
-
-    The first run of each warms up and is not used, unless the next would take the measurement past
-    `max_seconds` (a small share of the budget: a slow CPU step is then measured once, and the stages' measured
-    times correct the estimate later).
-    """
-    device = torch.device(device)
-    model = to_device(build_model(cfg, n_classes), device, cfg.channels_last)
-    bs = cfg.batch_size
-    x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
-    y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cuda = device.type == "cuda"
-    dtype = amp_dtype(cfg, device)  # as training and prediction run (stage_learner, predict_clips)
-    scaler = grad_scaler(device, dtype)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    spent = [0.0]
-
-    def train_step():
-        with autocast(device, dtype):
-            loss = loss_fn(model(x).float(), y)
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    def infer():
-        with torch.inference_mode(), autocast(device, dtype):
-            model(x)
-
-    def timed(fn, share: float) -> float:
-        times = []
-        while len(times) < runs:
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            spent[0] += times[-1]
-            if max_seconds and spent[0] + times[-1] > max_seconds * share:
-                break
-        return min(times[1:] or times)
-
-    model.train()
-    t_train = timed(train_step, 0.7) / bs
-    model.eval()
-    t_infer = timed(infer, 1.0) / bs
-    return Throughput(t_train, t_infer, str(device))
-
-
-@dataclass
-class Workload:
-    """Sizes the plan depends on, counted from the decoded stores."""
-    noisy_train: int            # stage-1 training clips (0 = no stage 1)
-    noisy_holdout_windows: int  # stage-1 validation windows per epoch
-    curated: int                # decodable curated clips
-    curated_windows: int        # whole-clip windows over all curated clips
-    test_windows: int           # whole-clip windows over all test clips
-    noisy_windows: int = 0      # whole-clip windows over all noisy clips (scored once by noisy-clip selection)
-    test_clips: int = 0         # decodable test clips (trained on in the pseudo-label round)
-
-
-@dataclass
-class Plan:
-    epochs_noisy: int
-    epochs_curated: int
-    folds_trained: int
-    tta_aug_passes: int
-    available_s: float
-    stages: list = field(default_factory=list)   # (stage name, planned seconds)
-    notes: list = field(default_factory=list)    # what was cut, and why
-    epochs_pseudo: int = 0                       # the test pseudo-label round, per fold model (pseudo.py)
-
-    @property
-    def total_s(self) -> float:
-        return sum(s for _, s in self.stages)
-
-    def table(self) -> str:
-        rows = [f"{'stage':<22}{'planned':>10}"]
-        rows += [f"{name:<22}{secs:>9.0f}s" for name, secs in self.stages]
-        rows.append(f"{'total':<22}{self.total_s:>9.0f}s  (available {self.available_s:.0f}s)")
-        head = (f"plan: stage 1 {self.epochs_noisy} epochs, stage 2 {self.epochs_curated} epochs x "
-                f"{self.folds_trained} folds, " + (f"{self.epochs_pseudo} pseudo-label epochs per fold, "
-                                                   if self.epochs_pseudo else "")
-                + f"{self.tta_aug_passes} augmented TTA passes")
-        return "\n".join([head, *rows, *self.notes])
-
-    def to_dict(self) -> dict:
-        return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
-                    epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained,
-                    tta_aug_passes=self.tta_aug_passes,
-                    available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
-                    stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
-
-
-def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: dict | None = None) -> dict:
-    """Seconds per unit of work, from the measured throughput (times `scale[kind]`, the measured/predicted ratio
-    of work already done): a stage-1 epoch, a fold epoch, one fold's OOF predictions, one model's test TTA, and for
-    the pseudo-label round one model's labelling pass over the test clips and one of its epochs."""
-    k = cfg.folds
-    infer = tp.infer_s_per_window * OVERHEAD
-    train = tp.train_s_per_clip * OVERHEAD
-    per_fold_windows = w.curated_windows / k
-    share = cfg.noisy_share_curated if w.noisy_train else 0.0   # stage-2 batches topped up with noisy clips
-    selecting = cfg.select_noisy and w.noisy_train > 0
-    fold_train = w.curated * (k - 1) / k / (1 - share)   # a fold's training clips, noisy top-up included
-    stage1_share = cfg.curated_share_noisy if w.noisy_train else 0.0   # stage-1 batches topped up with curated clips
-    stage1_train = w.noisy_train + top_up_size(w.noisy_train, stage1_share, w.curated)
-    base = dict(
-        noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
-        fold_epoch=fold_train * train + per_fold_windows * infer,
-        pseudo_epoch=(fold_train + w.test_clips) * train + per_fold_windows * infer,
-        teacher_predict=w.test_windows * infer,
-        oof_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer,   # centre crop + windows (+ passes)
-        test_predict=w.test_windows * (1 + passes + cfg.adapt_bn) * infer,   # AdaBN: one more pass per model
-        # noisy-clip selection: a scorer trained on the curated clips, then one pass over every noisy clip
-        select=(cfg.select_epochs * (w.curated * train + w.curated_windows * SELECT_HOLDOUT * infer)
-                + w.noisy_windows * infer) if selecting else 0.0,
-    )
-    scale = dict(scale or {})
-    default = _geomean(list(scale.values())) if scale else 1.0
-    if "oof_predict" in scale:   # test TTA is the same kind of work as OOF prediction: windows through the model
-        scale.setdefault("test_predict", scale["oof_predict"])
-    return {kind: secs * scale.get(kind, default) for kind, secs in base.items()}
-
-
-def _geomean(values: list) -> float:
-    return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
-
-
-def fold_s(c: dict, epochs: int, pseudo: int = 0) -> float:
-    """One fold: its epochs, its OOF predictions, its model's share of test TTA and of the pseudo-label round."""
-    return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"] + pseudo_s(c, pseudo)
-
-
-def pseudo_s(c: dict, epochs: int) -> float:
-    """One model's part of the pseudo-label round: labelling the test clips, then `epochs` epochs (0: no round)."""
-    return c["teacher_predict"] + epochs * c["pseudo_epoch"] if epochs > 0 else 0.0
-
-
-def fit_pseudo(requested: int, total_with, available_s: float | None) -> int:
-    """The most pseudo-label epochs (up to `requested`) with which `total_with(epochs)`, the whole recipe's time, fits
-    `available_s`; 0 when the recipe does not fit even without the round. The round is cut first: on realdev it
-    gained less under the budget than the stage epochs it would have taken."""
-    if available_s is None or requested <= 0:
-        return max(requested, 0)
-    return next((p for p in range(requested, 0, -1) if total_with(p) <= available_s), 0)
-
-
-def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None, min_folds: int = 1):
-    """Cut (e1, e2, folds, passes) until total(e1, e2, folds, passes) <= available_s, in this order: both stages'
-    epochs in proportion (down to their floors), augmented TTA passes, folds (down to `min_folds`: a run trains at
-    least one, a re-plan after a trained fold may add none), then stage 1. Returns the cut values and notes saying
-    what was cut."""
-    notes = []
-    if available_s is None or total(e1, e2, folds, passes) <= available_s:
-        return e1, e2, folds, passes, notes
-
-    def fits(a, b, f, p):
-        return total(a, b, f, p) <= available_s
-
-    lo, hi = 0.0, 1.0  # the largest common scale of both stages' epochs that fits, above their floors
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(_scaled(e1, mid, MIN_EPOCHS_NOISY), _scaled(e2, mid, MIN_EPOCHS_CURATED),
-                                   folds, passes) else (lo, mid)
-    a, b = _scaled(e1, lo, MIN_EPOCHS_NOISY), _scaled(e2, lo, MIN_EPOCHS_CURATED)
-    if fits(a, b, folds, passes):
-        notes.append(f"epochs cut to fit the budget: stage 1 {e1} -> {a}, stage 2 {e2} -> {b}")
-        return a, b, folds, passes, notes
-    requested_folds = folds
-    e1, e2 = _scaled(e1, 0, MIN_EPOCHS_NOISY), min(e2, MIN_EPOCHS_CURATED)
-    if passes and not fits(e1, e2, folds, passes):
-        notes.append(f"augmented TTA passes cut {passes} -> 0")
-        passes = 0
-    while folds > min_folds and not fits(e1, e2, folds, passes):
-        folds -= 1
-    if folds == 0:
-        notes.append("no time for another fold at its floor")
-    elif folds < requested_folds:
-        notes.append(f"only {folds} of {requested_folds} folds fit the budget (the others are not trained)")
-    if e1 and not fits(e1, e2, folds, passes):
-        notes.append("stage 1 dropped: it does not fit the budget")
-        e1 = 0
-    notes.append(f"epochs at their floor: stage 1 {e1}, stage 2 {e2}")
-    if not fits(e1, e2, folds, passes):
-        notes.append("WARNING: even the smallest plan exceeds the budget; the deadline guard will stop training early")
-    return e1, e2, folds, passes, notes
-
-
-def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None,
-             scale: dict | None = None) -> Plan:
-    """Fit the preset's epochs, TTA passes and folds into `available_s` seconds (None: no budget, no cuts)."""
-    def total_with(ep):
-        def total(e1, e2, folds, passes):
-            c = stage_costs(cfg, w, tp, passes, scale)
-            return c["select"] + e1 * c["noisy_epoch"] + folds * fold_s(c, e2, ep)
-        return total
-
-    e1 = cfg.epochs_noisy if w.noisy_train else 0
-    recipe = (e1, cfg.epochs_curated, cfg.folds, cfg.tta_aug_passes)
-    ep = fit_pseudo(cfg.pseudo_epochs, lambda p: total_with(p)(*recipe), available_s)
-    e1, e2, folds, passes, notes = fit_recipe(*recipe, total_with(ep), available_s)
-    if ep < cfg.pseudo_epochs:
-        notes.insert(0, f"pseudo-label round cut to fit the budget: {cfg.pseudo_epochs} -> {ep} epochs")
-    c = stage_costs(cfg, w, tp, passes, scale)
-    stages = [("select noisy clips", c["select"])] if c["select"] and e1 else []
-    stages += [("stage 1 (noisy)", e1 * c["noisy_epoch"])] if e1 else []
-    stages += [(f"fold {k}", fold_s(c, e2)) for k in range(folds)]
-    stages += [(PSEUDO_STAGE, folds * pseudo_s(c, ep))] if ep else []
-    return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, stages, notes, ep)
-
-
-def _scaled(epochs: int, scale: float, floor: int) -> int:
-    if epochs <= 0:
-        return 0
-    return max(min(floor, epochs), int(math.floor(epochs * scale)))
+from .config import Config
+from .cost import MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, stage_costs
+from .throughput import Throughput
+from .train import holdout_size
 
 
 class Budget:
-    """The run's time plan in one place: what stage 1 and each fold may spend, and when each must stop.
+    """The plan of one run, from the requested recipe and a deadline (a wall-clock time, or None: no budget)."""
 
-    It starts from a plan made with the measured throughput, and after every stage it re-plans the work still to
-    do from the seconds that stage really took, upward as well as downward: epochs and folds that were cut come
-    back when the stages run faster than predicted, and go when they run slower. It never plans more than the
-    requested recipe (the preset, with any --set). Without a deadline nothing is ever cut.
-    """
-
-    def __init__(self, requested: Config, workload: Workload, tp: Throughput, deadline: float | None):
-        self.requested, self.workload, self.tp, self.deadline = requested, workload, tp, deadline
+    def __init__(self, requested: Config, deadline: float | None = None):
+        self.requested, self.deadline = requested, deadline
+        self.workload = Workload(0, 0, 0, 0, 0)
+        self.tp = Throughput(0.0, 0.0, "not measured")
         self.scale: dict = {}               # measured / predicted seconds, per kind of work done so far
         self.folds_done = 0
-        self.plan = plan_run(requested, workload, tp, self.remaining())
-        self.first_plan = self.plan
+        self.plan = self.first_plan = Plan.requested(requested)
+
+    def start(self, workload: Workload, tp: Throughput) -> Plan:
+        """The first plan: the requested recipe priced with the measured throughput, cut to the time left."""
+        self.workload, self.tp = workload, tp
+        self.plan = self.first_plan = plan_run(self.requested, workload, tp, self.remaining())
+        return self.plan
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()
+
+    def planned(self, stage: str) -> float | None:
+        """The seconds the plan gives a stage (None: not planned)."""
+        return dict(self.plan.stages).get(stage)
 
     def costs(self, passes: int | None = None) -> dict:
         passes = self.plan.tta_aug_passes if passes is None else passes
@@ -889,6 +611,9 @@ class Budget:
         predicted = stage_costs(self.requested, self.workload, self.tp, self.plan.tta_aug_passes)[kind] * units
         if units > 0 and predicted > 0 and seconds > 0:
             self.scale[kind] = seconds / predicted
+
+    def _note(self, text: str, **changes) -> None:
+        self.plan = replace(self.plan, notes=(*self.plan.notes, text), **changes)
 
     def stage1_deadline(self) -> float | None:
         """Stage 1 must stop in time to leave the planned folds their planned time."""
@@ -903,13 +628,15 @@ class Budget:
             return None
         return self.stage1_deadline() - self.plan.epochs_noisy * self.costs()["noisy_epoch"]
 
-    def noisy_kept(self, n_train: int) -> None:
-        """Stage 1 trains on fewer noisy clips than counted (selection kept `n_train`): its epochs cost less."""
-        self.workload = replace(self.workload, noisy_train=n_train)
+    def noisy_kept(self, n_kept: int) -> None:
+        """Selection kept `n_kept` noisy clips: stage 1 trains on fewer than counted, and its epochs cost less."""
+        hold = holdout_size(n_kept, self.requested.noisy_holdout)
+        self.workload = replace(self.workload, noisy_train=n_kept - hold, noisy_clips=n_kept)
 
     def epochs_for(self, k: int) -> int:
         """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k)."""
-        self.plan = self._replan_folds(k)
+        self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, k, self.folds_done,
+                                 self.remaining())
         return self.plan.epochs_curated if k < self.plan.folds_trained else 0
 
     def fold_deadline(self, k: int) -> float | None:
@@ -925,29 +652,6 @@ class Budget:
     def fold_done(self, k: int) -> None:
         self.folds_done = k + 1
 
-    def _replan_folds(self, k: int) -> Plan:
-        """The folds from k on, fitted into the time left after test TTA for the k folds already trained."""
-        req = self.requested
-
-        def total_with(ep):
-            def total(e1, e2, folds, passes):  # the folds trained so far still need their test TTA and pseudo round
-                c = self.costs(passes)
-                return self.folds_done * (c["test_predict"] + pseudo_s(c, ep)) + folds * fold_s(c, e2, ep)
-            return total
-
-        recipe = (0, req.epochs_curated, req.folds - k, req.tta_aug_passes)
-        ep = fit_pseudo(req.pseudo_epochs, lambda p: total_with(p)(*recipe), self.remaining())
-        _, e2, n, passes, notes = fit_recipe(*recipe, total_with(ep), self.remaining(), min_folds=1 if k == 0 else 0)
-        c = self.costs(passes)
-        kept = [(name, secs) for name, secs in self.plan.stages if not name.startswith("fold") and name != PSEUDO_STAGE]
-        done = [(f"fold {j}", secs) for j, (name, secs) in enumerate(
-            [st for st in self.plan.stages if st[0].startswith("fold")]) if j < k]
-        stages = kept + done + [(f"fold {j}", fold_s(c, e2)) for j in range(k, k + n)]
-        stages += [(PSEUDO_STAGE, (k + n) * pseudo_s(c, ep))] if ep else []
-        return Plan(self.plan.epochs_noisy, e2, k + n, passes, self.plan.available_s, stages, self.plan.notes + [
-            f"re-planned before fold {k} from measured times: {n} more fold(s) of {e2} epochs"
-            + (f" ({'; '.join(notes)})" if notes else "")], ep)
-
     def pseudo_epochs(self, n_models: int) -> int:
         """Epochs of the pseudo-label round for each of `n_models` fold models, decided when stage 2 is over: the
         plan's, fewer when they no longer fit before the plain test pass, more (up to the requested number) when
@@ -960,9 +664,8 @@ class Budget:
         epochs = fit_pseudo(self.requested.pseudo_epochs, lambda p: n_models * (c["test_predict"] + pseudo_s(c, p)),
                             self.remaining())
         if epochs != planned:
-            self.plan.notes.append(f"pseudo-label round: {epochs} epochs per model (planned {planned}) fit the time "
-                                   "left")
-        self.plan.epochs_pseudo = epochs
+            self._note(f"pseudo-label round: {epochs} epochs per model (planned {planned}) fit the time left",
+                       epochs_pseudo=epochs)
         return epochs
 
     def pseudo_deadline(self, k: int, n_models: int) -> float | None:
@@ -982,28 +685,9 @@ class Budget:
         fit = int(self.remaining() // max(per_pass, 1e-9)) - 2   # the plain pass, and one spare for the estimate
         passes = max(0, min(fit, max(planned, self.requested.tta_fill_passes)))
         if passes != planned:
-            self.plan.notes.append(f"test TTA: {passes} augmented passes (planned {planned}) fit the time left")
-        self.plan.tta_aug_passes = passes
+            self._note(f"test TTA: {passes} augmented passes (planned {planned}) fit the time left",
+                       tta_aug_passes=passes)
         return passes
-
-
-def apply_plan(cfg: Config, plan: Plan, **more) -> Config:
-    """The config with the plan's epochs and TTA passes (and any `more` values): what the run actually uses."""
-    return replace(cfg, **{**dict(epochs_noisy=plan.epochs_noisy, epochs_curated=plan.epochs_curated,
-                                  pseudo_epochs=plan.epochs_pseudo, tta_aug_passes=plan.tta_aug_passes), **more})
-
-
-def count_workload(cfg: Config, noisy, curated, test) -> Workload:
-    """Clips and windows of each stage, from the decoded stores (noisy may be None)."""
-    def windows(store, idx):
-        return len(WindowDataset(store, idx, cfg.crop_frames, cfg.tta_step_frac)) if len(idx) else 0
-
-    noisy_ok = np.flatnonzero(noisy.ok) if noisy is not None else np.array([], dtype=int)
-    n_hold = max(1, int(round(len(noisy_ok) * cfg.noisy_holdout))) if len(noisy_ok) else 0
-    return Workload(noisy_train=len(noisy_ok) - n_hold, noisy_holdout_windows=windows(noisy, noisy_ok[:n_hold]),
-                    curated=int(curated.ok.sum()), curated_windows=windows(curated, np.flatnonzero(curated.ok)),
-                    test_windows=windows(test, np.flatnonzero(test.ok)), test_clips=int(test.ok.sum()),
-                    noisy_windows=windows(noisy, noisy_ok) if cfg.select_noisy else 0)
 ''')
 
 _add('src/fattag/callbacks.py', r'''
@@ -1030,11 +714,17 @@ log = logging.getLogger("fattag")
 
 class StageCallback(Callback):
     """Base of the per-epoch callbacks. A resumed stage replays its finished epochs (fastai's `start_epoch` skips
-    their batches but still runs `after_epoch`); those must not be scored, checkpointed or logged again."""
+    their batches but still runs `after_epoch`); those must not be scored, checkpointed or logged again, so a
+    subclass's `after_epoch` does not run for them (as fastai's `run` flag switches a callback off)."""
 
     @property
     def replayed(self) -> bool:
         return self.epoch < getattr(self.learn, "resume_epoch", 0)
+
+    def __call__(self, event_name):
+        if event_name == "after_epoch" and self.replayed:
+            return None
+        return super().__call__(event_name)
 
     def epoch_values(self) -> dict:
         """This epoch's recorded values by name: train_loss, valid_loss, lwlrap."""
@@ -1051,8 +741,6 @@ class NanGuard(StageCallback):
         self.nan_epochs = 0
 
     def after_epoch(self):
-        if self.replayed:
-            return
         v = self.epoch_values()
         if not all(x is not None and np.isfinite(x) for x in (v.get("train_loss"), v.get("lwlrap"))):
             self.nan_epochs += 1
@@ -1073,8 +761,6 @@ class KeepBest(StageCallback, TrackerCallback):
 
     def after_epoch(self):
         self.new_best = False
-        if self.replayed:
-            return
         super().after_epoch()
         if self.new_best:
             self.best, self.best_epoch, self.best_state = float(self.best), self.epoch, cpu_state(self.model)
@@ -1122,8 +808,6 @@ class EpochCheckpoint(StageCallback):
         self.stage_dir, self.keep, self.epochs, self.history = stage_dir, keep, epochs, history
 
     def after_epoch(self):
-        if self.replayed:
-            return
         self.history.append({"epoch": self.epoch + 1, **self.epoch_values()})
         state = Resume(self.epoch + 1, self.epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
                        self.history)
@@ -1143,8 +827,6 @@ class EpochLog(StageCallback):
         self.t0 = time.time()
 
     def after_epoch(self):
-        if self.replayed:
-            return
         shown = "  ".join(f"{n} {v:.4f}" for n, v in self.epoch_values().items() if v is not None)
         log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, self.n_epoch, shown, time.time() - self.t0)
 
@@ -1161,7 +843,7 @@ class Deadline(StageCallback):
         self.t0 = time.time()
 
     def after_epoch(self):
-        if self.replayed or not self.deadline:
+        if not self.deadline:
             return
         now = time.time()
         if now + (now - self.t0) > self.deadline:
@@ -1177,7 +859,7 @@ finished epoch), `best.pth` (the best epoch's weights) and `progress.json`; when
 weights + the metadata prediction needs) and `history.csv`, and the resume files go. Every file is written to a
 temporary name and renamed, so a kill never leaves a half-written file that a restart would read.
 
-Both files also record the stage's recipe (`Config.recipe_dict` plus the data dir): a later run in the same work dir
+Both files also record the stage's recipe (`weights.stage_recipe`): a later run in the same work dir
 reuses or resumes a stage only when its own recipe is the same, and trains it again (with a warning naming the
 differences) when it is not, so changed settings never silently come back with old weights.
 """
@@ -1192,6 +874,8 @@ from typing import Callable
 
 import pandas as pd
 import torch
+
+from .config import upgrade_settings
 
 log = logging.getLogger("fattag")
 
@@ -1229,12 +913,6 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     return ckpt["meta"], ckpt["state_dict"]
 
 
-def update_meta(path, **changes) -> None:
-    """Rewrite a model.pth with some metadata changed (e.g. the inference settings the run ended up using)."""
-    meta, state = load_checkpoint(path)
-    atomic_torch_save({"meta": {**meta, **changes}, "state_dict": state}, path)
-
-
 @dataclass
 class Resume:
     """Where an interrupted stage stopped: continue after `epochs_done` of `epochs`, with its best so far."""
@@ -1259,10 +937,11 @@ class StageDir:
         self.progress_file = self.path / "progress.json"
 
     def same_recipe(self, saved: dict | None, what: str) -> bool:
-        """True when `saved` (the recipe stored with `what`) is this run's; else a warning that names the changes."""
+        """True when `saved` (the recipe stored with `what`, under today's setting names) is this run's; else a
+        warning that names the changes."""
+        saved = upgrade_settings(saved or {})
         if saved == self.recipe:
             return True
-        saved = saved or {}
         changed = sorted(k for k in set(saved) | set(self.recipe) if saved.get(k) != self.recipe.get(k))
         shown = ", ".join(f"{k} {saved.get(k, '?')!r} -> {self.recipe.get(k, '?')!r}" for k in changed[:6])
         log.warning("%s: the saved %s was trained with other settings (%s%s); training it again", self.path.name,
@@ -1336,7 +1015,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
           python src/run.py                                  # demo dataset, demo preset, CPU, a few minutes
           python src/run.py --data-dir /data/fat2019 --preset kaggle-1h --work-dir runs/full
           python src/run.py --data-dir /data/small --preset cpu  # real recordings, no GPU: under 10 minutes
-          python src/run.py --set epochs_curated=5 --set arch=xresnet34
+          python src/run.py --set curated.epochs=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
         """).format(presets=_preset_lines())
@@ -1365,7 +1044,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="predict mode: folder with fold*/model.pth from a training run (e.g. an attached "
                         "Kaggle dataset)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
-                   help="override one config value, e.g. --set epochs_curated=10 (repeatable)")
+                   help="override one setting, e.g. --set curated.epochs=10 or --set arch=xresnet34 (repeatable; "
+                        "docs/settings.md lists every setting)")
     if defaults:
         p.set_defaults(**defaults)
     return p
@@ -1379,94 +1059,82 @@ __all__ = ["build_parser", "parse_args", "parse_duration"]
 ''')
 
 _add('src/fattag/config.py', r'''
-"""All tunable values in one place: a flat `Config` dataclass and named presets that override it.
+"""Every setting in one place: `Config`, with one `StageSettings` per training stage, and named presets.
 
-A preset is a plain dict of field -> value. The command line can override any field with
-`--set name=value`, so no value needs a code edit. Derived quantities (frames per crop, ...) are
-properties, never stored twice.
+Each field's comment is its documentation: `docs/settings.md` is generated from them (`docs/settings_page.py`).
+A preset is a plain dict of setting -> value; a stage's setting is named `noisy.x` (stage 1) or `curated.x`
+(stage 2). The command line overrides any setting with `--set name=value` (`--set curated.union_mix=0.5`), so no
+value needs a code edit. Derived quantities (frames per crop, ...) are properties, never stored twice.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 KAGGLE_DATA_DIR = "/kaggle/input/freesound-audio-tagging-2019"
 KAGGLE_WORK_DIR = "/kaggle/working"
+STAGES = ("noisy", "curated")  # stage 1 trains on the noisy set, stage 2 on each curated fold
+
+
+@dataclass
+class StageSettings:
+    """What differs between stage 1 (`cfg.noisy`) and stage 2 (`cfg.curated`): schedule, loss and augmentation."""
+    epochs: int = 30              # one-cycle epochs (stage 1: 0 skips it; stage 2: per fold)
+    lr: float = 2e-3              # one-cycle peak learning rate
+    loss: str = "bce"             # bce, focal, lsep or lsoft (losses.py)
+    top_up: float = 0.0           # share of training items from the other set (stage 1: curated, at most all; 2: noisy)
+    mixup: float = 0.0            # mixup alpha (0 = off)
+    specaug: bool = True          # SpecAugment time and frequency stripes
+    union_mix: float = 0.0        # share of items mixed with a partner, labels = the union (0 = off)
+    concat_mix: float = 0.0       # share of items whose crop ends with a partner's frames, labels = the union
+    freq_shift: int = 0           # largest shift of the spectrum, in mel bands, per item (0 = off)
+    time_stretch: float = 0.0     # per item, crop tempo times a factor in [1/(1+s), 1+s] (0 = off)
 
 
 @dataclass
 class Config:
     # --- audio and log-mel features (seed / 1st place values for FAT2019) ---
     sample_rate: int = 44100      # every clip is resampled to this rate
-    n_fft: int = 2560
-    win_length: int = 1024
-    hop_length: int = 690         # ~64 frames per second at 44.1 kHz
-    n_mels: int = 128
-    f_min: float = 20.0
-    f_max: float = 20000.0
-    top_db: float = 60.0
+    n_fft: int = 2560             # FFT size of the log-mel
+    win_length: int = 1024        # STFT window, in samples
+    hop_length: int = 690         # STFT hop, in samples: ~64 frames per second at 44.1 kHz
+    n_mels: int = 128             # mel bands
+    f_min: float = 20.0           # lowest mel frequency, Hz
+    f_max: float = 20000.0        # highest mel frequency, Hz
+    top_db: float = 60.0          # log-mel floor, dB below the clip's peak
     trim_silence: bool = True     # cut leading/trailing audio quieter than trim_db below the clip's peak
-    trim_db: float = 60.0
+    trim_db: float = 60.0         # level below the peak that counts as silence, dB
     crop_seconds: float = 4.0     # training crop and inference window (256 frames at 44.1 kHz / hop 690)
 
     # --- model (fastai xresnet family) ---
     arch: str = "xresnet18"       # xresnet18/34/50, or xresnet_tiny / xresnet_small for CPU runs
-    self_attention: bool = True
-    mish: bool = True
-    dropout: float = 0.2
-    input_norm: str = "global"    # channels: global (mean/std), band (band median off), pcen; "+"-joined; both
+    self_attention: bool = True   # fastai's simple self-attention in the residual blocks
+    mish: bool = True             # Mish activations (else ReLU)
+    dropout: float = 0.2          # dropout before the classifier
+    input_norm: str = "global"    # input channels: global (mean/std), band (median off), pcen; "+"-joined; both
     pool: str = "avg"             # avg: global average; freqmean_timemax: mean over frequency, mean + max over time
 
-    # --- training ---
-    folds: int = 5
-    batch_size: int = 64
-    lr_noisy: float = 3e-3
-    lr_curated: float = 2e-3
-    wd: float = 1e-2
+    # --- training, both stages ---
+    folds: int = 5                # curated folds K: one stage-2 model each
+    batch_size: int = 64          # training batch (inference batches are twice this)
+    wd: float = 1e-2              # weight decay
     average_epochs: float = 0.0   # weight averaging: EMA of the weights over about this many epochs (0 = off)
-    epochs_noisy: int = 12        # stage 1 (0 skips it)
-    epochs_curated: int = 30      # stage 2, per fold
+    noisy: StageSettings = field(default_factory=lambda: StageSettings(epochs=12, lr=3e-3))  # stage 1
+    curated: StageSettings = field(default_factory=lambda: StageSettings(epochs=30, lr=2e-3, mixup=0.4))  # stage 2
     noisy_holdout: float = 0.05   # share of the noisy set used to watch stage 1 (its labels are noisy too)
     select_noisy: bool = False    # before stage 1: score the noisy clips with a curated-trained model, keep agreeing
-    select_epochs: int = 10       # epochs of that scorer (on the curated clips, from scratch)
+    select_epochs: int = 10       # epochs of that scorer (on the curated clips, from scratch, stage 2's augmentation)
     select_margin: int = 1        # a clip agrees when each of its n labels ranks in the model's top n + margin
-    noisy_share_curated: float = 0.0  # share of stage-2 training items drawn from the (kept) noisy clips
-    curated_share_noisy: float = 0.0  # share of stage-1 training items drawn from the curated clips (at most all)
     pseudo_epochs: int = 0        # test pseudo-labels: epochs of each fold model on its clips + the labelled test clips
     pseudo_threshold: float = 0.5  # a test clip's pseudo-labels: the ensemble's top class, plus classes scored >= this
-    pseudo_soft: bool = False     # every other class keeps the ensemble's probability as its target (else 0)
-    lr_pseudo: float = 1e-3
-    loss_noisy: str = "bce"       # per stage: bce, focal, lsep or lsoft (see losses.py)
-    loss_curated: str = "bce"
-    mixup_noisy: float = 0.0      # mixup alpha per stage (0 = off)
-    mixup_curated: float = 0.4
-    specaug_noisy: bool = True
-    specaug_curated: bool = True
-    union_mix_noisy: float = 0.0  # share of training items mixed with a partner, labels = union (0 = off)
-    union_mix_curated: float = 0.0
-    union_mix_rounds: int = 1     # union mixing applied this many times (2: up to 4 sounds in a crop, often 3)
-    concat_mix_noisy: float = 0.0  # share of items whose crop ends with a partner's frames, labels = union
-    concat_mix_curated: float = 0.0
-    mix_gain_db: float = 6.0      # partner level relative to the item, uniform in +-this (union and concat)
-    background_noisy: float = 0.0  # share of items with a partner added far below as background (labels kept)
-    background_curated: float = 0.0
-    background_snr_min: float = 10.0  # background this many dB below the item, uniform in [min, max]
-    background_snr_max: float = 25.0
-    level_eq_noisy: bool = False  # random gain, spectral tilt and low-pass per item
-    level_eq_curated: bool = False
-    freq_shift_noisy: int = 0     # largest shift of the spectrum, in mel bands, per item (0 = off)
-    freq_shift_curated: int = 0
-    time_stretch_noisy: float = 0.0  # per item, crop tempo times a factor in [1/(1+s), 1+s] (0 = off)
-    time_stretch_curated: float = 0.0
-    level_gain_db: float = 10.0
-    eq_tilt_db: float = 10.0
-    lowpass_p: float = 0.25
-    time_masks: int = 2
-    time_mask_frac: float = 0.1   # widest time mask, as a share of the crop
-    freq_masks: int = 2
-    freq_mask_frac: float = 0.1   # widest frequency mask, as a share of the mel bands
-    num_workers: int = 0
+    lr_pseudo: float = 1e-3       # peak learning rate of the pseudo-label epochs (stage 2's augmentation)
+    mix_gain_db: float = 6.0      # partner level relative to the item, uniform in +-this (union and concat mixing)
+    time_masks: int = 2           # SpecAugment time stripes per item
+    time_mask_frac: float = 0.1   # widest time stripe, as a share of the crop
+    freq_masks: int = 2           # SpecAugment frequency stripes per item
+    freq_mask_frac: float = 0.1   # widest frequency stripe, as a share of the mel bands
+    num_workers: int = 0          # DataLoader worker processes (0: in the main process)
     channels_last: bool = True    # on the CPU, the model in channels-last memory layout (faster there; CUDA keeps its)
     amp: str = "auto"             # mixed precision: auto (float16 on CUDA, float32 on CPU), fp16, bf16 or off
 
@@ -1474,20 +1142,20 @@ class Config:
     tta_step_frac: float = 0.5    # window step as a share of the window (0.5 = half-overlapping windows)
     tta_aggregate: str = "meanmax"  # per clip over windows: mean, max, or meanmax (their average)
     tta_aug_passes: int = 0       # extra passes with light SpecAugment over the windows
-    fold_ensemble: str = "mean"   # arithmetic "mean" or "geomean" over folds
-    adapt_bn: bool = False        # before predicting the test set, re-estimate batch-norm statistics on its windows
+    fold_ensemble: str = "mean"   # over folds: arithmetic "mean" or "geomean"
     class_balance: bool = False   # divide each class's test scores by their mean over the test set (predict.py)
     tta_fill_passes: int = 4      # with a time budget, time left at the end buys up to this many augmented passes
 
     # --- run control ---
-    seed: int = 42
-    time_budget: float = 0.0      # seconds for the whole run; 0 = no budget
+    seed: int = 42                # folds, crops, augmentation and initial weights
+    time_budget: float = 0.0      # seconds for the whole run, from process start (55m, 1h also read); 0 = no budget
     safety_margin: float = 0.08   # share of the budget kept free
 
     def __post_init__(self):
-        for name in SHARE_KEYS:   # a share of 1 would leave no item of the stage's own set (and divide by zero)
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be at least 0 and below 1, got {getattr(self, name)!r}")
+        for stage in STAGES:   # a share of 1 would leave no item of the stage's own set (and divide by zero)
+            share = getattr(self, stage).top_up
+            if not 0.0 <= share < 1.0:
+                raise ValueError(f"{stage}.top_up must be at least 0 and below 1, got {share!r}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"unknown amp {self.amp!r}: {', '.join(AMP_CHOICES)}")
 
@@ -1498,92 +1166,79 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def feature_dict(self) -> dict:
-        """The values a trained model's input depends on: weights are only valid with the same ones."""
-        return {k: getattr(self, k) for k in FEATURE_KEYS}
-
-    def recipe_dict(self) -> dict:
-        """The values a stage's weights depend on: saved stages are reused only by a run with the same ones."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_RECIPE_KEYS}
-
-    def inference_dict(self) -> dict:
-        """How test clips are predicted: may differ between training and a later predict-only run."""
-        return {k: getattr(self, k) for k in INFERENCE_KEYS}
+    def flat_dict(self) -> dict:
+        """Every setting by its --set name: {'arch': ..., 'noisy.lr': ..., 'curated.lr': ...}."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, StageSettings):
+                out.update({f"{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            else:
+                out[f.name] = value
+        return out
 
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")  # precision.amp_dtype says what each means on which device
 
-# Shares of a stage's training items drawn from the other set (train.top_up): each in [0, 1).
-SHARE_KEYS = ("noisy_share_curated", "curated_share_noisy")
-
 
 def top_up_size(n_base: int, share: float, available: int) -> int:
     """How many clips of the other set make them `share` of a training set of `n_base` clips, at most `available`:
-    what train.top_up draws and what the budget prices."""
+    what train.top_up draws and what the cost model prices, for both stages."""
     return min(available, int(round(n_base * share / (1 - share))))
 
 
-# Groups of settings that a checkpoint records (see model.model_meta and predict.prediction_config).
-FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
-                "trim_silence", "trim_db", "crop_seconds")
-MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
-INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "adapt_bn", "class_balance",
-                  "batch_size")
-# Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
-# resumed stage keeps its own), the budget, workers, the CPU memory layout and mixed precision (float rounding only,
-# like the device itself), how test clips are predicted, and the pseudo-label round's settings (that round records
-# them in its own recipe, pseudo.py). Every other value is part of the recipe that a work dir's saved stages must
-# match before a later run reuses them.
-NOT_RECIPE_KEYS = ("epochs_noisy", "epochs_curated", "pseudo_epochs", "pseudo_threshold", "pseudo_soft", "lr_pseudo",
-                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last", "amp",
-                   *(k for k in INFERENCE_KEYS if k != "batch_size"))
-
-
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.
-_DEMO = dict(
-    sample_rate=16000, n_fft=512, win_length=400, hop_length=250, n_mels=48,  # 64 frames/s, as at 44.1k/690
-    f_min=20.0, f_max=8000.0, crop_seconds=2.0,
-    arch="xresnet_tiny", self_attention=False, mish=False, dropout=0.1,
-    folds=3, batch_size=32, lr_noisy=4e-3, lr_curated=3e-3,
-    epochs_noisy=12, epochs_curated=30, mixup_curated=0.2,
-)
-# What won on real recordings (realdev, README): union mixing in both stages, stage-2 batches half noisy, the
-# log-mel as three input channels (global, per-band and PCEN normalised), test scores balanced per class, and a
-# test pseudo-label round (pseudo.py) in whatever time the rest of the recipe leaves in the budget.
-_REAL_DATA_RECIPE = dict(union_mix_noisy=0.5, union_mix_curated=0.5, noisy_share_curated=0.5,
-                         input_norm="global+band+pcen", class_balance=True, pseudo_epochs=10)
+_DEMO = {
+    "sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 250, "n_mels": 48,  # 64 frames/s
+    "f_min": 20.0, "f_max": 8000.0, "crop_seconds": 2.0,
+    "arch": "xresnet_tiny", "self_attention": False, "mish": False, "dropout": 0.1,
+    "folds": 3, "batch_size": 32, "noisy.lr": 4e-3, "curated.lr": 3e-3,
+    "noisy.epochs": 12, "curated.epochs": 30, "curated.mixup": 0.2,
+}
+# What won on real recordings (realdev, docs/ablation.md): union mixing in both stages, stage-2 batches half noisy,
+# the log-mel as three input channels (global, per-band and PCEN normalised), test scores balanced per class, and
+# a test pseudo-label round (pseudo.py) in whatever time the rest of the recipe leaves in the budget.
+_REAL_DATA_RECIPE = {"noisy.union_mix": 0.5, "curated.union_mix": 0.5, "curated.top_up": 0.5,
+                     "input_norm": "global+band+pcen", "class_balance": True, "pseudo_epochs": 10}
 
 PRESETS: dict[str, dict] = {
     "demo": _DEMO,
     # Real recordings without a GPU (the default on real data when there is no CUDA): a dataset of ~1,500 clips,
     # 1-2 h of audio and ~20 classes trains and predicts in under 10 minutes on 2 CPU cores. The demo preset plus
-    # the changes measured on the realdev sets (README's ablation): the real-data recipe, a small xresnet and a
+    # the changes measured on the realdev sets (docs/ablation.md): the real-data recipe, a small xresnet and a
     # longer stage 1; the budget keeps a slower machine inside the 10 minutes (the pseudo-label round goes first).
-    "cpu": {**_DEMO, **_REAL_DATA_RECIPE, "arch": "xresnet_small", "epochs_noisy": 30, "time_budget": 570.0},
+    "cpu": {**_DEMO, **_REAL_DATA_RECIPE, "arch": "xresnet_small", "noisy.epochs": 30, "time_budget": 570.0},
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
-    # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe (union mixing, stage-2 batches half noisy,
-    # three-channel input, class balancing, the test pseudo-label round in the time left) at FAT2019's feature
-    # settings; sized for ~700 training clips/s (about 42 min of training and prediction on FAT2019 before the
-    # round). The time-budget planner cuts the round, then epochs (then folds) to what the measured GPU speed allows.
-    "kaggle-1h": dict(
-        **_REAL_DATA_RECIPE, arch="xresnet18", folds=5, batch_size=64, epochs_noisy=15, epochs_curated=25,
-        time_budget=3300.0,
-    ),
+    # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe at FAT2019's feature settings; sized for ~700
+    # training clips/s (about 42 min of training and prediction on FAT2019 before the round). The planner cuts
+    # the round, then epochs (then folds) to what the measured GPU speed allows.
+    "kaggle-1h": {**_REAL_DATA_RECIPE, "arch": "xresnet18", "folds": 5, "batch_size": 64, "noisy.epochs": 15,
+                  "curated.epochs": 25, "time_budget": 3300.0},
     # A long Kaggle GPU session (9 h allowed; planned for 8.5 h): deeper model, more epochs, TTA passes.
-    "kaggle-9h": dict(
-        **_REAL_DATA_RECIPE, arch="xresnet34", folds=5, batch_size=64, epochs_noisy=30, epochs_curated=40,
-        tta_aug_passes=2, time_budget=8.5 * 3600,
-    ),
+    "kaggle-9h": {**_REAL_DATA_RECIPE, "arch": "xresnet34", "folds": 5, "batch_size": 64, "noisy.epochs": 30,
+                  "curated.epochs": 40, "tta_aug_passes": 2, "time_budget": 8.5 * 3600},
 }
-
 
 # One line per preset for --help: what it is for.
 PRESET_USE = {
-    "demo": "the synthetic demo data (a smoke test of the pipeline); ~1.5 min on 2 CPU cores",
+    "demo": "the synthetic demo data (a smoke test of the pipeline); ~1 min on 2 CPU cores",
     "cpu": "real recordings without a GPU: ~1,500 clips / 1-2 h of audio in under 10 min on 2 cores",
     "kaggle-1h": "FAT2019 on a Kaggle GPU: two stages, 5 folds and TTA inside the 1-hour kernel limit",
     "kaggle-9h": "a long Kaggle GPU session: xresnet34, more epochs, augmented TTA passes (8.5 h)",
 }
+
+# Settings renamed when the per-stage values became `StageSettings` (old flat name -> new name): --set and
+# saved stages that use an old name are read under the new one (upgrade_settings).
+RENAMED = {f"{old}_{stage}": f"{stage}.{new}" for stage in STAGES for old, new in (
+    ("epochs", "epochs"), ("lr", "lr"), ("loss", "loss"), ("mixup", "mixup"), ("specaug", "specaug"),
+    ("union_mix", "union_mix"), ("concat_mix", "concat_mix"), ("freq_shift", "freq_shift"),
+    ("time_stretch", "time_stretch"))}
+RENAMED.update(noisy_share_curated="curated.top_up", curated_share_noisy="noisy.top_up")
+# Settings removed with their code (docs/ablation.md, "Removed options"), and the value that meant "off": saved
+# stages that had them off still match; a checkpoint that used one is an error naming it.
+REMOVED = dict(background_noisy=0.0, background_curated=0.0, background_snr_min=10.0, background_snr_max=25.0,
+               level_eq_noisy=False, level_eq_curated=False, level_gain_db=10.0, eq_tilt_db=10.0, lowpass_p=0.25,
+               adapt_bn=False, union_mix_rounds=1, pseudo_soft=False)
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -1615,20 +1270,44 @@ def _coerce(name: str, raw: str, current):
     return raw
 
 
+def check_name(name: str, known) -> None:
+    """A clear error for a setting name that is not one: renamed, removed, or unknown."""
+    if name in known:
+        return
+    if name in RENAMED:
+        raise ValueError(f"setting {name!r} is now {RENAMED[name]!r}")
+    if name in REMOVED:
+        raise ValueError(f"setting {name!r} was removed (it did not win on real recordings: docs/ablation.md)")
+    raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
+
+
 def parse_sets(sets: list[str] | None, cfg: Config | None = None) -> dict:
-    """`name=value` strings (from --set) -> {name: value}, each converted to its field's type."""
-    cfg = cfg or Config()
-    known = {f.name for f in fields(Config)}
+    """`name=value` strings (from --set) -> {name: value}, each converted to its setting's type."""
+    current = (cfg or Config()).flat_dict()
     out = {}
     for item in sets or []:
         if "=" not in item:
             raise ValueError(f"--set expects name=value, got {item!r}")
         name, raw = item.split("=", 1)
         name = name.strip().replace("-", "_")
-        if name not in known:
-            raise ValueError(f"--set: unknown setting {name!r}; known: {', '.join(sorted(known))}")
-        out[name] = _coerce(name, raw, getattr(cfg, name))
+        check_name(name, current)
+        out[name] = _coerce(name, raw, current[name])
     return out
+
+
+def with_settings(cfg: Config, values: dict) -> Config:
+    """`cfg` with `values` ({'arch': ..., 'curated.lr': ...}) replaced: a new Config, validated."""
+    known = cfg.flat_dict()
+    top, per_stage = {}, {stage: {} for stage in STAGES}
+    for name, value in values.items():
+        check_name(name, known)
+        stage, dot, key = name.partition(".")
+        if dot:
+            per_stage[stage][key] = value
+        else:
+            top[name] = value
+    top.update({stage: dataclasses.replace(getattr(cfg, stage), **kv) for stage, kv in per_stage.items() if kv})
+    return dataclasses.replace(cfg, **top)
 
 
 def make_config(preset: str | None = None, overrides: dict | None = None, sets: list[str] | None = None) -> Config:
@@ -1637,10 +1316,412 @@ def make_config(preset: str | None = None, overrides: dict | None = None, sets: 
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        cfg = dataclasses.replace(cfg, **PRESETS[preset])
+        cfg = with_settings(cfg, PRESETS[preset])
     if overrides:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    return dataclasses.replace(cfg, **parse_sets(sets, cfg))
+        cfg = with_settings(cfg, {k: v for k, v in overrides.items() if v is not None})
+    return with_settings(cfg, parse_sets(sets, cfg))
+
+
+def upgrade_settings(saved: dict) -> dict:
+    """Settings saved under the names before `StageSettings` (a stage's recipe) under today's names: renamed ones
+    renamed, removed ones dropped where they were off (kept where they were on, so that the recipe differs and the
+    difference is named); a nested round recipe ("pseudo": {...}) likewise."""
+    out = {}
+    for name, value in saved.items():
+        if isinstance(value, dict):
+            value = upgrade_settings(value)
+        if name in REMOVED and value == REMOVED[name]:
+            continue
+        out[RENAMED.get(name, name)] = value
+    return out
+''')
+
+_add('src/fattag/context.py', r'''
+"""One run's context: resolved data folder, config, work folder, device, log file, the clock and its Budget.
+
+The config is the recipe as requested and never changes during a run; what the budget allows of it is the
+Budget's plan (budget.py), which the steps read. Each step returns its results; none are kept here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .budget import Budget
+from .checkpoint import atomic_write_text
+from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration, parse_sets
+from .data import find_data_dir
+
+log = logging.getLogger("fattag")
+
+
+def process_start_time() -> float:
+    """When this process started (Linux: from /proc), so that slow imports count against the budget too."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        if 0 <= time.time() - started < 7 * 24 * 3600:
+            return started
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    return time.time()  # elsewhere: this module's import, the nearest point we know
+
+
+PROCESS_START = process_start_time()  # the time budget counts from here
+
+
+@dataclass
+class Run:
+    cfg: Config                                   # the recipe as requested (preset, then --set)
+    preset: str
+    data_dir: Path
+    work_dir: Path
+    device: torch.device
+    is_demo: bool = False
+    started: float = PROCESS_START
+    explicit: dict = field(default_factory=dict)  # the values given with --set (predict mode needs to know them)
+    timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s"} per finished stage
+    budget: Budget = field(init=False)            # the time plan: without a deadline, the requested recipe
+
+    def __post_init__(self):
+        self.budget = Budget(self.cfg, self.deadline)
+
+    @property
+    def deadline(self) -> float | None:
+        """Wall-clock time by which a submission must be on disk (budget minus safety margin), or None."""
+        if not self.cfg.time_budget:
+            return None
+        return self.started + self.cfg.time_budget * (1 - self.cfg.safety_margin)
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def record(self, stage: str, seconds: float) -> None:
+        self.timings.append(dict(stage=stage, planned_s=self.budget.planned(stage), actual_s=round(seconds, 2)))
+
+    def save_config(self, cfg: Config | None = None, **extra) -> None:
+        """config.json: the settings (the requested ones, or those a step ran with: `cfg`), the plan the budget
+        made of them, and what ran."""
+        record = dict(preset=self.preset, data_dir=str(self.data_dir), settings=(cfg or self.cfg).to_dict(),
+                      plan=self.budget.plan.to_dict(), **extra)
+        atomic_write_text(self.work_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
+
+    def timing_table(self) -> str:
+        rows = [f"{'stage':<24}{'planned':>10}{'actual':>10}"]
+        for t in self.timings:
+            planned = "-" if t["planned_s"] is None else f"{t['planned_s']:.0f}s"
+            rows.append(f"{t['stage']:<24}{planned:>10}{t['actual_s']:>9.0f}s")
+        rows.append(f"{'total (from start)':<24}{'':>10}{self.elapsed():>9.0f}s")
+        return "\n".join(rows)
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """INFO lines with wall-clock offsets to stderr and, when given, to the run's log file."""
+    logger = logging.getLogger("fattag")
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    logger.propagate = False
+
+
+def default_preset(is_demo: bool) -> str:
+    """demo for the demo data; on real data kaggle-1h with a GPU, cpu without one."""
+    if is_demo:
+        return "demo"
+    return "kaggle-1h" if torch.cuda.is_available() else "cpu"
+
+
+def open_run(args) -> Run:
+    """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset and the work folder."""
+    data_dir = find_data_dir(args.data_dir)
+    is_demo = data_dir is None
+    if is_demo:
+        from .demo import make_demo_dataset
+        setup_logging()
+        log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
+        data_dir = make_demo_dataset(seed=42)
+    preset = args.preset or default_preset(is_demo)
+    overrides = {"seed": args.seed}
+    for name in ("folds",):
+        overrides[name] = getattr(args, name, None)
+    if getattr(args, "time_budget", None) is not None:
+        overrides["time_budget"] = parse_duration(args.time_budget)
+    cfg = make_config(preset, overrides, args.sets)
+    if args.work_dir:
+        work_dir = Path(args.work_dir)
+    elif Path(KAGGLE_WORK_DIR).is_dir():
+        work_dir = Path(KAGGLE_WORK_DIR)
+    else:
+        work_dir = Path("runs") / preset
+    work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir / "log.txt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
+             work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
+    return Run(cfg, preset, Path(data_dir), work_dir, device, is_demo, explicit=parse_sets(args.sets))
+''')
+
+_add('src/fattag/cost.py', r'''
+"""The cost model and the planner: pure functions from sizes and measured speed to seconds, and to a plan.
+
+Kaggle kills a kernel at its limit (FAT2019: 1 h on GPU) and DCASE 2019 teams were disqualified for running
+over. So a run prices its recipe from the measured throughput (throughput.py) and the sizes of its sets, and fits
+it into the time it has, cutting in this order: the test pseudo-label round (it only gets time that the rest of the
+recipe leaves), epochs of both stages (proportionally, down to a floor), augmented TTA passes, the number of folds
+trained, and finally stage 1. Nothing here reads the clock: budget.py re-plans with these functions as the run
+goes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import Config, top_up_size
+from .features import MelStore
+from .pseudo import ROUND_STAGE
+from .select import SELECT_HOLDOUT, SELECT_STAGE
+from .throughput import Throughput
+from .train import STAGE1, fold_stage, holdout_size
+
+OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
+MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
+MIN_EPOCHS_NOISY = 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Sizes the plan depends on, counted from the decoded stores."""
+    noisy_train: int            # stage-1 training clips (0 = no stage 1)
+    noisy_holdout_windows: int  # stage-1 validation windows per epoch
+    curated: int                # decodable curated clips
+    curated_windows: int        # whole-clip windows over all curated clips
+    test_windows: int           # whole-clip windows over all test clips
+    noisy_windows: int = 0      # whole-clip windows over all noisy clips (scored once by noisy-clip selection)
+    test_clips: int = 0         # decodable test clips (trained on in the pseudo-label round)
+    noisy_clips: int = 0        # the noisy clips stage 2 tops its batches up from (training and holdout clips)
+
+
+def count_workload(cfg: Config, noisy: MelStore | None, curated: MelStore, test: MelStore) -> Workload:
+    """Clips and windows of each stage, from the decoded stores (noisy may be None)."""
+    def windows(store, idx):
+        return len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac)) if len(idx) else 0
+
+    noisy_ok = np.flatnonzero(noisy.ok) if noisy is not None else np.array([], dtype=int)
+    n_hold = holdout_size(len(noisy_ok), cfg.noisy_holdout)
+    return Workload(noisy_train=len(noisy_ok) - n_hold, noisy_holdout_windows=windows(noisy, noisy_ok[:n_hold]),
+                    curated=int(curated.ok.sum()), curated_windows=windows(curated, np.flatnonzero(curated.ok)),
+                    test_windows=windows(test, np.flatnonzero(test.ok)), test_clips=int(test.ok.sum()),
+                    noisy_windows=windows(noisy, noisy_ok) if cfg.select_noisy else 0, noisy_clips=len(noisy_ok))
+
+
+@dataclass(frozen=True)
+class Plan:
+    epochs_noisy: int
+    epochs_curated: int
+    folds_trained: int
+    tta_aug_passes: int
+    available_s: float
+    stages: tuple = ()           # (stage name, planned seconds)
+    notes: tuple = ()            # what was cut, and why
+    epochs_pseudo: int = 0       # the test pseudo-label round, per fold model (pseudo.py)
+
+    @classmethod
+    def requested(cls, cfg: Config) -> Plan:
+        """The recipe as asked for, before anything is measured or cut."""
+        return cls(cfg.noisy.epochs, cfg.curated.epochs, cfg.folds, cfg.tta_aug_passes, float("inf"),
+                   epochs_pseudo=cfg.pseudo_epochs)
+
+    @property
+    def total_s(self) -> float:
+        return sum(s for _, s in self.stages)
+
+    def table(self) -> str:
+        rows = [f"{'stage':<22}{'planned':>10}"]
+        rows += [f"{name:<22}{secs:>9.0f}s" for name, secs in self.stages]
+        rows.append(f"{'total':<22}{self.total_s:>9.0f}s  (available {self.available_s:.0f}s)")
+        head = (f"plan: stage 1 {self.epochs_noisy} epochs, stage 2 {self.epochs_curated} epochs x "
+                f"{self.folds_trained} folds, " + (f"{self.epochs_pseudo} pseudo-label epochs per fold, "
+                                                   if self.epochs_pseudo else "")
+                + f"{self.tta_aug_passes} augmented TTA passes")
+        return "\n".join([head, *rows, *self.notes])
+
+    def to_dict(self) -> dict:
+        return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
+                    epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained,
+                    tta_aug_passes=self.tta_aug_passes,
+                    available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
+                    stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
+
+
+def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: dict | None = None) -> dict:
+    """Seconds per unit of work, from the measured throughput (times `scale[kind]`, the measured/predicted ratio
+    of work already done): a stage-1 epoch, a fold epoch, one fold's OOF predictions, one model's test TTA, and for
+    the pseudo-label round one model's labelling pass over the test clips and one of its epochs. Both stages'
+    training sets include their top-up from the other set (`top_up_size`, as train.top_up draws it)."""
+    k = cfg.folds
+    infer = tp.infer_s_per_window * OVERHEAD
+    train = tp.train_s_per_clip * OVERHEAD
+    per_fold_windows = w.curated_windows / k
+    fold_curated = w.curated * (k - 1) / k
+    fold_train = fold_curated + top_up_size(fold_curated, cfg.curated.top_up, w.noisy_clips)
+    stage1_train = w.noisy_train + (top_up_size(w.noisy_train, cfg.noisy.top_up, w.curated) if w.noisy_train else 0)
+    selecting = cfg.select_noisy and w.noisy_train > 0
+    base = dict(
+        noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
+        fold_epoch=fold_train * train + per_fold_windows * infer,
+        pseudo_epoch=(fold_train + w.test_clips) * train + per_fold_windows * infer,
+        teacher_predict=w.test_windows * infer,
+        oof_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer,   # centre crop + windows (+ passes)
+        test_predict=w.test_windows * (1 + passes) * infer,
+        # noisy-clip selection: a scorer trained on the curated clips, then one pass over every noisy clip
+        select=(cfg.select_epochs * (w.curated * train + w.curated_windows * SELECT_HOLDOUT * infer)
+                + w.noisy_windows * infer) if selecting else 0.0,
+    )
+    scale = dict(scale or {})
+    default = _geomean(list(scale.values())) if scale else 1.0
+    if "oof_predict" in scale:   # test TTA is the same kind of work as OOF prediction: windows through the model
+        scale.setdefault("test_predict", scale["oof_predict"])
+    return {kind: secs * scale.get(kind, default) for kind, secs in base.items()}
+
+
+def _geomean(values: list) -> float:
+    return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
+
+
+def fold_s(c: dict, epochs: int, pseudo: int = 0) -> float:
+    """One fold: its epochs, its OOF predictions, its model's share of test TTA and of the pseudo-label round."""
+    return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"] + pseudo_s(c, pseudo)
+
+
+def pseudo_s(c: dict, epochs: int) -> float:
+    """One model's part of the pseudo-label round: labelling the test clips, then `epochs` epochs (0: no round)."""
+    return c["teacher_predict"] + epochs * c["pseudo_epoch"] if epochs > 0 else 0.0
+
+
+def recipe_total(cfg: Config, w: Workload, tp: Throughput, scale: dict | None, pseudo: int,
+                 folds_done: int | None = None):
+    """total(e1, e2, folds, passes): the seconds of the work still to do with `pseudo` pseudo-label epochs per
+    model. From the start (`folds_done` None): noisy-clip selection, stage 1 and the folds. Once `folds_done`
+    folds are trained: their models' test TTA and pseudo-label round, and `folds` more folds."""
+    def total(e1, e2, folds, passes):
+        c = stage_costs(cfg, w, tp, passes, scale)
+        done = 0.0 if folds_done is None else folds_done * (c["test_predict"] + pseudo_s(c, pseudo))
+        start = c["select"] + e1 * c["noisy_epoch"] if folds_done is None else 0.0
+        return start + done + folds * fold_s(c, e2, pseudo)
+    return total
+
+
+def fit_pseudo(requested: int, total_with, available_s: float | None) -> int:
+    """The most pseudo-label epochs (up to `requested`) with which `total_with(epochs)`, the whole recipe's time, fits
+    `available_s`; 0 when the recipe does not fit even without the round. The round is cut first: on realdev it
+    gained less under the budget than the stage epochs it would have taken."""
+    if available_s is None or requested <= 0:
+        return max(requested, 0)
+    return next((p for p in range(requested, 0, -1) if total_with(p) <= available_s), 0)
+
+
+def fit_recipe(e1: int, e2: int, folds: int, passes: int, total, available_s: float | None, min_folds: int = 1):
+    """Cut (e1, e2, folds, passes) until total(e1, e2, folds, passes) <= available_s, in this order: both stages'
+    epochs in proportion (down to their floors), augmented TTA passes, folds (down to `min_folds`: a run trains at
+    least one, a re-plan after a trained fold may add none), then stage 1. Returns the cut values and notes saying
+    what was cut."""
+    notes = []
+    if available_s is None or total(e1, e2, folds, passes) <= available_s:
+        return e1, e2, folds, passes, notes
+
+    def fits(a, b, f, p):
+        return total(a, b, f, p) <= available_s
+
+    lo, hi = 0.0, 1.0  # the largest common scale of both stages' epochs that fits, above their floors
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(_scaled(e1, mid, MIN_EPOCHS_NOISY), _scaled(e2, mid, MIN_EPOCHS_CURATED),
+                                   folds, passes) else (lo, mid)
+    a, b = _scaled(e1, lo, MIN_EPOCHS_NOISY), _scaled(e2, lo, MIN_EPOCHS_CURATED)
+    if fits(a, b, folds, passes):
+        notes.append(f"epochs cut to fit the budget: stage 1 {e1} -> {a}, stage 2 {e2} -> {b}")
+        return a, b, folds, passes, notes
+    requested_folds = folds
+    e1, e2 = _scaled(e1, 0, MIN_EPOCHS_NOISY), min(e2, MIN_EPOCHS_CURATED)
+    if passes and not fits(e1, e2, folds, passes):
+        notes.append(f"augmented TTA passes cut {passes} -> 0")
+        passes = 0
+    while folds > min_folds and not fits(e1, e2, folds, passes):
+        folds -= 1
+    if folds == 0:
+        notes.append("no time for another fold at its floor")
+    elif folds < requested_folds:
+        notes.append(f"only {folds} of {requested_folds} folds fit the budget (the others are not trained)")
+    if e1 and not fits(e1, e2, folds, passes):
+        notes.append("stage 1 dropped: it does not fit the budget")
+        e1 = 0
+    notes.append(f"epochs at their floor: stage 1 {e1}, stage 2 {e2}")
+    if not fits(e1, e2, folds, passes):
+        notes.append("WARNING: even the smallest plan exceeds the budget; the deadline guard will stop training early")
+    return e1, e2, folds, passes, notes
+
+
+def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None,
+             scale: dict | None = None) -> Plan:
+    """Fit the preset's epochs, TTA passes and folds into `available_s` seconds (None: no budget, no cuts)."""
+    e1 = cfg.noisy.epochs if w.noisy_train else 0
+    recipe = (e1, cfg.curated.epochs, cfg.folds, cfg.tta_aug_passes)
+    ep = fit_pseudo(cfg.pseudo_epochs, lambda p: recipe_total(cfg, w, tp, scale, p)(*recipe), available_s)
+    e1, e2, folds, passes, notes = fit_recipe(*recipe, recipe_total(cfg, w, tp, scale, ep), available_s)
+    if ep < cfg.pseudo_epochs:
+        notes.insert(0, f"pseudo-label round cut to fit the budget: {cfg.pseudo_epochs} -> {ep} epochs")
+    c = stage_costs(cfg, w, tp, passes, scale)
+    stages = [(SELECT_STAGE, c["select"])] if c["select"] and e1 else []
+    stages += [(STAGE1, e1 * c["noisy_epoch"])] if e1 else []
+    stages += [(fold_stage(k), fold_s(c, e2)) for k in range(folds)]
+    stages += [(ROUND_STAGE, folds * pseudo_s(c, ep))] if ep else []
+    return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, tuple(stages),
+                tuple(notes), ep)
+
+
+def replan_folds(cfg: Config, w: Workload, tp: Throughput, scale: dict, plan: Plan, k: int, folds_done: int,
+                 available_s: float | None) -> Plan:
+    """`plan` with folds k.. fitted into `available_s`, after test TTA for the `folds_done` folds already trained."""
+    recipe = (0, cfg.curated.epochs, cfg.folds - k, cfg.tta_aug_passes)
+    ep = fit_pseudo(cfg.pseudo_epochs, lambda p: recipe_total(cfg, w, tp, scale, p, folds_done)(*recipe),
+                    available_s)
+    _, e2, n, passes, notes = fit_recipe(*recipe, recipe_total(cfg, w, tp, scale, ep, folds_done), available_s,
+                                         min_folds=1 if k == 0 else 0)
+    c = stage_costs(cfg, w, tp, passes, scale)
+    folds = [st for st in plan.stages if st[0].startswith("fold")]
+    kept = [st for st in plan.stages if not st[0].startswith("fold") and st[0] != ROUND_STAGE]
+    stages = kept + [(fold_stage(j), secs) for j, (_, secs) in enumerate(folds) if j < k]
+    stages += [(fold_stage(j), fold_s(c, e2)) for j in range(k, k + n)]
+    stages += [(ROUND_STAGE, (k + n) * pseudo_s(c, ep))] if ep else []
+    note = (f"re-planned before fold {k} from measured times: {n} more fold(s) of {e2} epochs"
+            + (f" ({'; '.join(notes)})" if notes else ""))
+    return Plan(plan.epochs_noisy, e2, k + n, passes, plan.available_s, tuple(stages), (*plan.notes, note), ep)
+
+
+def _scaled(epochs: int, scale: float, floor: int) -> int:
+    if epochs <= 0:
+        return 0
+    return max(min(floor, epochs), int(math.floor(epochs * scale)))
 ''')
 
 _add('src/fattag/data.py', r'''
@@ -2543,6 +2624,7 @@ class MelStore:
     mels: list
     errors: list = field(default_factory=list)   # (fname, reason) of clips that could not be decoded
     seconds: float = 0.0                          # audio decoded, for throughput logs and reports
+    _windows: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ok(self) -> np.ndarray:
@@ -2550,6 +2632,15 @@ class MelStore:
 
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.mels if m is not None)
+
+    def windows(self, indices, crop_frames: int, step_frac: float, center_only: bool = False) -> WindowDataset:
+        """The inference windows of the listed clips, built once per set of clips and window settings: the cost
+        model counts them, validation, OOF and test prediction go through them."""
+        indices = np.asarray(indices, dtype=np.int64)
+        key = (indices.tobytes(), crop_frames, step_frac, center_only)
+        if key not in self._windows:
+            self._windows[key] = WindowDataset(self, indices, crop_frames, step_frac, center_only)
+        return self._windows[key]
 
     def summary(self) -> dict:
         """Counts for the run report: clips, hours of audio, skipped files and why."""
@@ -2867,7 +2958,7 @@ _add('src/fattag/model.py', r'''
 """The model: fastai's xresnet on log-mel crops, with the input channels (normalisations) built in.
 
 Keeping the normalisation statistics inside the model (as buffers) means a saved state dict is all that
-prediction needs besides the metadata that guards against a mismatch (classes, feature settings).
+prediction needs besides the metadata that guards against a mismatch (classes, feature settings: weights.py).
 """
 from __future__ import annotations
 
@@ -2876,7 +2967,7 @@ import torchaudio
 from fastai.vision.models.xresnet import ResBlock, XResNet, xresnet18, xresnet34, xresnet50
 from torch import nn
 
-from .config import MODEL_KEYS, Config
+from .config import Config
 
 ARCHS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
 SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, channels x widen
@@ -2948,8 +3039,8 @@ class FreqMeanTimeMax(nn.Module):
 
 def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:
     """`model` on `device`, in the memory layout that is fastest there: channels-last on the CPU (`channels_last`),
-    where oneDNN's convolutions then run the pipeline's epochs 6-22 % and its predictions ~80 % faster (README);
-    the default layout on CUDA, whose speed mixed precision decides (a change there is unmeasured). Values are
+    where oneDNN's convolutions then run the pipeline's epochs 6-22 % and its predictions ~80 % faster
+    (docs/performance.md); the default layout on CUDA, whose speed mixed precision decides (a change there is unmeasured). Values are
     unchanged; only strides, and so float rounding, differ."""
     device = torch.device(device)
     fast = channels_last and device.type == "cpu"
@@ -2978,33 +3069,6 @@ def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0
     elif cfg.pool != "avg":
         raise ValueError(f"unknown pool {cfg.pool!r}: avg or freqmean_timemax")
     return nn.Sequential(norm, body)
-
-
-# ---------------------------------------------------------------- what a checkpoint carries
-
-
-def model_meta(cfg: Config, classes: list[str], **extra) -> dict:
-    """What prediction needs to rebuild the model and refuse a mismatched dataset: the classes, the feature and
-    model settings, and the inference settings the run used (predict-only mode starts from them)."""
-    return dict(classes=list(classes), features=cfg.feature_dict(), model={k: getattr(cfg, k) for k in MODEL_KEYS},
-                inference=cfg.inference_dict(), **extra)
-
-
-def check_classes(meta: dict, classes: list[str], source: str = "weights") -> None:
-    """A clear error when saved weights were trained for another class vocabulary than the data's."""
-    if list(meta["classes"]) != list(classes):
-        missing = sorted(set(classes) - set(meta["classes"]))[:5]
-        extra = sorted(set(meta["classes"]) - set(classes))[:5]
-        raise ValueError(f"{source}: class vocabulary differs from the data's sample_submission.csv "
-                         f"({len(meta['classes'])} vs {len(classes)} classes; missing in weights: {missing}, "
-                         f"not in data: {extra}{'; same names, other order' if not missing and not extra else ''})")
-
-
-def model_from_state(meta: dict, state: dict) -> nn.Module:
-    """The model a checkpoint describes, with its weights (input statistics included)."""
-    model = build_model(Config(**meta["model"]), len(meta["classes"]))
-    model.load_state_dict(state)
-    return model.eval()
 ''')
 
 _add('src/fattag/precision.py', r'''
@@ -3095,24 +3159,20 @@ cover every frame (the winners' choice) look at all of it. Optional augmented pa
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import update_bn
 
-from .checkpoint import load_checkpoint
-from .config import INFERENCE_KEYS, Config
 from .augment import spec_augment
-from .features import MelStore, WindowDataset, aggregate_windows
-from .model import check_classes, input_mean, model_from_state, to_device
+from .config import Config
+from .features import MelStore, aggregate_windows
+from .model import input_mean, to_device
 from .precision import amp_dtype, autocast
 from .progress import progress
 from .submission import fill_missing, write_submission
+from .weights import save_inference
 
 log = logging.getLogger("fattag")
 
@@ -3128,7 +3188,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     """
     device = torch.device(device)
     indices = np.asarray(indices)
-    ds = WindowDataset(store, indices, cfg.crop_frames, cfg.tta_step_frac, center_only=center_only)
+    ds = store.windows(indices, cfg.crop_frames, cfg.tta_step_frac, center_only=center_only)
     bs = batch_size or max(cfg.batch_size * 2, 8)
     model = to_device(model, device, cfg.channels_last).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
@@ -3158,20 +3218,6 @@ def tta_augment(x: torch.Tensor, cfg: Config, fill: float) -> torch.Tensor:
                         fill)
 
 
-def adapt_batchnorm(model: torch.nn.Module, store: MelStore, indices, cfg: Config, device="cpu",
-                    seed: int = 0) -> torch.nn.Module:
-    """A copy of `model` whose batch-norm statistics are re-estimated on the windows it is about to predict
-    (AdaBN): the test clips come from other recordings, rooms and backgrounds than the training clips, so their
-    feature statistics differ; the weights stay as trained. torch's `update_bn` does the estimate (a cumulative
-    average over shuffled batches); nothing about the labels is used."""
-    ds = WindowDataset(store, np.asarray(indices), cfg.crop_frames, cfg.tta_step_frac)
-    loader = torch.utils.data.DataLoader(ds, batch_size=max(cfg.batch_size * 2, 8), shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    adapted = copy.deepcopy(model).to(device)
-    update_bn(loader, adapted, device=torch.device(device))
-    return adapted.eval()
-
-
 def n_outputs(model: torch.nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
 
@@ -3186,61 +3232,13 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown fold ensemble {how!r}: mean or geomean")
 
 
-def final_weights(fold_model: Path) -> Path:
-    """A fold's final weights: those after the test pseudo-label round when it ran (fold*/pseudo/), else stage 2's."""
-    after_round = Path(fold_model).parent / "pseudo" / "model.pth"
-    return after_round if after_round.is_file() else Path(fold_model)
-
-
-def load_fold_models(weights_dir, classes: list[str]) -> list:
-    """Every fold's final weights under `weights_dir` (fold*/model.pth, or fold*/pseudo/model.pth where the
-    pseudo-label round ran) as (path, model, meta); a clear error when there are none or they mismatch."""
-    weights_dir = Path(weights_dir)
-    paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
-    paths = [final_weights(p) for p in paths]
-    if not paths:
-        raise FileNotFoundError(f"no fold*/model.pth under {weights_dir}: point --weights at a training run's "
-                                "work dir (or the dataset holding its fold folders)")
-    loaded = []
-    for path in paths:
-        meta, state = load_checkpoint(path)
-        check_classes(meta, classes, source=str(path))
-        loaded.append((path, model_from_state(meta, state), meta))
-    return loaded
-
-
-def prediction_config(cfg: Config, metas: dict, explicit: dict) -> Config:
-    """The settings to predict with: features, model and inference settings from the checkpoints (`metas`: path ->
-    meta; every fold must agree), then the inference settings the user `--set` explicitly. Setting a feature or
-    model value other than the weights' is an error: the weights are only valid with their own."""
-    first_path, first = next(iter(metas.items()))
-    for group in ("features", "model", "inference"):
-        for path, meta in metas.items():
-            diff = sorted(k for k in set(first.get(group, {})) | set(meta.get(group, {}))
-                          if first.get(group, {}).get(k) != meta.get(group, {}).get(k))
-            if diff:
-                raise ValueError(f"the fold checkpoints disagree on {group} settings {diff}: {first_path} has "
-                                 f"{ {k: first.get(group, {}).get(k) for k in diff} }, {path} has "
-                                 f"{ {k: meta.get(group, {}).get(k) for k in diff} }")
-    fixed = {**first["features"], **first["model"]}
-    clash = {k: (fixed[k], v) for k, v in explicit.items() if k in fixed and fixed[k] != v}
-    if clash:
-        raise ValueError("feature settings differ from the weights (saved, --set): "
-                         + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in clash.items())
-                         + "; feature and model settings come from the weights")
-    inference = {**first.get("inference", {}), **{k: v for k, v in explicit.items() if k in INFERENCE_KEYS}}
-    return replace(cfg, **fixed, **inference)
-
-
 def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int) -> np.ndarray:
     """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded."""
     idx = np.flatnonzero(store.ok)
-    n_windows = len(WindowDataset(store, idx, cfg.crop_frames, cfg.tta_step_frac))
+    n_windows = len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac))
     per_fold = []
     for k, model in enumerate(models):
         t0 = time.time()
-        if cfg.adapt_bn:
-            model = adapt_batchnorm(model, store, idx, cfg, device)
         probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes,
                               desc=f"predict test, model {k + 1}/{len(models)}")
         took = time.time() - t0
@@ -3273,17 +3271,19 @@ def balance_classes(probs: np.ndarray) -> np.ndarray:
     return ratio / max(float(ratio.max()), 1e-12)
 
 
-def predict_and_submit(s, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
-    """Fold-ensembled whole-clip TTA on every test clip, then submission.csv: a row for every clip (the class prior
-    where a clip could not be decoded, or where no model was trained in time). Returns the probabilities written."""
+def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
+    """Fold-ensembled whole-clip TTA on every test clip with `cfg`'s inference settings (written to
+    inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
+    or where no model was trained in time). Returns the probabilities written."""
     t0 = time.time()
     if models:
-        probs = fill_missing(predict_test(models, test, s.cfg, s.device, s.cfg.tta_aug_passes), test.ok, prior)
+        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes), test.ok, prior)
     else:
         probs = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
-    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
-    s.record("predict test", time.time() - t0)
+    write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
+    save_inference(run.work_dir, cfg)
+    run.record("predict test", time.time() - t0)
     return probs
 ''')
 
@@ -3298,7 +3298,7 @@ lines instead, at most one every `interval` seconds plus a final one:
     decode train_noisy: 19815/19815 clips (100%) in 2m32s, 130.4 clips/s, MB/s=12.3
 
 The lines go through the `fattag` logger when the package's logging is set up (it then carries
-handlers, see `session.setup_logging`), and straight to stderr otherwise, so that progress is never
+handlers, see `context.setup_logging`), and straight to stderr otherwise, so that progress is never
 silently dropped by an unconfigured logger.
 """
 from __future__ import annotations
@@ -3478,9 +3478,10 @@ shift is most of what the models lose on them (OOF 0.95, test 0.65-0.70 on reald
 lets each model hear those sources: the ensemble's plain (unaugmented) predictions give every test clip its top
 class (after class balancing, as the submission ranks them) plus any class scored at least `pseudo_threshold`;
 then each fold model trains `pseudo_epochs` more epochs on its own training clips plus the labelled test clips,
-with stage 2's augmentation and validation (its fold; the best epoch is kept). No test label is ever read: this
-is transductive learning, which a Kaggle kernel may do because it holds the test audio. Under a time budget the
-round gets only the time the rest of the recipe leaves (budget.py). Measured on realdev: README, ablation.
+with stage 2's augmentation (`cfg.curated`) and validation (its fold; the best epoch is kept). No test label is
+ever read: this is transductive learning, which a Kaggle kernel may do because it holds the test audio. Under a
+time budget the round gets only the time the rest of the recipe leaves (budget.py). Measured on realdev:
+docs/ablation.md.
 """
 from __future__ import annotations
 
@@ -3488,37 +3489,32 @@ import copy
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .budget import PSEUDO_STAGE
 from .checkpoint import atomic_write
 from .data import ClipTable
 from .features import Clips, MelStore
-from .model import model_meta
 from .predict import balance_classes, predict_test
-from .session import Session
 from .train import FoldsResult, StageSpec, TrainingData, finish_stage, fit_stage
+from .weights import model_meta, stage_recipe
+
+if TYPE_CHECKING:
+    from .context import Run
 
 log = logging.getLogger("fattag")
-# What a saved round depends on besides the recipe (how the teacher predicts, the round's own settings): a later
-# run reuses it only when these are the same.
-ROUND_KEYS = ("class_balance", "adapt_bn", "tta_aggregate", "tta_step_frac", "fold_ensemble", "pseudo_threshold",
-              "pseudo_soft", "lr_pseudo")
+ROUND_STAGE = "pseudo-label round"  # its name in plans and timing tables
 
 
-def pseudo_labels(probs: np.ndarray, threshold: float, balance: bool, soft: bool = False) -> np.ndarray:
+def pseudo_labels(probs: np.ndarray, threshold: float, balance: bool) -> np.ndarray:
     """Targets (n, C) float32: 1 for each clip's top class (by the class-balanced scores when `balance`) and for
-    every class whose probability is at least `threshold`; 0 for the others, or with `soft` their probability.
-
-    Why soft: a test clip holds 1-3 sounds, and the ensemble's second and third classes often score under the
-    threshold (realdev: 1.1 hard labels per clip against 1.7 true ones). A 0 target trains the model to deny them
-    on exactly the clips it is adapting to; the teacher's probability leaves them where the teacher put them."""
+    every class whose probability is at least `threshold`; 0 for the others."""
     labels = (probs >= threshold).astype(np.float32)
     ranked = balance_classes(probs) if balance else probs
     labels[np.arange(len(probs)), ranked.argmax(1)] = 1.0
-    return np.maximum(labels, probs.astype(np.float32)) if soft else labels
+    return labels
 
 
 def labelled_test(test: MelStore, labels: np.ndarray) -> Clips:
@@ -3530,51 +3526,48 @@ def labelled_test(test: MelStore, labels: np.ndarray) -> Clips:
     return Clips(MelStore(table, test.mels, test.errors, test.seconds), ok)
 
 
-def pseudo_label_round(s: Session, d: TrainingData, folds: FoldsResult, test: MelStore) -> list:
+def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelStore) -> list:
     """Every fold model after its pseudo-label epochs (the model as it was where a round is off or not possible);
     the labels go to pseudo_labels.csv in the work dir."""
     models = folds.models
-    if (s.budget.requested if s.budget else s.cfg).pseudo_epochs <= 0:
+    if run.cfg.pseudo_epochs <= 0:
         return models
-    epochs = s.budget.pseudo_epochs(len(models)) if s.budget else s.cfg.pseudo_epochs
+    epochs = run.budget.pseudo_epochs(len(models))
     if not models or epochs <= 0 or not test.ok.any():
         log.info("test pseudo-labels skipped (%s)", "no fold model" if not models else
                  "no time for an epoch" if epochs <= 0 else "no decodable test clip")
         return models
-    t0, cfg = time.time(), s.cfg
+    t0, cfg = time.time(), run.cfg
     teacher = dataclasses.replace(cfg, class_balance=False)   # raw probabilities: the threshold applies to them
-    probs = predict_test(models, test, teacher, s.device, aug_passes=0)[test.ok]
-    labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance, cfg.pseudo_soft)
-    write_labels(s.work_dir / "pseudo_labels.csv", test, labels, d.classes)
-    log.info("test pseudo-labels: %d clips, %.2f labels per clip (top class + probability >= %.2f%s); %d epochs "
-             "per fold model", len(labels), (labels >= 1).sum(1).mean(), cfg.pseudo_threshold,
-             "; the other classes' targets: the ensemble's probability" if cfg.pseudo_soft else "", epochs)
+    probs = predict_test(models, test, teacher, run.device, aug_passes=0)[test.ok]
+    labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance)
+    write_labels(run.work_dir / "pseudo_labels.csv", test, labels, d.classes)
+    log.info("test pseudo-labels: %d clips, %.2f labels per clip (top class + probability >= %.2f); %d epochs "
+             "per fold model", len(labels), (labels >= 1).sum(1).mean(), cfg.pseudo_threshold, epochs)
     pseudo = labelled_test(test, labels)
     out = []
     for row, model in zip(folds.results, models):
-        out.append(train_on_pseudo(s, d, row, model, pseudo, epochs, len(models)))
-    s.record(PSEUDO_STAGE, time.time() - t0)
+        out.append(train_on_pseudo(run, d, row, model, pseudo, epochs, len(models)))
+    run.record(ROUND_STAGE, time.time() - t0)
     return out
 
 
-def train_on_pseudo(s: Session, d: TrainingData, row: dict, model, pseudo: Clips, epochs: int, n_models: int):
-    """Fold `row['fold']`'s model trained on its training clips, a noisy top-up and the pseudo-labelled test clips."""
-    cfg, k = s.cfg, row["fold"]
-    spec = StageSpec.for_stage(s, "curated", f"fold {k} + test pseudo-labels", s.work_dir / f"fold{k}" / "pseudo",
-                               epochs, cfg.seed + 3000 + k)
-    spec = dataclasses.replace(spec, lr=cfg.lr_pseudo,
-                               recipe={**spec.recipe, "pseudo": {key: getattr(cfg, key) for key in ROUND_KEYS}})
+def train_on_pseudo(run: Run, d: TrainingData, row: dict, model, pseudo: Clips, epochs: int, n_models: int):
+    """Fold `row['fold']`'s model trained on its training clips, a noisy top-up and the pseudo-labelled test clips,
+    with stage 2's loss and augmentation at the round's learning rate."""
+    cfg, k = run.cfg, row["fold"]
+    spec = StageSpec.for_stage(run, cfg.curated, f"fold {k} + test pseudo-labels",
+                               run.work_dir / f"fold{k}" / "pseudo", epochs, cfg.seed + 3000 + k)
+    spec = dataclasses.replace(spec, lr=cfg.lr_pseudo, recipe=stage_recipe(cfg, run.data_dir, pseudo_round=True))
     student = copy.deepcopy(model)   # the stage-2 model stays as it is if the round fails
     done = spec.stage_dir.finished()
     if done is not None:
         student.load_state_dict(done[1])
         return student
-    train, valid = d.fold_training(k, cfg.noisy_share_curated, spec.seed)
+    train, valid = d.fold_training(k, cfg.curated.top_up, spec.seed)
     parts = [*train, pseudo]   # stage 2's training sets of this fold, plus the pseudo-labelled test clips
-    deadline = s.budget.pseudo_deadline(k, n_models) if s.budget else None
-    res = fit_stage(student, parts, valid, spec, deadline)
-    if s.budget:
-        s.budget.measured("pseudo_epoch", res.seconds, len(res.history))
+    res = fit_stage(student, parts, valid, spec, run.budget.pseudo_deadline(k, n_models))
+    run.budget.measured("pseudo_epoch", res.seconds, len(res.history))
     if not res.usable:
         log.warning("fold %d: the pseudo-label epochs produced no usable weights; its stage-2 model is kept", k)
         return model
@@ -3756,7 +3749,7 @@ _SCORE_NAMES = [("oof_center", "centre crop"), ("oof_windows", "whole-clip windo
 
 def _stage1_section(stage1: dict | None) -> list[str]:
     if not stage1:
-        return ["Stage 1 did not run in this session (skipped, or reused from an earlier run)."]
+        return ["Stage 1 did not train in this run (skipped, or reused from an earlier run in the same work dir)."]
     per_epoch = " ".join(DASH if v is None else f"{v:.3f}" for v in stage1.get("per_epoch", []))
     best, chance = stage1.get("best"), stage1.get("chance")
     lines = [f"Noisy-holdout lwlrap per epoch: {per_epoch}", "",
@@ -4009,19 +4002,23 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .budget import SELECT_HOLDOUT
 from .checkpoint import atomic_write
 from .features import Clips
 from .model import build_model
 from .predict import predict_clips
-from .session import Session
 from .train import StageSpec, TrainingData, fit_stage, holdout_split
 
+if TYPE_CHECKING:
+    from .context import Run
+
 log = logging.getLogger("fattag")
+SELECT_STAGE = "select noisy clips"   # its name in plans and timing tables
+SELECT_HOLDOUT = 0.1                  # share of the curated clips that watch the scorer
 
 
 def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
@@ -4032,11 +4029,12 @@ def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
     return (n[:, 0] > 0) & (worst < n[:, 0] + margin)
 
 
-def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
-    """Indices of the noisy clips to keep (all decodable ones when selection is off or finds nothing)."""
-    cfg, pool = s.cfg, np.flatnonzero(d.noisy.ok)
-    spec = StageSpec.for_stage(s, "curated", "selection scorer (curated)", s.work_dir / "select", cfg.select_epochs,
-                               cfg.seed + 2000)
+def select_noisy(run: Run, d: TrainingData) -> np.ndarray:
+    """Indices of the noisy clips to keep (all decodable ones when selection finds too few). The scorer trains
+    with stage 2's learning rate, loss and augmentation: like a fold model, on curated clips."""
+    cfg, pool = run.cfg, np.flatnonzero(d.noisy.ok)
+    spec = StageSpec.for_stage(run, cfg.curated, "selection scorer (curated)", run.work_dir / "select",
+                               cfg.select_epochs, cfg.seed + 2000)
     kept_file = spec.out_dir / "kept.csv"
     if kept_file.exists() and spec.stage_dir.finished() is not None:  # a restarted run reuses its selection
         return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
@@ -4044,159 +4042,20 @@ def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
     train_idx, hold_idx = holdout_split(np.flatnonzero(d.curated.ok), SELECT_HOLDOUT, spec.seed)
     model = build_model(cfg, len(d.classes), *d.stats)
     res = fit_stage(model, Clips(d.curated, train_idx), Clips(d.curated, hold_idx), spec,
-                    s.budget.select_deadline() if s.budget else None)
+                    run.budget.select_deadline())
     if not res.usable:
         log.warning("noisy-clip selection: the scorer produced no usable weights; keeping every noisy clip")
         return pool
-    probs = predict_clips(model, d.noisy, pool, cfg, s.device, desc="score noisy clips")
+    probs = predict_clips(model, d.noisy, pool, cfg, run.device, desc="score noisy clips")
     keep = agreeing(probs, d.noisy.table.targets[pool], cfg.select_margin)
     kept = pool[keep] if keep.sum() >= max(10, 0.05 * len(pool)) else pool
     spec.stage_dir.finish(model, {"stage": "select", "score": res.best_score}, res.history)
     atomic_write(kept_file, lambda tmp: pd.DataFrame({"index": kept, "fname": [d.noisy.table.fnames[i] for i in kept]})
                  .to_csv(tmp, index=False))
-    s.record("select noisy clips", time.time() - t0)
+    run.record(SELECT_STAGE, time.time() - t0)
     log.info("noisy-clip selection: kept %d of %d noisy clips whose labels the curated scorer (holdout lwlrap %.4f) "
              "agrees with", len(kept), len(pool), res.best_score)
     return kept
-''')
-
-_add('src/fattag/session.py', r'''
-"""One run's context: resolved data folder, config, work folder, device, log file and the clock."""
-from __future__ import annotations
-
-import json
-import logging
-import os
-import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
-
-from .budget import Budget
-from .checkpoint import atomic_write_text
-from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration, parse_sets
-from .data import find_data_dir
-
-log = logging.getLogger("fattag")
-
-
-def process_start_time() -> float:
-    """When this process started (Linux: from /proc), so that slow imports count against the budget too."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        started = boot + ticks / os.sysconf("SC_CLK_TCK")
-        if 0 <= time.time() - started < 7 * 24 * 3600:
-            return started
-    except (OSError, ValueError, IndexError, StopIteration):
-        pass
-    return time.time()  # elsewhere: this module's import, the nearest point we know
-
-
-PROCESS_START = process_start_time()  # the time budget counts from here
-
-
-@dataclass
-class Session:
-    cfg: Config
-    preset: str
-    data_dir: Path
-    work_dir: Path
-    device: torch.device
-    is_demo: bool
-    started: float = PROCESS_START
-    explicit: dict = field(default_factory=dict)  # the values given with --set (predict mode needs to know them)
-    budget: Budget | None = None                  # the time plan, once throughput is measured (train mode)
-    timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s"} per finished stage
-    stage1_holdout: dict | None = None            # stage 1's noisy-holdout lwlrap per epoch and the chance level
-
-    @property
-    def deadline(self) -> float | None:
-        """Wall-clock time by which a submission must be on disk (budget minus safety margin), or None."""
-        if not self.cfg.time_budget:
-            return None
-        return self.started + self.cfg.time_budget * (1 - self.cfg.safety_margin)
-
-    def elapsed(self) -> float:
-        return time.time() - self.started
-
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.time()
-
-    def record(self, stage: str, seconds: float) -> None:
-        planned = dict(self.budget.plan.stages).get(stage) if self.budget else None
-        self.timings.append(dict(stage=stage, planned_s=planned, actual_s=round(seconds, 2)))
-
-    def save_config(self, **extra) -> None:
-        """config.json: the settings this run actually uses (after planning), with the plan and what ran."""
-        record = dict(preset=self.preset, data_dir=str(self.data_dir), settings=self.cfg.to_dict(), **extra)
-        atomic_write_text(self.work_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
-
-    def timing_table(self) -> str:
-        rows = [f"{'stage':<24}{'planned':>10}{'actual':>10}"]
-        for t in self.timings:
-            planned = "-" if t["planned_s"] is None else f"{t['planned_s']:.0f}s"
-            rows.append(f"{t['stage']:<24}{planned:>10}{t['actual_s']:>9.0f}s")
-        rows.append(f"{'total (from start)':<24}{'':>10}{self.elapsed():>9.0f}s")
-        return "\n".join(rows)
-
-
-def setup_logging(log_file: Path | None = None) -> None:
-    """INFO lines with wall-clock offsets to stderr and, when given, to the run's log file."""
-    logger = logging.getLogger("fattag")
-    logger.setLevel(logging.INFO)
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        logger.addHandler(h)
-    logger.propagate = False
-
-
-def default_preset(is_demo: bool) -> str:
-    """demo for the demo data; on real data kaggle-1h with a GPU, cpu without one."""
-    if is_demo:
-        return "demo"
-    return "kaggle-1h" if torch.cuda.is_available() else "cpu"
-
-
-def open_session(args) -> Session:
-    """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset and the work folder."""
-    data_dir = find_data_dir(args.data_dir)
-    is_demo = data_dir is None
-    if is_demo:
-        from .demo import make_demo_dataset
-        setup_logging()
-        log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
-        data_dir = make_demo_dataset(seed=42)
-    preset = args.preset or default_preset(is_demo)
-    overrides = {"seed": args.seed}
-    for name in ("folds",):
-        overrides[name] = getattr(args, name, None)
-    if getattr(args, "time_budget", None) is not None:
-        overrides["time_budget"] = parse_duration(args.time_budget)
-    cfg = make_config(preset, overrides, args.sets)
-    if args.work_dir:
-        work_dir = Path(args.work_dir)
-    elif Path(KAGGLE_WORK_DIR).is_dir():
-        work_dir = Path(KAGGLE_WORK_DIR)
-    else:
-        work_dir = Path("runs") / preset
-    work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir / "log.txt")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
-             work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
-    return Session(cfg, preset, Path(data_dir), work_dir, device, is_demo, explicit=parse_sets(args.sets))
 ''')
 
 _add('src/fattag/submission.py', r'''
@@ -4272,13 +4131,95 @@ def write_oof(path, fnames: list[str], classes: list[str], probs: np.ndarray) ->
     return path
 ''')
 
+_add('src/fattag/throughput.py', r'''
+"""Throughput: what a training step and an inference window really cost on this machine.
+
+Measured on the real model (its input channels included) with random input of the crop size, on a few warmed-up
+batches, under the precision training and prediction use; the cost model (cost.py) prices the run from it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+from .model import build_model, to_device
+from .precision import amp_dtype, autocast, grad_scaler
+
+
+@dataclass
+class Throughput:
+    train_s_per_clip: float     # forward + backward + optimiser step, per training crop
+    infer_s_per_window: float   # forward pass, per inference window
+    device: str
+
+    def describe(self) -> str:
+        return (f"{self.device}: training {1 / self.train_s_per_clip:.0f} clips/s, "
+                f"inference {1 / self.infer_s_per_window:.0f} windows/s")
+
+
+def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,
+                       runs: int = 4) -> Throughput:
+    """Time training steps and inference batches of the real model on random input of the crop size.
+
+    The first run of each warms up and is not used, unless the next would take the measurement past
+    `max_seconds` (a small share of the budget: a slow CPU step is then measured once, and the stages' measured
+    times correct the estimate later).
+    """
+    device = torch.device(device)
+    model = to_device(build_model(cfg, n_classes), device, cfg.channels_last)
+    bs = cfg.batch_size
+    x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
+    y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cuda = device.type == "cuda"
+    dtype = amp_dtype(cfg, device)  # as training and prediction run (stage_learner, predict_clips)
+    scaler = grad_scaler(device, dtype)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    spent = [0.0]
+
+    def train_step():
+        with autocast(device, dtype):
+            loss = loss_fn(model(x).float(), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def infer():
+        with torch.inference_mode(), autocast(device, dtype):
+            model(x)
+
+    def timed(fn, share: float) -> float:
+        times = []
+        while len(times) < runs:
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            spent[0] += times[-1]
+            if max_seconds and spent[0] + times[-1] > max_seconds * share:
+                break
+        return min(times[1:] or times)
+
+    model.train()
+    t_train = timed(train_step, 0.7) / bs
+    model.eval()
+    t_infer = timed(infer, 1.0) / bs
+    return Throughput(t_train, t_infer, str(device))
+''')
+
 _add('src/fattag/train.py', r'''
 """Training: the two stages as specs of one loop, and the K curated folds.
 
 Stage 1 learns from the large noisy set; stage 2 fine-tunes fold k of the curated set from the stage-1 weights.
 Both are `fit_stage(model, train, valid, spec, deadline)`: a fastai Learner with one-cycle on random crops, the
 stage's augmentation callbacks, and the callbacks of `callbacks.py` (NaN guard, best epoch by exact whole-clip
-lwlrap, per-epoch checkpoint for resume, log line, deadline). Stage 1 and stage 2 differ only in their StageSpec.
+lwlrap, per-epoch checkpoint for resume, log line, deadline). Stage 1 and stage 2 differ only in their StageSpec,
+made from their StageSettings (`cfg.noisy`, `cfg.curated`); the epochs and deadlines come from the run's Budget.
 """
 from __future__ import annotations
 
@@ -4287,6 +4228,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -4302,17 +4244,26 @@ from fastcore.basics import noop
 from .augment import augment_policy
 from .callbacks import Deadline, EpochCheckpoint, EpochLog, KeepBest, NanGuard, WeightAverage
 from .checkpoint import Resume, StageDir
-from .config import Config, top_up_size
-from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_windows, store_stats
+from .config import Config, StageSettings, top_up_size
+from .features import Clips, CropDataset, MelStore, aggregate_windows, store_stats
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
-from .model import build_model, input_mean, model_from_state, model_meta, to_device
+from .model import build_model, input_mean, to_device
 from .precision import DeviceMixedPrecision, amp_dtype
 from .predict import predict_clips
-from .session import Session
+from .weights import model_from_state, model_meta, stage_recipe
+
+if TYPE_CHECKING:
+    from .context import Run
 
 log = logging.getLogger("fattag")
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "lwlrap"]
+STAGE1 = "stage 1 (noisy)"   # its name in logs, plans and timing tables
+
+
+def fold_stage(k: int) -> str:
+    """Stage 2 on fold k, as plans and timing tables name it."""
+    return f"fold {k}"
 
 
 def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -4333,10 +4284,15 @@ def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
+def holdout_size(n: int, share: float) -> int:
+    """Clips of n that a holdout of `share` takes: at least one (none of none); the cost model counts as many."""
+    return max(1, int(round(n * share))) if n else 0
+
+
 def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random (train, holdout) split of the given clip indices; the holdout has at least one clip."""
     perm = np.random.default_rng(seed).permutation(indices)
-    n_hold = max(1, int(round(len(perm) * share)))
+    n_hold = holdout_size(len(perm), share)
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
@@ -4347,7 +4303,7 @@ def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndar
 class StageSpec:
     """One training run's recipe. Stage 1 and stage 2 (and the folds) differ only here."""
     label: str           # "stage 1 (noisy)", "fold 2 (curated)": log lines and reports
-    stage: str           # "noisy" or "curated": selects the per-stage config values
+    augment: StageSettings  # the augmentation policy's settings (cfg.noisy or cfg.curated)
     out_dir: Path        # checkpoints, resume files, history.csv
     epochs: int
     lr: float
@@ -4362,11 +4318,10 @@ class StageSpec:
         return StageDir(self.out_dir, self.recipe)
 
     @classmethod
-    def for_stage(cls, s: Session, stage: str, label: str, out_dir, epochs: int, seed: int) -> StageSpec:
-        """The spec of a `stage` ('noisy' or 'curated') of this run, from the config's per-stage values."""
-        cfg = s.cfg
-        return cls(label, stage, Path(out_dir), epochs, getattr(cfg, f"lr_{stage}"), getattr(cfg, f"loss_{stage}"),
-                   seed, cfg, str(s.device), recipe={**cfg.recipe_dict(), "data_dir": str(s.data_dir)})
+    def for_stage(cls, run: Run, stage: StageSettings, label: str, out_dir, epochs: int, seed: int) -> StageSpec:
+        """The spec of a training run of this run with `stage`'s learning rate, loss and augmentation."""
+        return cls(label, stage, Path(out_dir), epochs, stage.lr, stage.loss, seed, run.cfg, str(run.device),
+                   recipe=stage_recipe(run.cfg, run.data_dir))
 
 
 @dataclass
@@ -4411,7 +4366,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     cfg, device = spec.cfg, torch.device(spec.device)
     to_device(model, device, cfg.channels_last)  # the device's fastest layout; fastai's move to the device keeps it
     train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed)
-    valid_ds = WindowDataset(valid.store, valid.indices, cfg.crop_frames, cfg.tta_step_frac)
+    valid_ds = valid.store.windows(valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
         DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, num_workers=cfg.num_workers,
@@ -4419,7 +4374,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
         DataLoader(valid_ds, bs=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers, device=device),
         device=device)
     keep = KeepBest(resume)
-    cbs = [*augment_policy(cfg, spec.stage, input_mean(model)), NanGuard(), keep,
+    cbs = [*augment_policy(cfg, spec.augment, input_mean(model)), NanGuard(), keep,
            EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
            Deadline(deadline)]
     if cfg.average_epochs > 0:
@@ -4456,8 +4411,9 @@ def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, 
         log.info("%s: resuming after epoch %d of %d (best lwlrap so far %.4f)", spec.label, resume.epochs_done,
                  epochs, resume.best_score)
     log.info("%s: %d training clips, %d validation clips (%d windows), %d epochs, lr %.2g, loss %s, augment: %s",
-             spec.label, len(learn.dls.train.dataset), len(valid), len(learn.dls.valid.dataset), epochs, spec.lr, spec.loss,
-             ", ".join(type(cb).__name__ for cb in augment_policy(spec.cfg, spec.stage, 0.0)) or "none")
+             spec.label, len(learn.dls.train.dataset), len(valid), len(learn.dls.valid.dataset), epochs, spec.lr,
+             spec.loss,
+             ", ".join(type(cb).__name__ for cb in augment_policy(spec.cfg, spec.augment, 0.0)) or "none")
     t0 = time.time()
     if learn.resume_epoch < epochs:
         learn.fit_one_cycle(epochs, spec.lr, start_epoch=learn.resume_epoch)
@@ -4527,34 +4483,40 @@ def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, 
     return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)))]
 
 
-def train_stage1(s: Session, d: TrainingData) -> dict | None:
-    """Stage 1 on the noisy set, watched on a small noisy holdout; returns its weights, or None when skipped."""
-    cfg, noisy, classes = s.cfg, d.noisy, d.classes
-    epochs = s.budget.plan.epochs_noisy if s.budget else cfg.epochs_noisy
+@dataclass
+class Stage1:
+    """Stage 1's outcome: its weights (None when it was skipped or learned nothing usable) and its noisy-holdout
+    lwlrap per epoch against chance (None when it did not train in this run)."""
+    weights: dict | None = None
+    holdout: dict | None = None
+
+
+def train_stage1(run: Run, d: TrainingData) -> Stage1:
+    """Stage 1 on the noisy set, watched on a small noisy holdout."""
+    cfg, noisy, classes, budget = run.cfg, d.noisy, d.classes, run.budget
+    epochs = budget.plan.epochs_noisy
     if noisy is None or epochs <= 0 or len(d.noisy_pool) < 2:
         log.info("stage 1 skipped (%s)", "no noisy set" if noisy is None else
                  "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
-        return None
-    spec = StageSpec.for_stage(s, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000)
+        return Stage1()
+    spec = StageSpec.for_stage(run, cfg.noisy, STAGE1, run.work_dir / "stage1", epochs, cfg.seed + 1000)
     done = spec.stage_dir.finished()
     if done is not None:
-        return done[1]
+        return Stage1(done[1])
     t0 = time.time()
     train_idx, hold_idx = holdout_split(d.noisy_pool, cfg.noisy_holdout, spec.seed)
     set_seed(spec.seed, reproducible=True)  # initial weights too: the same seed gives the same run
     model = build_model(cfg, len(classes), *d.stats)
-    train = [Clips(noisy, train_idx), *d.curated_top_up(len(train_idx), cfg.curated_share_noisy, spec.seed)]
-    res = fit_stage(model, train, Clips(noisy, hold_idx), spec,
-                    s.budget.stage1_deadline() if s.budget else None)
-    s.record("stage 1 (noisy)", time.time() - t0)
-    if s.budget:
-        s.budget.measured("noisy_epoch", res.seconds, len(res.history))
-    s.stage1_holdout = holdout_summary(res, noisy.table.targets[hold_idx])
+    train = [Clips(noisy, train_idx), *d.curated_top_up(len(train_idx), cfg.noisy.top_up, spec.seed)]
+    res = fit_stage(model, train, Clips(noisy, hold_idx), spec, budget.stage1_deadline())
+    run.record(STAGE1, time.time() - t0)
+    budget.measured("noisy_epoch", res.seconds, len(res.history))
+    holdout = holdout_summary(res, noisy.table.targets[hold_idx])
     if not res.usable:
         log.warning("stage 1 produced no usable weights: stage 2 starts from scratch")
-        return None
+        return Stage1(None, holdout)
     finish_stage(spec, model, res, model_meta(cfg, classes, stage="noisy"))
-    return model.state_dict()
+    return Stage1(model.state_dict(), holdout)
 
 
 def holdout_summary(res: StageResult, truth: np.ndarray) -> dict:
@@ -4584,14 +4546,15 @@ class FoldsResult:
         return np.isfinite(self.oof_windows).all(1)
 
 
-def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[torch.nn.Module, dict] | None:
+def train_fold(run: Run, k: int, d: TrainingData, init: dict | None) -> tuple[torch.nn.Module, dict] | None:
     """Stage 2 on fold k: train on the other folds from the stage-1 weights (`init`), validate on fold k.
 
     Returns (model, meta) with the fold's score, or None when it was not trained (no time, or no usable epoch).
     """
-    cfg = s.cfg
-    epochs = s.budget.epochs_for(k) if s.budget else cfg.epochs_curated
-    spec = StageSpec.for_stage(s, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k)
+    cfg, budget = run.cfg, run.budget
+    epochs = budget.epochs_for(k)
+    spec = StageSpec.for_stage(run, cfg.curated, f"fold {k} (curated)", run.work_dir / f"fold{k}", epochs,
+                               cfg.seed + k)
     done = spec.stage_dir.finished()
     if done is not None:
         return model_from_state(*done), done[0]
@@ -4601,10 +4564,9 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
     model = build_model(cfg, len(d.classes), *d.stats)
     if init is not None:
         model.load_state_dict(init)
-    train, valid = d.fold_training(k, cfg.noisy_share_curated, spec.seed)
-    res = fit_stage(model, train, valid, spec, s.budget.fold_deadline(k) if s.budget else None)
-    if s.budget:
-        s.budget.measured("fold_epoch", res.seconds, len(res.history))
+    train, valid = d.fold_training(k, cfg.curated.top_up, spec.seed)
+    res = fit_stage(model, train, valid, spec, budget.fold_deadline(k))
+    budget.measured("fold_epoch", res.seconds, len(res.history))
     if not res.usable:
         log.warning("fold %d produced no usable weights: left out of the ensemble", k)
         return None
@@ -4614,36 +4576,37 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
                    "seconds": res.seconds}
 
 
-def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device) -> dict:
-    """Out-of-fold probabilities of a fold model on its own validation clips: centre crop, windows, windows + TTA."""
+def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device, passes: int) -> dict:
+    """Out-of-fold probabilities of a fold model on its own validation clips: centre crop, windows, windows +
+    `passes` augmented passes."""
     center = predict_clips(model, clips.store, clips.indices, cfg, device, center_only=True)
     windows = predict_clips(model, clips.store, clips.indices, cfg, device)
-    tta = windows if cfg.tta_aug_passes == 0 else predict_clips(model, clips.store, clips.indices, cfg, device,
-                                                                 aug_passes=cfg.tta_aug_passes)
+    tta = windows if passes == 0 else predict_clips(model, clips.store, clips.indices, cfg, device,
+                                                    aug_passes=passes)
     return dict(center=center, windows=windows, tta=tta)
 
 
-def train_folds(s: Session, d: TrainingData, stage1: dict | None) -> FoldsResult:
+def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
     """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions."""
     oof = {name: np.full((len(d.curated.table), len(d.classes)), np.nan) for name in ("center", "windows", "tta")}
-    models, results = [], []
-    for k in range(s.cfg.folds):
+    models, results, budget = [], [], run.budget
+    for k in range(run.cfg.folds):
         t0 = time.time()
-        trained = train_fold(s, k, d, stage1)
+        trained = train_fold(run, k, d, stage1)
         if trained is None:
-            if s.budget and s.budget.plan.folds_trained <= k:
-                log.warning("time budget: %d of %d folds trained", len(models), s.cfg.folds)
+            if budget.plan.folds_trained <= k:
+                log.warning("time budget: %d of %d folds trained", len(models), run.cfg.folds)
                 break
             continue
         model, meta = trained
         t_pred, valid = time.time(), d.fold(k)[1]
-        for name, probs in predict_oof(model, valid, s.cfg, s.device).items():
+        for name, probs in predict_oof(model, valid, run.cfg, run.device, budget.plan.tta_aug_passes).items():
             oof[name][valid.indices] = probs
-        if s.budget:
-            s.budget.measured("oof_predict", time.time() - t_pred, 1)
-            s.budget.fold_done(k)
-        results.append(fold_summary(k, meta, valid.targets, oof["windows"][valid.indices], oof["center"][valid.indices]))
-        s.record(f"fold {k}", time.time() - t0)
+        budget.measured("oof_predict", time.time() - t_pred, 1)
+        budget.fold_done(k)
+        rows = valid.indices
+        results.append(fold_summary(k, meta, valid.targets, oof["windows"][rows], oof["center"][rows]))
+        run.record(fold_stage(k), time.time() - t0)
         models.append(model)
     return FoldsResult(d.folds, models, results, oof["center"], oof["windows"], oof["tta"])
 
@@ -4654,6 +4617,166 @@ def fold_summary(k: int, meta: dict, truth: np.ndarray, windows: np.ndarray, cen
     log.info("fold %d: best lwlrap %.4f at epoch %d; OOF whole-clip windows %.4f, centre crop %.4f", k,
              row["best_lwlrap"], row["best_epoch"], row["oof_windows"], row["oof_center"])
     return row
+''')
+
+_add('src/fattag/weights.py', r'''
+"""Saved weights and their settings: what a saved stage depends on, what a checkpoint carries, and how a
+predict-only run gets its models and the settings to predict with.
+
+- A stage's *recipe* (`stage_recipe`) is every setting its weights depend on, plus the data dir: a later run in
+  the same work dir reuses or resumes the stage only when its own recipe is the same (checkpoint.StageDir).
+- A checkpoint's *metadata* (`model_meta`) is what prediction needs to rebuild the model and refuse a mismatched
+  dataset: the classes, the feature and the model settings.
+- The *inference settings* a run predicted the test set with go once to `inference.json` in its work dir, beside
+  the fold folders (`save_inference`); a predict-only run from those weights starts from them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import atomic_write_text, load_checkpoint
+from .config import REMOVED, Config, upgrade_settings, with_settings
+from .model import build_model
+
+FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
+                "trim_silence", "trim_db", "crop_seconds")
+MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
+INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "class_balance", "batch_size")
+# Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
+# resumed stage keeps its own), the budget, workers, the CPU memory layout and mixed precision (float rounding only,
+# like the device itself), how test clips are predicted, and the pseudo-label round's settings (the round adds
+# ROUND_KEYS to its own recipe). Every other setting is part of a stage's recipe.
+NOT_RECIPE_KEYS = ("noisy.epochs", "curated.epochs", "pseudo_epochs", "pseudo_threshold", "lr_pseudo",
+                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last", "amp",
+                   *(k for k in INFERENCE_KEYS if k != "batch_size"))
+# What a saved pseudo-label round depends on besides the recipe: how the teacher predicts and the round's settings.
+ROUND_KEYS = ("class_balance", "tta_aggregate", "tta_step_frac", "fold_ensemble", "pseudo_threshold", "lr_pseudo")
+INFERENCE_FILE = "inference.json"
+log = logging.getLogger("fattag")
+
+
+def stage_recipe(cfg: Config, data_dir, pseudo_round: bool = False) -> dict:
+    """The settings a saved stage's weights depend on, by --set name, plus the data dir (and, for a pseudo-label
+    round, the round's own settings)."""
+    flat = cfg.flat_dict()
+    recipe = {k: v for k, v in flat.items() if k not in NOT_RECIPE_KEYS}
+    recipe["data_dir"] = str(data_dir)
+    if pseudo_round:
+        recipe["pseudo"] = {k: flat[k] for k in ROUND_KEYS}
+    return recipe
+
+
+def feature_settings(cfg: Config) -> dict:
+    """The settings a trained model's input depends on: weights are only valid with the same ones."""
+    return {k: getattr(cfg, k) for k in FEATURE_KEYS}
+
+
+def inference_settings(cfg: Config) -> dict:
+    """How test clips are predicted: may differ between training and a later predict-only run."""
+    return {k: getattr(cfg, k) for k in INFERENCE_KEYS}
+
+
+def model_meta(cfg: Config, classes: list[str], **extra) -> dict:
+    """What prediction needs to rebuild the model and refuse a mismatched dataset: the classes, the feature and
+    the model settings (and `extra`: the stage, the fold, ...)."""
+    return dict(classes=list(classes), features=feature_settings(cfg),
+                model={k: getattr(cfg, k) for k in MODEL_KEYS}, **extra)
+
+
+def check_classes(meta: dict, classes: list[str], source: str = "weights") -> None:
+    """A clear error when saved weights were trained for another class vocabulary than the data's."""
+    if list(meta["classes"]) != list(classes):
+        missing = sorted(set(classes) - set(meta["classes"]))[:5]
+        extra = sorted(set(meta["classes"]) - set(classes))[:5]
+        raise ValueError(f"{source}: class vocabulary differs from the data's sample_submission.csv "
+                         f"({len(meta['classes'])} vs {len(classes)} classes; missing in weights: {missing}, "
+                         f"not in data: {extra}{'; same names, other order' if not missing and not extra else ''})")
+
+
+def model_from_state(meta: dict, state: dict) -> nn.Module:
+    """The model a checkpoint describes, with its weights (input statistics included)."""
+    model = build_model(Config(**meta["model"]), len(meta["classes"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def final_weights(fold_model: Path) -> Path:
+    """A fold's final weights: those after the test pseudo-label round when it ran (fold*/pseudo/), else stage 2's."""
+    after_round = Path(fold_model).parent / "pseudo" / "model.pth"
+    return after_round if after_round.is_file() else Path(fold_model)
+
+
+def load_fold_models(weights_dir, classes: list[str]) -> list:
+    """Every fold's final weights under `weights_dir` (fold*/model.pth, or fold*/pseudo/model.pth where the
+    pseudo-label round ran) as (path, model, meta); a clear error when there are none or they mismatch."""
+    weights_dir = Path(weights_dir)
+    paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
+    if not paths:
+        raise FileNotFoundError(f"no fold*/model.pth under {weights_dir}: point --weights at a training run's "
+                                "work dir (or the dataset holding its fold folders)")
+    loaded = []
+    for path in map(final_weights, paths):
+        meta, state = load_checkpoint(path)
+        check_classes(meta, classes, source=str(path))
+        loaded.append((path, model_from_state(meta, state), meta))
+    return loaded
+
+
+def save_inference(work_dir, cfg: Config) -> None:
+    """inference.json: how this run predicted the test set, for a later predict-only run from its weights."""
+    atomic_write_text(Path(work_dir) / INFERENCE_FILE, json.dumps(inference_settings(cfg), indent=2) + "\n")
+
+
+def saved_inference(paths: list[Path], metas: list[dict]) -> dict:
+    """The inference settings that the training run of these fold checkpoints used: its inference.json (in the
+    folder holding the fold folders), else the settings older checkpoints carried in their metadata."""
+    for path in paths:
+        folds_dir = next((p.parent for p in Path(path).parents if p.name.startswith("fold")), None)
+        if folds_dir is not None and (folds_dir / INFERENCE_FILE).is_file():
+            return json.loads((folds_dir / INFERENCE_FILE).read_text())
+    legacy = [upgrade_settings(m.get("inference", {})) for m in metas]
+    used = sorted({k for group in legacy for k in group if k in REMOVED})
+    if used:
+        raise ValueError(f"these weights were predicted with settings that no longer exist: {', '.join(used)} "
+                         "(removed, docs/ablation.md); predict them with the version that trained them")
+    differ = sorted({k for group in legacy for k in group if any(g.get(k) != group.get(k) for g in legacy)})
+    if differ:
+        raise ValueError(f"the fold checkpoints disagree on inference settings {differ} ({paths[0]} and others)")
+    if not legacy or not legacy[0]:
+        log.warning("no %s beside the fold folders and no inference settings in the checkpoints: predicting with "
+                    "this run's settings (upload the training run's %s with its fold folders)", INFERENCE_FILE,
+                    INFERENCE_FILE)
+        return {}
+    return legacy[0]
+
+
+def prediction_config(cfg: Config, models: list, explicit: dict) -> Config:
+    """The settings to predict with: features and model from the checkpoints (`models`: (path, model, meta); every
+    fold must agree), the inference settings the training run used, then the inference settings the user `--set`
+    explicitly. Setting a feature or model value other than the weights' is an error: the weights are only valid
+    with their own."""
+    first_path, _, first = models[0]
+    for group in ("features", "model"):
+        for path, _, meta in models:
+            diff = sorted(k for k in set(first[group]) | set(meta[group]) if first[group].get(k) != meta[group].get(k))
+            if diff:
+                raise ValueError(f"the fold checkpoints disagree on {group} settings {diff}: {first_path} has "
+                                 f"{ {k: first[group].get(k) for k in diff} }, {path} has "
+                                 f"{ {k: meta[group].get(k) for k in diff} }")
+    fixed = {**first["features"], **first["model"]}
+    clash = {k: (fixed[k], v) for k, v in explicit.items() if k in fixed and fixed[k] != v}
+    if clash:
+        raise ValueError("feature settings differ from the weights (saved, --set): "
+                         + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in clash.items())
+                         + "; feature and model settings come from the weights")
+    inference = {**saved_inference([p for p, _, _ in models], [m for _, _, m in models]),
+                 **{k: v for k, v in explicit.items() if k in INFERENCE_KEYS}}
+    return with_settings(replace(cfg, **fixed), inference)
 ''')
 
 _add('src/run.py', r'''
@@ -4668,26 +4791,28 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
 if __package__ in (None, "") and "fattag" not in sys.modules:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fattag.budget import Budget, apply_plan, count_workload, measure_throughput  # noqa: E402
-from fattag.checkpoint import load_checkpoint, update_meta  # noqa: E402
 from fattag.cli import parse_args  # noqa: E402
+from fattag.context import open_run  # noqa: E402
+from fattag.cost import count_workload  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 from fattag.precision import check_device  # noqa: E402
-from fattag.predict import final_weights, load_fold_models, predict_and_submit, prediction_config  # noqa: E402
+from fattag.predict import predict_and_submit  # noqa: E402
 from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
 from fattag.select import select_noisy  # noqa: E402
-from fattag.session import open_session  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
+from fattag.weights import load_fold_models, prediction_config  # noqa: E402
 
 log = logging.getLogger("fattag")
 MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throughput
@@ -4695,85 +4820,75 @@ MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throu
 
 def main(argv=None, defaults: dict | None = None) -> int:
     args = parse_args(argv, defaults)
-    s = open_session(args)
-    data = load_dataset(s.data_dir)
+    run = open_run(args)
+    cfg, budget = run.cfg, run.budget
+    data = load_dataset(run.data_dir)
     log.info(data.summary())
     prior = class_prior(data.curated.targets)
 
     # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
     #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores.
-    if not (s.work_dir / "submission.csv").exists():
-        write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
+    if not (run.work_dir / "submission.csv").exists():
+        write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          np.tile(prior, (len(data.test), 1)))
-    check_device(s.device)
+    check_device(run.device)
     if args.mode == "predict":
-        return predict_only(s, data, args.weights, prior)
+        return predict_only(run, data, args.weights, prior)
     t0 = time.time()
-    test = build_store(data.test, s.cfg, s.device)
-    curated = build_store(data.curated, s.cfg, s.device)
-    noisy = build_store(data.noisy, s.cfg, s.device) if data.noisy is not None and s.cfg.epochs_noisy > 0 else None
-    s.record("decode + log-mel", time.time() - t0)
-    d = TrainingData.make(data.classes, curated, noisy, s.cfg)
+    test = build_store(data.test, cfg, run.device)
+    curated = build_store(data.curated, cfg, run.device)
+    noisy = build_store(data.noisy, cfg, run.device) if data.noisy is not None and cfg.noisy.epochs > 0 else None
+    run.record("decode + log-mel", time.time() - t0)
+    d = TrainingData.make(data.classes, curated, noisy, cfg)
 
     # 2. Plan epochs, folds and TTA passes to fit the time budget, from measured throughput.
-    plan_budget(s, len(data.classes), noisy, curated, test)
+    plan_budget(run, len(data.classes), noisy, curated, test)
 
     # 3. Stage 1 on the noisy set (one shared model; optionally only the noisy clips a curated-trained scorer agrees
     #    with), 4. stage 2 on each curated fold, warm-started from it.
-    if s.cfg.select_noisy and s.budget.plan.epochs_noisy and len(d.noisy_pool):
-        d.noisy_pool = select_noisy(s, d)
-        s.budget.noisy_kept(len(d.noisy_pool))
-    stage1 = train_stage1(s, d)
-    folds = train_folds(s, d, stage1)
+    if cfg.select_noisy and budget.plan.epochs_noisy and len(d.noisy_pool):
+        d.noisy_pool = select_noisy(run, d)
+        budget.noisy_kept(len(d.noisy_pool))
+    stage1 = train_stage1(run, d)
+    folds = train_folds(run, d, stage1.weights)
 
     # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes.
     scores = score_oof(data.curated.targets, folds)
-    write_oof(s.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
+    write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
     # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
-    folds.models = pseudo_label_round(s, d, folds, test)
+    models = pseudo_label_round(run, d, folds, test)
 
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
-    #    every test clip gets a row. The checkpoints and config.json record how it was done.
-    s.cfg = apply_plan(s.cfg, s.budget.plan, tta_aug_passes=s.budget.test_passes(len(folds.models)))
-    record_settings(s, folds)
-    probs = predict_and_submit(s, data, folds.models, test, prior)
-    (s.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
-                                                            stage1_holdout=s.stage1_holdout), indent=2) + "\n")
-    log.info("time plan vs actual:\n%s", s.timing_table())
+    #    every test clip gets a row. inference.json and config.json record how it was done.
+    predict_cfg = replace(cfg, tta_aug_passes=budget.test_passes(len(models)))
+    probs = predict_and_submit(run, predict_cfg, data, models, test, prior)
+    run.save_config(folds_run=folds.results)
+    (run.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
+                                                              stage1_holdout=stage1.holdout), indent=2) + "\n")
+    log.info("time plan vs actual:\n%s", run.timing_table())
 
     # 8. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
     rows = folds.predicted
-    write_report(s.work_dir, mode="train", classes=data.classes, timings=s.timings, scores=scores,
-                 dataset=dataset_summary(s, [curated, noisy, test]), folds=folds.results, stage1=s.stage1_holdout,
+    write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
+                 dataset=dataset_summary(run, [curated, noisy, test]), folds=folds.results, stage1=stage1.holdout,
                  oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
     return 0
 
 
-def dataset_summary(s, stores) -> dict:
-    return dict(data_dir=str(s.data_dir), demo=s.is_demo, sets=[st.summary() for st in stores if st is not None])
+def dataset_summary(run, stores) -> dict:
+    return dict(data_dir=str(run.data_dir), demo=run.is_demo, sets=[st.summary() for st in stores if st is not None])
 
 
-def plan_budget(s, n_classes, noisy, curated, test) -> None:
-    """Measure this machine's speed and fit the preset into what is left of the budget (or keep it as is)."""
+def plan_budget(run, n_classes, noisy, curated, test) -> None:
+    """Measure this machine's speed and fit the recipe into what is left of the budget (or keep it as is)."""
     t0 = time.time()
-    remaining = s.remaining()
-    tp = measure_throughput(s.cfg, n_classes, s.device, max_seconds=remaining and remaining * MEASURE_SHARE)
-    s.record("measure throughput", time.time() - t0)
-    s.budget = Budget(s.cfg, count_workload(s.cfg, noisy, curated, test), tp, s.deadline)
-    s.cfg = apply_plan(s.cfg, s.budget.plan)
-    s.save_config(plan=s.budget.plan.to_dict())
-    log.info("measured %s\n%s", tp.describe(), s.budget.plan.table())
-
-
-def record_settings(s, folds) -> None:
-    """config.json: the settings and plan the run used; each fold checkpoint: the inference settings of the test
-    predictions, so that a predict-only run from these weights makes the same submission."""
-    for row in folds.results:
-        path = final_weights(s.work_dir / f"fold{row['fold']}" / "model.pth")
-        if load_checkpoint(path)[0].get("inference") != s.cfg.inference_dict():
-            update_meta(path, inference=s.cfg.inference_dict())
-    s.save_config(plan=s.budget.plan.to_dict(), folds_run=folds.results)
+    remaining = run.budget.remaining()
+    tp = measure_throughput(run.cfg, n_classes, run.device, max_seconds=remaining and remaining * MEASURE_SHARE)
+    run.record("measure throughput", time.time() - t0)
+    plan = run.budget.start(count_workload(run.cfg, noisy, curated, test), tp)
+    run.save_config()
+    log.info("measured %s\n%s", tp.describe(), plan.table())
 
 
 def score_oof(targets, folds) -> dict:
@@ -4787,19 +4902,19 @@ def score_oof(targets, folds) -> dict:
     return scores
 
 
-def predict_only(s, data, weights_dir, prior) -> int:
+def predict_only(run, data, weights_dir, prior) -> int:
     """Kaggle-style inference from attached fold weights: the weights say how to predict; no training data is read."""
     if not weights_dir:
         raise SystemExit("--mode predict needs --weights DIR (a training run's work dir)")
     models = load_fold_models(weights_dir, data.classes)
-    s.cfg = prediction_config(s.cfg, {str(path): meta for path, _, meta in models}, s.explicit)
-    s.save_config(weights=str(weights_dir))
+    cfg = prediction_config(run.cfg, models, run.explicit)
+    run.save_config(cfg, weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
-    test = build_store(data.test, s.cfg, s.device)
-    probs = predict_and_submit(s, data, [m for _, m, _ in models], test, prior)
-    log.info("time:\n%s", s.timing_table())
-    write_report(s.work_dir, mode="predict", classes=data.classes, timings=s.timings, test_probs=probs,
-                 dataset=dataset_summary(s, [test]),
+    test = build_store(data.test, cfg, run.device)
+    probs = predict_and_submit(run, cfg, data, [m for _, m, _ in models], test, prior)
+    log.info("time:\n%s", run.timing_table())
+    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=probs,
+                 dataset=dataset_summary(run, [test]),
                  loaded=[f"{path} (fold {meta.get('fold')}, lwlrap {meta.get('score', float('nan')):.4f}, "
                          f"{meta['model']['arch']})" for path, _, meta in models])
     return 0

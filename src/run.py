@@ -9,26 +9,28 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
 if __package__ in (None, "") and "fattag" not in sys.modules:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fattag.budget import Budget, apply_plan, count_workload, measure_throughput  # noqa: E402
-from fattag.checkpoint import load_checkpoint, update_meta  # noqa: E402
 from fattag.cli import parse_args  # noqa: E402
+from fattag.context import open_run  # noqa: E402
+from fattag.cost import count_workload  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 from fattag.precision import check_device  # noqa: E402
-from fattag.predict import final_weights, load_fold_models, predict_and_submit, prediction_config  # noqa: E402
+from fattag.predict import predict_and_submit  # noqa: E402
 from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
 from fattag.select import select_noisy  # noqa: E402
-from fattag.session import open_session  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
+from fattag.weights import load_fold_models, prediction_config  # noqa: E402
 
 log = logging.getLogger("fattag")
 MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throughput
@@ -36,85 +38,75 @@ MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throu
 
 def main(argv=None, defaults: dict | None = None) -> int:
     args = parse_args(argv, defaults)
-    s = open_session(args)
-    data = load_dataset(s.data_dir)
+    run = open_run(args)
+    cfg, budget = run.cfg, run.budget
+    data = load_dataset(run.data_dir)
     log.info(data.summary())
     prior = class_prior(data.curated.targets)
 
     # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
     #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores.
-    if not (s.work_dir / "submission.csv").exists():
-        write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
+    if not (run.work_dir / "submission.csv").exists():
+        write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          np.tile(prior, (len(data.test), 1)))
-    check_device(s.device)
+    check_device(run.device)
     if args.mode == "predict":
-        return predict_only(s, data, args.weights, prior)
+        return predict_only(run, data, args.weights, prior)
     t0 = time.time()
-    test = build_store(data.test, s.cfg, s.device)
-    curated = build_store(data.curated, s.cfg, s.device)
-    noisy = build_store(data.noisy, s.cfg, s.device) if data.noisy is not None and s.cfg.epochs_noisy > 0 else None
-    s.record("decode + log-mel", time.time() - t0)
-    d = TrainingData.make(data.classes, curated, noisy, s.cfg)
+    test = build_store(data.test, cfg, run.device)
+    curated = build_store(data.curated, cfg, run.device)
+    noisy = build_store(data.noisy, cfg, run.device) if data.noisy is not None and cfg.noisy.epochs > 0 else None
+    run.record("decode + log-mel", time.time() - t0)
+    d = TrainingData.make(data.classes, curated, noisy, cfg)
 
     # 2. Plan epochs, folds and TTA passes to fit the time budget, from measured throughput.
-    plan_budget(s, len(data.classes), noisy, curated, test)
+    plan_budget(run, len(data.classes), noisy, curated, test)
 
     # 3. Stage 1 on the noisy set (one shared model; optionally only the noisy clips a curated-trained scorer agrees
     #    with), 4. stage 2 on each curated fold, warm-started from it.
-    if s.cfg.select_noisy and s.budget.plan.epochs_noisy and len(d.noisy_pool):
-        d.noisy_pool = select_noisy(s, d)
-        s.budget.noisy_kept(len(d.noisy_pool))
-    stage1 = train_stage1(s, d)
-    folds = train_folds(s, d, stage1)
+    if cfg.select_noisy and budget.plan.epochs_noisy and len(d.noisy_pool):
+        d.noisy_pool = select_noisy(run, d)
+        budget.noisy_kept(len(d.noisy_pool))
+    stage1 = train_stage1(run, d)
+    folds = train_folds(run, d, stage1.weights)
 
     # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes.
     scores = score_oof(data.curated.targets, folds)
-    write_oof(s.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
+    write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
     # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
-    folds.models = pseudo_label_round(s, d, folds, test)
+    models = pseudo_label_round(run, d, folds, test)
 
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
-    #    every test clip gets a row. The checkpoints and config.json record how it was done.
-    s.cfg = apply_plan(s.cfg, s.budget.plan, tta_aug_passes=s.budget.test_passes(len(folds.models)))
-    record_settings(s, folds)
-    probs = predict_and_submit(s, data, folds.models, test, prior)
-    (s.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
-                                                            stage1_holdout=s.stage1_holdout), indent=2) + "\n")
-    log.info("time plan vs actual:\n%s", s.timing_table())
+    #    every test clip gets a row. inference.json and config.json record how it was done.
+    predict_cfg = replace(cfg, tta_aug_passes=budget.test_passes(len(models)))
+    probs = predict_and_submit(run, predict_cfg, data, models, test, prior)
+    run.save_config(folds_run=folds.results)
+    (run.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
+                                                              stage1_holdout=stage1.holdout), indent=2) + "\n")
+    log.info("time plan vs actual:\n%s", run.timing_table())
 
     # 8. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
     rows = folds.predicted
-    write_report(s.work_dir, mode="train", classes=data.classes, timings=s.timings, scores=scores,
-                 dataset=dataset_summary(s, [curated, noisy, test]), folds=folds.results, stage1=s.stage1_holdout,
+    write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
+                 dataset=dataset_summary(run, [curated, noisy, test]), folds=folds.results, stage1=stage1.holdout,
                  oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
     return 0
 
 
-def dataset_summary(s, stores) -> dict:
-    return dict(data_dir=str(s.data_dir), demo=s.is_demo, sets=[st.summary() for st in stores if st is not None])
+def dataset_summary(run, stores) -> dict:
+    return dict(data_dir=str(run.data_dir), demo=run.is_demo, sets=[st.summary() for st in stores if st is not None])
 
 
-def plan_budget(s, n_classes, noisy, curated, test) -> None:
-    """Measure this machine's speed and fit the preset into what is left of the budget (or keep it as is)."""
+def plan_budget(run, n_classes, noisy, curated, test) -> None:
+    """Measure this machine's speed and fit the recipe into what is left of the budget (or keep it as is)."""
     t0 = time.time()
-    remaining = s.remaining()
-    tp = measure_throughput(s.cfg, n_classes, s.device, max_seconds=remaining and remaining * MEASURE_SHARE)
-    s.record("measure throughput", time.time() - t0)
-    s.budget = Budget(s.cfg, count_workload(s.cfg, noisy, curated, test), tp, s.deadline)
-    s.cfg = apply_plan(s.cfg, s.budget.plan)
-    s.save_config(plan=s.budget.plan.to_dict())
-    log.info("measured %s\n%s", tp.describe(), s.budget.plan.table())
-
-
-def record_settings(s, folds) -> None:
-    """config.json: the settings and plan the run used; each fold checkpoint: the inference settings of the test
-    predictions, so that a predict-only run from these weights makes the same submission."""
-    for row in folds.results:
-        path = final_weights(s.work_dir / f"fold{row['fold']}" / "model.pth")
-        if load_checkpoint(path)[0].get("inference") != s.cfg.inference_dict():
-            update_meta(path, inference=s.cfg.inference_dict())
-    s.save_config(plan=s.budget.plan.to_dict(), folds_run=folds.results)
+    remaining = run.budget.remaining()
+    tp = measure_throughput(run.cfg, n_classes, run.device, max_seconds=remaining and remaining * MEASURE_SHARE)
+    run.record("measure throughput", time.time() - t0)
+    plan = run.budget.start(count_workload(run.cfg, noisy, curated, test), tp)
+    run.save_config()
+    log.info("measured %s\n%s", tp.describe(), plan.table())
 
 
 def score_oof(targets, folds) -> dict:
@@ -128,19 +120,19 @@ def score_oof(targets, folds) -> dict:
     return scores
 
 
-def predict_only(s, data, weights_dir, prior) -> int:
+def predict_only(run, data, weights_dir, prior) -> int:
     """Kaggle-style inference from attached fold weights: the weights say how to predict; no training data is read."""
     if not weights_dir:
         raise SystemExit("--mode predict needs --weights DIR (a training run's work dir)")
     models = load_fold_models(weights_dir, data.classes)
-    s.cfg = prediction_config(s.cfg, {str(path): meta for path, _, meta in models}, s.explicit)
-    s.save_config(weights=str(weights_dir))
+    cfg = prediction_config(run.cfg, models, run.explicit)
+    run.save_config(cfg, weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
-    test = build_store(data.test, s.cfg, s.device)
-    probs = predict_and_submit(s, data, [m for _, m, _ in models], test, prior)
-    log.info("time:\n%s", s.timing_table())
-    write_report(s.work_dir, mode="predict", classes=data.classes, timings=s.timings, test_probs=probs,
-                 dataset=dataset_summary(s, [test]),
+    test = build_store(data.test, cfg, run.device)
+    probs = predict_and_submit(run, cfg, data, [m for _, m, _ in models], test, prior)
+    log.info("time:\n%s", run.timing_table())
+    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=probs,
+                 dataset=dataset_summary(run, [test]),
                  loaded=[f"{path} (fold {meta.get('fold')}, lwlrap {meta.get('score', float('nan')):.4f}, "
                          f"{meta['model']['arch']})" for path, _, meta in models])
     return 0

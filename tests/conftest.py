@@ -13,7 +13,7 @@ RUN = REPO / "src" / "run.py"
 
 # Every pipeline test uses these: both stages, two folds, one or two epochs, the demo preset's tiny model.
 TINY = ["--preset", "demo", "--seed", "0", "--folds", "2",
-        "--set", "epochs_noisy=1", "--set", "epochs_curated=2", "--set", "batch_size=16"]
+        "--set", "noisy.epochs=1", "--set", "curated.epochs=2", "--set", "batch_size=16"]
 
 
 @pytest.fixture(scope="session")
@@ -54,5 +54,5 @@ def fit_fresh_model(cfg, n_classes, store, device, out_dir, epochs, lr, n_valid,
     model = build_model(cfg, n_classes, -40.0, 20.0)
     if watch is not None:
         watch(model)
-    spec = StageSpec(label, "curated", out_dir, epochs=epochs, lr=lr, loss="bce", seed=0, cfg=cfg, device=device)
+    spec = StageSpec(label, cfg.curated, out_dir, epochs=epochs, lr=lr, loss="bce", seed=0, cfg=cfg, device=device)
     return fit_stage(model, Clips(store, idx[n_valid:]), Clips(store, idx[:n_valid]), spec), model

@@ -95,3 +95,19 @@ def test_aggregate_windows():
     assert torch.allclose(aggregate_windows(p, clip_of, 2, "mean"), torch.tensor([[0.3, 0.5], [0.6, 0.5]]))
     assert torch.allclose(aggregate_windows(p, clip_of, 2, "max"), torch.tensor([[0.4, 0.9], [0.6, 0.5]]))
     assert torch.allclose(aggregate_windows(p, clip_of, 2, "meanmax"), torch.tensor([[0.35, 0.7], [0.6, 0.5]]))
+
+
+def test_store_builds_each_set_of_windows_once(cfg, tmp_path):
+    store = _store(cfg, tmp_path, [0.3, 7.0, 3.0])
+    win = store.windows([0, 1, 2], cfg.crop_frames, 0.5)
+    assert store.windows(np.array([0, 1, 2]), cfg.crop_frames, 0.5) is win    # same clips and settings: cached
+    direct = WindowDataset(store, [0, 1, 2], cfg.crop_frames, 0.5)
+    assert win.clip_of.tolist() == direct.clip_of.tolist() and len(win) == len(direct)
+    assert torch.equal(win[len(win) - 1][0], direct[len(direct) - 1][0])
+    others = [store.windows([0, 1, 2], cfg.crop_frames, 0.25),          # another step
+              store.windows([0, 1], cfg.crop_frames, 0.5),              # other clips
+              store.windows([0, 1, 2], cfg.crop_frames // 2, 0.5),      # another window
+              store.windows([0, 1, 2], cfg.crop_frames, 0.5, center_only=True)]
+    assert all(o is not win for o in others) and len({id(o) for o in others}) == 4
+    assert len(others[0]) > len(win) and len(others[1]) < len(win) and len(others[3]) == 3
+    assert others[1].clip_of.max() == 1 and others[0] is store.windows([0, 1, 2], cfg.crop_frames, 0.25)

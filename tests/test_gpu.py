@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import fit_fresh_model
 
-from fattag.budget import measure_throughput
+from fattag.throughput import measure_throughput
 from fattag.config import make_config
 from fattag.data import load_dataset
 from fattag.features import build_store

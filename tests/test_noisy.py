@@ -6,11 +6,11 @@ import torch
 
 import fattag.select as select
 import fattag.train as train
-from fattag.config import make_config
+from fattag.config import make_config, with_settings
+from fattag.context import Run
 from fattag.data import ClipTable
 from fattag.features import Clips, CropDataset, MelStore
 from fattag.metrics import chance_lwlrap
-from fattag.session import Session
 from fattag.train import StageResult, TrainingData
 
 
@@ -53,12 +53,17 @@ def test_select_noisy_keeps_the_agreeing_clips_and_reuses_its_choice(tmp_path, m
     # label at the bottom)
     ramp = np.linspace(0.1, 0.5, labels.shape[1])[None, :]
     probs = np.where((pool % 2 == 0)[:, None], ramp + labels, ramp + 1 - labels)
-    monkeypatch.setattr(select, "fit_stage", lambda *a, **k: StageResult(pd.DataFrame(), 0.8, 1, 0.1, 1))
+    specs = []
+    monkeypatch.setattr(select, "fit_stage", lambda model, trn, val, spec, deadline=None: specs.append(spec) or
+                        StageResult(pd.DataFrame(), 0.8, 1, 0.1, 1))
+    cfg = with_settings(cfg, {"curated.lr": 1e-3, "curated.loss": "focal", "noisy.lr": 5e-2})
     monkeypatch.setattr(select, "predict_clips", lambda model, store, idx, *a, **k: probs)
-    s = Session(cfg, "demo", tmp_path, tmp_path, torch.device("cpu"), False)
+    s = Run(cfg, "demo", tmp_path, tmp_path, torch.device("cpu"), False)
     kept = select.select_noisy(s, d)
     assert kept.tolist() == [i for i in pool if i % 2 == 0]
     assert 3 not in kept
+    [spec] = specs       # the scorer trains like a fold model: stage 2's learning rate, loss and augmentation
+    assert (spec.lr, spec.loss, spec.augment, spec.epochs) == (1e-3, "focal", cfg.curated, cfg.select_epochs)
     monkeypatch.setattr(select, "predict_clips", lambda *a, **k: pytest.fail("a finished selection is reused"))
     assert select.select_noisy(s, d).tolist() == kept.tolist()
 
@@ -90,16 +95,21 @@ def test_stage1_trains_on_the_noisy_clips_plus_the_curated_share(tmp_path, monke
     seen = []
 
     def fake_fit(model, parts, valid, spec, deadline=None):
-        seen.append((list(parts), valid))
+        seen.append((list(parts), valid, spec))
         return StageResult(pd.DataFrame(columns=train.HISTORY_COLUMNS), 0.5, 1, 0.1, spec.epochs)
 
     monkeypatch.setattr(train, "fit_stage", fake_fit)
     monkeypatch.setattr(train, "finish_stage", lambda *a, **k: None)
     # 37 noisy training clips: a share of 0.1 adds 37 * 0.1 / 0.9 = 4 curated clips; 0.5 would add 37, capped at 12
+    cfg = with_settings(cfg, {"curated.top_up": 0.5})   # stage 2's share: not stage 1's
     for share, n_curated in ((0.0, 0), (0.1, 4), (0.5, 12)):
-        cfg.curated_share_noisy = share
-        train.train_stage1(Session(cfg, "demo", tmp_path / str(share), tmp_path, torch.device("cpu"), False), d)
-        parts, valid = seen[-1]
+        run_cfg = with_settings(cfg, {"noisy.top_up": share})
+        stage1 = train.train_stage1(Run(run_cfg, "demo", tmp_path / str(share), tmp_path, torch.device("cpu"), False),
+                                    d)
+        assert stage1.weights is not None and stage1.holdout["per_epoch"] == []
+        parts, valid, spec = seen[-1]
+        assert (spec.augment, spec.lr, spec.loss) == (run_cfg.noisy, 4e-3, "bce")   # stage 1's own settings
+        assert spec.augment is run_cfg.noisy and spec.label == "stage 1 (noisy)"
         assert parts[0].store is d.noisy and valid.store is d.noisy   # the holdout stays noisy
         assert not set(parts[0].indices) & set(valid.indices)
         extra = [p for p in parts[1:] if p.store is d.curated]

@@ -9,12 +9,12 @@ import pytest
 from conftest import TINY, run_pipeline
 from fattag.data import load_dataset
 from fattag.metrics import lwlrap
-from fattag.predict import load_fold_models
+from fattag.weights import INFERENCE_KEYS, load_fold_models
 from fattag.submission import SubmissionError, validate_submission
 
 
 def test_training_run_writes_every_output(tiny_run):
-    for name in ("config.json", "log.txt", "oof.csv", "scores.json", "submission.csv",
+    for name in ("config.json", "log.txt", "oof.csv", "scores.json", "submission.csv", "inference.json",
                  "stage1/model.pth", "stage1/history.csv", "fold0/model.pth", "fold0/history.csv",
                  "fold1/model.pth", "fold1/history.csv"):
         assert (tiny_run / name).is_file(), name
@@ -24,6 +24,16 @@ def test_training_run_writes_every_output(tiny_run):
     assert list(hist.columns) == ["epoch", "train_loss", "valid_loss", "lwlrap"] and len(hist) == 2
     log = (tiny_run / "log.txt").read_text()
     assert "time plan vs actual" in log and "OOF lwlrap" in log
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["settings"]["curated"]["epochs"] == 2 and config["settings"]["noisy"]["epochs"] == 1
+    assert (config["plan"]["epochs_noisy"], config["plan"]["epochs_curated"], config["plan"]["folds_trained"]) == \
+        (1, 2, 2)
+    assert [f["fold"] for f in config["folds_run"]] == [0, 1]
+    inference = json.loads((tiny_run / "inference.json").read_text())
+    assert set(inference) == set(INFERENCE_KEYS)
+    assert (inference["tta_aggregate"], inference["tta_step_frac"], inference["batch_size"]) == ("meanmax", 0.5, 16)
+    scores = json.loads((tiny_run / "scores.json").read_text())
+    assert len(scores["stage1_holdout"]["per_epoch"]) == 1 and [f["fold"] for f in scores["folds"]] == [0, 1]
 
 
 def test_oof_lwlrap_equals_recomputed_from_oof_csv(tiny_run, tiny_data):
@@ -70,7 +80,7 @@ OTHER_FEATURES = ["--set", "n_mels=40", "--set", "hop_length=200", "--set", "cro
 def other_features_run(tiny_data, tmp_path_factory):
     """A training run whose feature and inference settings are not any preset's, with a test pseudo-label round."""
     work = tmp_path_factory.mktemp("run-other")
-    proc = run_pipeline(["--data-dir", tiny_data, "--work-dir", work, *TINY, "--set", "epochs_curated=1",
+    proc = run_pipeline(["--data-dir", tiny_data, "--work-dir", work, *TINY, "--set", "curated.epochs=1",
                          *OTHER_FEATURES, "--set", "pseudo_epochs=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work
@@ -91,7 +101,9 @@ def test_the_pseudo_label_round_trains_each_fold_on_its_clips_and_the_labelled_t
         assert (other_features_run / f"fold{k}" / "pseudo" / "model.pth").is_file()
     loaded = load_fold_models(other_features_run, data.classes)   # prediction uses the weights after the round
     assert [str(path.parent.name) for path, _, _ in loaded] == ["pseudo", "pseudo"]
-    assert all(meta["stage"] == "pseudo" and "inference" in meta for _, _, meta in loaded)
+    assert all(meta["stage"] == "pseudo" and "inference" not in meta for _, _, meta in loaded)
+    inference = json.loads((other_features_run / "inference.json").read_text())   # how the test set was predicted
+    assert (inference["tta_aggregate"], inference["tta_step_frac"]) == ("max", 0.25)
 
 
 @pytest.mark.parametrize("run", ["tiny_run", "other_features_run"])
@@ -108,6 +120,8 @@ def test_predict_only_from_the_weights_alone_reproduces_the_training_submission(
     trained = json.loads((weights / "config.json").read_text())["settings"]
     for key in ("n_mels", "hop_length", "crop_seconds", "arch", "tta_aggregate", "tta_step_frac"):
         assert used[key] == trained[key], key
+    predicted = json.loads((tmp_path / "inference.json").read_text())
+    assert predicted == json.loads((weights / "inference.json").read_text())   # predicted as the training run did
 
 
 def test_predict_only_may_change_inference_settings(tiny_run, tiny_data, tmp_path):
@@ -118,6 +132,7 @@ def test_predict_only_may_change_inference_settings(tiny_run, tiny_data, tmp_pat
     b = pd.read_csv(tmp_path / "submission.csv").iloc[:, 1:].to_numpy()
     assert (b >= a - 1e-6).all() and (b > a + 1e-4).any()  # max over windows >= their mean-max average
     assert json.loads((tmp_path / "config.json").read_text())["settings"]["tta_aggregate"] == "max"
+    assert json.loads((tmp_path / "inference.json").read_text())["tta_aggregate"] == "max"
 
 
 def test_fold_checkpoints_that_disagree_are_a_clear_error(tiny_run, tiny_data, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import fit_fresh_model
 
-import fattag.budget as budget
+import fattag.throughput as throughput
 from fattag.config import PRESETS, make_config
 from fattag.data import load_dataset
 from fattag.features import build_store
@@ -116,9 +116,9 @@ def test_throughput_measurement_runs_under_autocast(setup, monkeypatch):
     data, _, _ = setup
     cfg = make_config("kaggle-1h", sets=[*SMALL, "amp=bf16"])
     seen = []
-    real = budget.build_model
-    monkeypatch.setattr(budget, "build_model", lambda *a, **k: seen.append(ConvDtypes(m := real(*a, **k))) or m)
-    tp = budget.measure_throughput(cfg, len(data.classes), "cpu", runs=2)
+    real = throughput.build_model
+    monkeypatch.setattr(throughput, "build_model", lambda *a, **k: seen.append(ConvDtypes(m := real(*a, **k))) or m)
+    tp = throughput.measure_throughput(cfg, len(data.classes), "cpu", runs=2)
     assert torch.bfloat16 in seen[0].training and torch.bfloat16 in seen[0].eval  # training steps and inference
     assert 0 < tp.train_s_per_clip < 5 and 0 < tp.infer_s_per_window < 5
 

@@ -86,22 +86,39 @@ def test_predict_test_ensembles_the_folds_and_leaves_failed_clips_empty(cfg, sto
     np.testing.assert_allclose(got[ok], predict.ensemble(each, how), rtol=1e-6)
 
 
-def test_adapt_batchnorm_reestimates_statistics_on_the_clips_and_leaves_the_model(cfg, store):
-    """AdaBN: the copy's first batch norm sees the stored windows' mean; the original keeps its training statistics."""
-    model = model_for(cfg, 0)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    idx = np.arange(len(store.mels))
-    adapted = predict.adapt_batchnorm(model, store, idx, cfg)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the original is untouched"
-    bn = next(m for m in adapted.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    ds = predict.WindowDataset(store, idx, cfg.crop_frames, cfg.tta_step_frac)
-    x = torch.stack([ds[w][0] for w in range(len(ds))]).float()
-    with torch.no_grad():
-        first = adapted[1][0][0](adapted[0](x))               # the stem's first conv, before its batch norm
-    assert torch.allclose(bn.running_mean, first.mean((0, 2, 3)), atol=1e-3)
-    assert not adapted.training
-    p = predict.predict_clips(adapted, store, idx, cfg)
-    assert p.shape == (len(idx), 4) and not np.allclose(p, predict.predict_clips(model, store, idx, cfg))
+def test_predict_and_submit_uses_the_given_settings_and_records_them(cfg, store, tmp_path):
+    """The test passes and inference settings are those of the cfg it is given (the run's request may differ):
+    submission.csv holds its predictions, inference.json its inference settings, a prior row the failed clip."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from fattag.context import Run
+    from fattag.weights import inference_settings
+    store.mels[1] = None                               # could not be decoded
+    run = Run(make_config("demo"), "demo", tmp_path, tmp_path, torch.device("cpu"))
+    classes = ["a", "b", "c", "d"]
+    fnames = list(store.table.fnames)
+    pd.DataFrame({"fname": fnames, **{c: 0.0 for c in classes}}).to_csv(tmp_path / "sample.csv", index=False)
+    data = SimpleNamespace(sample_submission=tmp_path / "sample.csv", test=store.table,
+                           classes=classes)
+    prior = np.array([0.1, 0.2, 0.3, 0.4])
+    used = make_config("demo", sets=["tta_aug_passes=2", "tta_aggregate=max"])
+    models = [model_for(used, 0), model_for(used, 1)]
+    probs = predict.predict_and_submit(run, used, data, models, store, prior)
+    ok = np.flatnonzero(store.ok)
+    expected = predict.predict_test(models, store, used, "cpu", aug_passes=2)
+    np.testing.assert_allclose(probs[ok], expected[ok], rtol=1e-6)
+    assert not np.allclose(probs[ok], predict.predict_test(models, store, used, "cpu", aug_passes=0)[ok])
+    np.testing.assert_allclose(probs[1], prior)
+    sub = pd.read_csv(tmp_path / "submission.csv")
+    np.testing.assert_allclose(sub[classes].to_numpy(), probs, atol=1e-6)
+    assert json.loads((tmp_path / "inference.json").read_text()) == inference_settings(used)
+    assert [t["stage"] for t in run.timings] == ["predict test"]
+    # no model trained in time: the class prior on every row
+    probs = predict.predict_and_submit(run, used, data, [], store, prior)
+    assert np.allclose(probs, prior[None])
 
 
 def test_class_balance_removes_a_class_that_is_scored_high_everywhere():

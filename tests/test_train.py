@@ -7,14 +7,15 @@ import torch
 from fastai.callback.core import Callback
 
 import fattag.train as train
-from fattag.config import make_config
+from fattag.config import make_config, top_up_size
+from fattag.context import Run
 from fattag.data import load_dataset
 from fattag.features import Clips, build_store
 from fattag.model import build_model
 from fattag.predict import predict_clips
-from fattag.session import Session
+from fattag.weights import stage_recipe
 
-CFG = ["epochs_noisy=1", "epochs_curated=2", "batch_size=16", "folds=3", "noisy_share_curated=0.3"]
+CFG = ["noisy.epochs=1", "curated.epochs=2", "batch_size=16", "folds=3", "curated.top_up=0.3"]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def stores(tiny_data):
                                                                                           progress=False)
 
 
-def session(cfg, tmp_path: Path) -> Session:
-    return Session(cfg, "demo", tmp_path, tmp_path, torch.device("cpu"), False)
+def session(cfg, tmp_path: Path) -> Run:
+    return Run(cfg, "demo", tmp_path, tmp_path, torch.device("cpu"), False)
 
 
 def test_no_out_of_fold_prediction_comes_from_a_model_that_saw_the_clip(stores, tmp_path, monkeypatch):
@@ -39,13 +40,16 @@ def test_no_out_of_fold_prediction_comes_from_a_model_that_saw_the_clip(stores, 
     def spy(model, trn, val, spec, deadline=None):
         parts = [trn] if isinstance(trn, Clips) else list(trn)
         seen.append((spec.label, parts, val))
+        stage = cfg.noisy if spec.label.startswith("stage 1") else cfg.curated   # each stage's own settings
+        assert spec.augment is stage and spec.lr == stage.lr and spec.epochs == stage.epochs
         return real_fit(model, trn, val, spec, deadline)
 
     monkeypatch.setattr(train, "fit_stage", spy)
     s = session(cfg, tmp_path)
     d = train.TrainingData.make(data.classes, curated, noisy, cfg)
     stage1 = train.train_stage1(s, d)
-    result = train.train_folds(s, d, stage1)
+    assert stage1.weights is not None and len(stage1.holdout["per_epoch"]) == 1
+    result = train.train_folds(s, d, stage1.weights)
 
     label, parts, _ = seen[0]
     assert label.startswith("stage 1") and all(p.store is noisy for p in parts)  # stage 1 never sees a curated clip
@@ -55,6 +59,8 @@ def test_no_out_of_fold_prediction_comes_from_a_model_that_saw_the_clip(stores, 
     for k, ((label, parts, val), model) in enumerate(zip(fold_runs, result.models)):
         trn = parts[0]
         assert all(p.store is noisy for p in parts[1:])  # anything else a fold trains on is noisy
+        # curated.top_up of its items: the noisy top-up is stage 2's share, drawn from the noisy pool
+        assert sum(len(p) for p in parts[1:]) == top_up_size(len(trn), 0.3, len(d.noisy_pool)) > 0
         assert label == f"fold {k} (curated)" and trn.store is curated and val.store is curated
         assert not set(trn.indices) & set(val.indices), f"fold {k} trained on its own validation clips"
         assert set(trn.indices) | set(val.indices) == set(np.flatnonzero(curated.ok))
@@ -63,6 +69,8 @@ def test_no_out_of_fold_prediction_comes_from_a_model_that_saw_the_clip(stores, 
         np.testing.assert_allclose(result.oof_windows[val.indices], again, rtol=1e-5, atol=1e-6)
     assert (covered == 1).all(), "every clip is validated (and predicted out of fold) exactly once"
     assert result.predicted.all()
+    assert [t["stage"] for t in s.timings] == ["stage 1 (noisy)", "fold 0", "fold 1", "fold 2"]
+    assert [r["fold"] for r in result.results] == [0, 1, 2] and s.budget.folds_done == 3
 
 
 class ScriptedScores(Callback):
@@ -85,7 +93,7 @@ def test_the_best_epoch_is_kept_not_the_last(stores, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "augment_policy", lambda cfg, stage, fill: [scripted])
     model = build_model(cfg, len(data.classes), -40.0, 20.0)
     idx = np.flatnonzero(curated.ok)
-    spec = train.StageSpec("best test", "curated", tmp_path, epochs=3, lr=1e-3, loss="bce", seed=0, cfg=cfg)
+    spec = train.StageSpec("best test", cfg.curated, tmp_path, epochs=3, lr=1e-3, loss="bce", seed=0, cfg=cfg)
     res = train.fit_stage(model, Clips(curated, idx[6:]), Clips(curated, idx[:6]), spec)
     assert res.best_epoch == 2 and res.best_score == pytest.approx(0.9)
     assert res.history["lwlrap"].tolist() == pytest.approx([0.5, 0.9, 0.7])
@@ -95,13 +103,15 @@ def test_the_best_epoch_is_kept_not_the_last(stores, tmp_path, monkeypatch):
 
 
 def test_stage_specs_differ_only_by_their_stage_values():
-    cfg = make_config("demo", sets=["lr_noisy=0.01", "lr_curated=0.002", "loss_noisy=lsoft"])
+    cfg = make_config("demo", sets=["noisy.lr=0.01", "curated.lr=0.002", "noisy.loss=lsoft", "curated.mixup=0.3"])
     s = session(cfg, Path("/tmp"))
-    noisy = train.StageSpec.for_stage(s, "noisy", "s1", "/tmp/a", 5, 1)
-    curated = train.StageSpec.for_stage(s, "curated", "f0", "/tmp/b", 7, 2)
-    assert (noisy.lr, noisy.loss, noisy.epochs) == (0.01, "lsoft", 5)
-    assert (curated.lr, curated.loss, curated.epochs) == (0.002, "bce", 7)
-    assert noisy.cfg is curated.cfg
+    noisy = train.StageSpec.for_stage(s, cfg.noisy, "s1", "/tmp/a", 5, 1)
+    curated = train.StageSpec.for_stage(s, cfg.curated, "f0", "/tmp/b", 7, 2)
+    assert (noisy.lr, noisy.loss, noisy.epochs, noisy.seed, noisy.label) == (0.01, "lsoft", 5, 1, "s1")
+    assert (curated.lr, curated.loss, curated.epochs, curated.seed) == (0.002, "bce", 7, 2)
+    assert noisy.augment is cfg.noisy and curated.augment is cfg.curated and curated.augment.mixup == 0.3
+    assert noisy.cfg is curated.cfg is cfg and (noisy.out_dir, curated.device) == (Path("/tmp/a"), "cpu")
+    assert noisy.recipe == curated.recipe == stage_recipe(cfg, Path("/tmp"))  # one recipe for every stage of a run
 
 
 class RecordWeights(Callback):
@@ -126,7 +136,7 @@ def test_weight_averaging_scores_and_keeps_the_averaged_weights(stores, tmp_path
     torch.manual_seed(0)
     model = build_model(cfg, len(data.classes), -40.0, 20.0)
     idx = np.flatnonzero(curated.ok)
-    spec = train.StageSpec("ema test", "curated", tmp_path, epochs=3, lr=3e-3, loss="bce", seed=0, cfg=cfg)
+    spec = train.StageSpec("ema test", cfg.curated, tmp_path, epochs=3, lr=3e-3, loss="bce", seed=0, cfg=cfg)
     res = train.fit_stage(model, Clips(curated, idx[6:]), Clips(curated, idx[:6]), spec)
     assert res.best_epoch == 3
     key = "1.0.0.weight"
@@ -176,3 +186,37 @@ def test_pcen_channel_fades_a_steady_background_and_keeps_onsets():
     onset = pcen[1, 5]
     assert onset[64] > 5 * steady[5, 64] and onset[64] > 2 * onset[120], "onset stands out, then fades"
     assert torch.allclose(pcen[1, 6], steady[6]), "bands are normalised independently"
+
+
+def test_replayed_epochs_skip_every_stage_callbacks_after_epoch():
+    """A resumed stage replays its finished epochs (fastai still runs after_epoch for them): the base class keeps
+    them from being scored, checkpointed or logged again; other events and later epochs run as usual."""
+    from types import SimpleNamespace
+
+    from fattag.callbacks import EpochLog, StageCallback
+
+    class Record(StageCallback):
+        def __init__(self):
+            self.calls = []
+
+        def before_epoch(self):
+            self.calls.append(("before_epoch", self.epoch))
+
+        def after_epoch(self):
+            self.calls.append(("after_epoch", self.epoch))
+
+    cb = Record()
+    cb.learn = SimpleNamespace(resume_epoch=2, epoch=0, training=True)
+    for epoch in range(4):
+        cb.learn.epoch = epoch
+        cb("before_epoch")
+        cb("after_epoch")
+    assert cb.calls == [("before_epoch", 0), ("before_epoch", 1), ("before_epoch", 2), ("after_epoch", 2),
+                        ("before_epoch", 3), ("after_epoch", 3)]
+    fresh = Record()
+    fresh.learn = SimpleNamespace(epoch=0, training=True)      # not a resumed stage: every epoch counts
+    fresh("after_epoch")
+    assert fresh.calls == [("after_epoch", 0)]
+    log = EpochLog("replay test")
+    log.learn = SimpleNamespace(resume_epoch=1, epoch=0, training=True)
+    log("after_epoch")    # would need the recorder's values if it ran

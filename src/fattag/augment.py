@@ -2,15 +2,13 @@
 
 Each callback acts on `learn.xb`/`learn.yb` before a training batch (`run_valid = False`: validation batches are
 never touched). Inputs are log-mel crops (B, 1, n_mels, T) in dB of power; targets are multi-hot (B, C). Which
-ones a stage uses, and how strongly, is its augmentation policy (`augment_policy`), read from the config.
+ones a stage uses, and how strongly, is its augmentation policy (`augment_policy`), read from the
+`StageSettings` it is given (`cfg.noisy`, `cfg.curated`).
 
 Mixing is done in the power domain (two sounds add as powers, not as dB values), with the partner's level set
 relative to the clip's own level, so "-6 dB" means what it means for the test mixtures:
 - UnionMix: add a partner clip at a random relative gain; the labels are the union (FAT2019 1st/3rd place).
 - ConcatMix: the clip up to a random cut, then the partner; the labels are the union (1st place).
-- BackgroundMix: add a partner far below the clip's level as background; the labels stay the clip's own.
-- LevelEQ: random overall gain, a spectral tilt and sometimes a low-pass: level and colour of a recording should
-  not decide its class.
 - FreqShift: the whole spectrum moved up or down by a few mel bands (a small pitch/formant shift): another
   speaker, another instrument sample bank.
 - TimeStretch: the crop played a little faster or slower: another tempo.
@@ -23,7 +21,7 @@ import torch
 import torchaudio
 from fastai.callback.core import Callback
 
-from .config import Config
+from .config import Config, StageSettings
 
 
 def spec_augment(x: torch.Tensor, n_time: int, time_width: int, n_freq: int, freq_width: int,
@@ -100,30 +98,6 @@ def concat_mix(x: torch.Tensor, y: torch.Tensor, p: float, gain_db: float):
     return x, y
 
 
-def background_mix(x: torch.Tensor, y: torch.Tensor, p: float, snr_lo: float, snr_hi: float):
-    """With probability p per item: add a partner as background, `snr` dB in [snr_lo, snr_hi] below the item's
-    level; the labels stay the item's own (a quiet other sound is background, not an event)."""
-    b = x.shape[0]
-    chosen = torch.rand(b, device=x.device) < p
-    j = partners(b, x.device)
-    shift = level_db(x) - level_db(x[j]) - uniform(b, snr_lo, snr_hi, x.device)
-    mixed = add_power(x, x[j] + shift.view(b, 1, 1, 1))
-    return torch.where(chosen.view(b, 1, 1, 1), mixed.to(x.dtype), x), y
-
-
-def level_eq(x: torch.Tensor, gain_db: float, tilt_db: float, lowpass_p: float) -> torch.Tensor:
-    """Per item: a gain in [-gain_db, gain_db], a linear spectral tilt of up to +-tilt_db from the lowest to the
-    highest band, and with probability lowpass_p a low-pass (12 dB per tenth of the bands above a random cutoff)."""
-    b, f = x.shape[0], x.shape[2]
-    band = torch.linspace(-0.5, 0.5, f, device=x.device)                                   # (F,)
-    change = uniform(b, -gain_db, gain_db, x.device)[:, None] + uniform(b, -tilt_db, tilt_db, x.device)[:, None] * band
-    cutoff = uniform(b, 0.0, 0.5, x.device)[:, None]
-    above = (band[None, :] - cutoff).clamp(min=0) * 120.0                                  # dB below the cutoff's level
-    lowpass = torch.rand(b, device=x.device)[:, None] < lowpass_p
-    change = change - torch.where(lowpass, above, torch.zeros_like(above))
-    return (x.float() + change.view(b, 1, f, 1)).to(x.dtype)
-
-
 def freq_shift(x: torch.Tensor, max_bands: int) -> torch.Tensor:
     """Per item: move the spectrum by a random whole number of mel bands in [-max_bands, max_bands]; the bands that
     come in at the edge repeat the edge band."""
@@ -182,16 +156,6 @@ class ConcatMix(BatchAugment):
     order, fn = 62, staticmethod(concat_mix)
 
 
-class BackgroundMix(BatchAugment):
-    """(p, snr_lo, snr_hi): a partner far below as background; labels kept."""
-    order, fn = 63, staticmethod(background_mix)
-
-
-class LevelEQ(BatchAugment):
-    """(gain_db, tilt_db, lowpass_p): after mixing, so the whole mixture is one recording with one level and colour."""
-    order, fn = 64, staticmethod(lambda x, y, *p: (level_eq(x, *p), y))
-
-
 class FreqShift(BatchAugment):
     """(max_bands,): a small shift of the whole spectrum along the mel axis."""
     order, fn = 65, staticmethod(lambda x, y, *p: (freq_shift(x, *p), y))
@@ -208,29 +172,22 @@ class SpecAugment(BatchAugment):
     order, fn = 70, staticmethod(lambda x, y, *p: (spec_augment(x, *p), y))
 
 
-def augment_policy(cfg: Config, stage: str, fill: float) -> list[Callback]:
-    """The training-batch callbacks of a stage ('noisy' or 'curated'), from the config's per-stage values, in the
-    order they act: mixing (mixup, union, concatenation, background), level/EQ, frequency shift, time stretch, then
-    SpecAugment stripes."""
-    def value(name):
-        return getattr(cfg, f"{name}_{stage}")
-
+def augment_policy(cfg: Config, stage: StageSettings, fill: float) -> list[Callback]:
+    """The training-batch callbacks of a stage (`cfg.noisy`, `cfg.curated`, or whichever a step trains with), in the
+    order they act: mixing (mixup, union, concatenation), frequency shift, time stretch, then SpecAugment stripes;
+    `cfg` gives the settings both stages share (mixing gain, stripe widths)."""
     cbs: list[Callback] = []
-    if value("mixup") > 0:
-        cbs.append(Mixup(value("mixup")))
-    if value("union_mix") > 0:  # each round may add a partner, itself perhaps already mixed
-        cbs += [UnionMix(value("union_mix"), cfg.mix_gain_db) for _ in range(cfg.union_mix_rounds)]
-    if value("concat_mix") > 0:
-        cbs.append(ConcatMix(value("concat_mix"), cfg.mix_gain_db))
-    if value("background") > 0:
-        cbs.append(BackgroundMix(value("background"), cfg.background_snr_min, cfg.background_snr_max))
-    if value("level_eq"):
-        cbs.append(LevelEQ(cfg.level_gain_db, cfg.eq_tilt_db, cfg.lowpass_p))
-    if value("freq_shift") > 0:
-        cbs.append(FreqShift(value("freq_shift")))
-    if value("time_stretch") > 0:
-        cbs.append(TimeStretch(value("time_stretch")))
-    if value("specaug"):
+    if stage.mixup > 0:
+        cbs.append(Mixup(stage.mixup))
+    if stage.union_mix > 0:
+        cbs.append(UnionMix(stage.union_mix, cfg.mix_gain_db))
+    if stage.concat_mix > 0:
+        cbs.append(ConcatMix(stage.concat_mix, cfg.mix_gain_db))
+    if stage.freq_shift > 0:
+        cbs.append(FreqShift(stage.freq_shift))
+    if stage.time_stretch > 0:
+        cbs.append(TimeStretch(stage.time_stretch))
+    if stage.specaug:
         cbs.append(SpecAugment(cfg.time_masks, int(cfg.crop_frames * cfg.time_mask_frac), cfg.freq_masks,
                                int(cfg.n_mels * cfg.freq_mask_frac), fill))
     return sorted(cbs, key=lambda cb: cb.order)

@@ -21,11 +21,17 @@ log = logging.getLogger("fattag")
 
 class StageCallback(Callback):
     """Base of the per-epoch callbacks. A resumed stage replays its finished epochs (fastai's `start_epoch` skips
-    their batches but still runs `after_epoch`); those must not be scored, checkpointed or logged again."""
+    their batches but still runs `after_epoch`); those must not be scored, checkpointed or logged again, so a
+    subclass's `after_epoch` does not run for them (as fastai's `run` flag switches a callback off)."""
 
     @property
     def replayed(self) -> bool:
         return self.epoch < getattr(self.learn, "resume_epoch", 0)
+
+    def __call__(self, event_name):
+        if event_name == "after_epoch" and self.replayed:
+            return None
+        return super().__call__(event_name)
 
     def epoch_values(self) -> dict:
         """This epoch's recorded values by name: train_loss, valid_loss, lwlrap."""
@@ -42,8 +48,6 @@ class NanGuard(StageCallback):
         self.nan_epochs = 0
 
     def after_epoch(self):
-        if self.replayed:
-            return
         v = self.epoch_values()
         if not all(x is not None and np.isfinite(x) for x in (v.get("train_loss"), v.get("lwlrap"))):
             self.nan_epochs += 1
@@ -64,8 +68,6 @@ class KeepBest(StageCallback, TrackerCallback):
 
     def after_epoch(self):
         self.new_best = False
-        if self.replayed:
-            return
         super().after_epoch()
         if self.new_best:
             self.best, self.best_epoch, self.best_state = float(self.best), self.epoch, cpu_state(self.model)
@@ -113,8 +115,6 @@ class EpochCheckpoint(StageCallback):
         self.stage_dir, self.keep, self.epochs, self.history = stage_dir, keep, epochs, history
 
     def after_epoch(self):
-        if self.replayed:
-            return
         self.history.append({"epoch": self.epoch + 1, **self.epoch_values()})
         state = Resume(self.epoch + 1, self.epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
                        self.history)
@@ -134,8 +134,6 @@ class EpochLog(StageCallback):
         self.t0 = time.time()
 
     def after_epoch(self):
-        if self.replayed:
-            return
         shown = "  ".join(f"{n} {v:.4f}" for n, v in self.epoch_values().items() if v is not None)
         log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, self.n_epoch, shown, time.time() - self.t0)
 
@@ -152,7 +150,7 @@ class Deadline(StageCallback):
         self.t0 = time.time()
 
     def after_epoch(self):
-        if self.replayed or not self.deadline:
+        if not self.deadline:
             return
         now = time.time()
         if now + (now - self.t0) > self.deadline:

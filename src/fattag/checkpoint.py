@@ -5,7 +5,7 @@ finished epoch), `best.pth` (the best epoch's weights) and `progress.json`; when
 weights + the metadata prediction needs) and `history.csv`, and the resume files go. Every file is written to a
 temporary name and renamed, so a kill never leaves a half-written file that a restart would read.
 
-Both files also record the stage's recipe (`Config.recipe_dict` plus the data dir): a later run in the same work dir
+Both files also record the stage's recipe (`weights.stage_recipe`): a later run in the same work dir
 reuses or resumes a stage only when its own recipe is the same, and trains it again (with a warning naming the
 differences) when it is not, so changed settings never silently come back with old weights.
 """
@@ -20,6 +20,8 @@ from typing import Callable
 
 import pandas as pd
 import torch
+
+from .config import upgrade_settings
 
 log = logging.getLogger("fattag")
 
@@ -57,12 +59,6 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     return ckpt["meta"], ckpt["state_dict"]
 
 
-def update_meta(path, **changes) -> None:
-    """Rewrite a model.pth with some metadata changed (e.g. the inference settings the run ended up using)."""
-    meta, state = load_checkpoint(path)
-    atomic_torch_save({"meta": {**meta, **changes}, "state_dict": state}, path)
-
-
 @dataclass
 class Resume:
     """Where an interrupted stage stopped: continue after `epochs_done` of `epochs`, with its best so far."""
@@ -87,10 +83,11 @@ class StageDir:
         self.progress_file = self.path / "progress.json"
 
     def same_recipe(self, saved: dict | None, what: str) -> bool:
-        """True when `saved` (the recipe stored with `what`) is this run's; else a warning that names the changes."""
+        """True when `saved` (the recipe stored with `what`, under today's setting names) is this run's; else a
+        warning that names the changes."""
+        saved = upgrade_settings(saved or {})
         if saved == self.recipe:
             return True
-        saved = saved or {}
         changed = sorted(k for k in set(saved) | set(self.recipe) if saved.get(k) != self.recipe.get(k))
         shown = ", ".join(f"{k} {saved.get(k, '?')!r} -> {self.recipe.get(k, '?')!r}" for k in changed[:6])
         log.warning("%s: the saved %s was trained with other settings (%s%s); training it again", self.path.name,

@@ -21,7 +21,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
           python src/run.py                                  # demo dataset, demo preset, CPU, a few minutes
           python src/run.py --data-dir /data/fat2019 --preset kaggle-1h --work-dir runs/full
           python src/run.py --data-dir /data/small --preset cpu  # real recordings, no GPU: under 10 minutes
-          python src/run.py --set epochs_curated=5 --set arch=xresnet34
+          python src/run.py --set curated.epochs=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
         """).format(presets=_preset_lines())
@@ -50,7 +50,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="predict mode: folder with fold*/model.pth from a training run (e.g. an attached "
                         "Kaggle dataset)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
-                   help="override one config value, e.g. --set epochs_curated=10 (repeatable)")
+                   help="override one setting, e.g. --set curated.epochs=10 or --set arch=xresnet34 (repeatable; "
+                        "docs/settings.md lists every setting)")
     if defaults:
         p.set_defaults(**defaults)
     return p

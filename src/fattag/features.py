@@ -57,6 +57,7 @@ class MelStore:
     mels: list
     errors: list = field(default_factory=list)   # (fname, reason) of clips that could not be decoded
     seconds: float = 0.0                          # audio decoded, for throughput logs and reports
+    _windows: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ok(self) -> np.ndarray:
@@ -64,6 +65,15 @@ class MelStore:
 
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.mels if m is not None)
+
+    def windows(self, indices, crop_frames: int, step_frac: float, center_only: bool = False) -> WindowDataset:
+        """The inference windows of the listed clips, built once per set of clips and window settings: the cost
+        model counts them, validation, OOF and test prediction go through them."""
+        indices = np.asarray(indices, dtype=np.int64)
+        key = (indices.tobytes(), crop_frames, step_frac, center_only)
+        if key not in self._windows:
+            self._windows[key] = WindowDataset(self, indices, crop_frames, step_frac, center_only)
+        return self._windows[key]
 
     def summary(self) -> dict:
         """Counts for the run report: clips, hours of audio, skipped files and why."""

@@ -1,7 +1,7 @@
 """The model: fastai's xresnet on log-mel crops, with the input channels (normalisations) built in.
 
 Keeping the normalisation statistics inside the model (as buffers) means a saved state dict is all that
-prediction needs besides the metadata that guards against a mismatch (classes, feature settings).
+prediction needs besides the metadata that guards against a mismatch (classes, feature settings: weights.py).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torchaudio
 from fastai.vision.models.xresnet import ResBlock, XResNet, xresnet18, xresnet34, xresnet50
 from torch import nn
 
-from .config import MODEL_KEYS, Config
+from .config import Config
 
 ARCHS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
 SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, channels x widen
@@ -82,8 +82,8 @@ class FreqMeanTimeMax(nn.Module):
 
 def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:
     """`model` on `device`, in the memory layout that is fastest there: channels-last on the CPU (`channels_last`),
-    where oneDNN's convolutions then run the pipeline's epochs 6-22 % and its predictions ~80 % faster (README);
-    the default layout on CUDA, whose speed mixed precision decides (a change there is unmeasured). Values are
+    where oneDNN's convolutions then run the pipeline's epochs 6-22 % and its predictions ~80 % faster
+    (docs/performance.md); the default layout on CUDA, whose speed mixed precision decides (a change there is unmeasured). Values are
     unchanged; only strides, and so float rounding, differ."""
     device = torch.device(device)
     fast = channels_last and device.type == "cpu"
@@ -112,30 +112,3 @@ def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0
     elif cfg.pool != "avg":
         raise ValueError(f"unknown pool {cfg.pool!r}: avg or freqmean_timemax")
     return nn.Sequential(norm, body)
-
-
-# ---------------------------------------------------------------- what a checkpoint carries
-
-
-def model_meta(cfg: Config, classes: list[str], **extra) -> dict:
-    """What prediction needs to rebuild the model and refuse a mismatched dataset: the classes, the feature and
-    model settings, and the inference settings the run used (predict-only mode starts from them)."""
-    return dict(classes=list(classes), features=cfg.feature_dict(), model={k: getattr(cfg, k) for k in MODEL_KEYS},
-                inference=cfg.inference_dict(), **extra)
-
-
-def check_classes(meta: dict, classes: list[str], source: str = "weights") -> None:
-    """A clear error when saved weights were trained for another class vocabulary than the data's."""
-    if list(meta["classes"]) != list(classes):
-        missing = sorted(set(classes) - set(meta["classes"]))[:5]
-        extra = sorted(set(meta["classes"]) - set(classes))[:5]
-        raise ValueError(f"{source}: class vocabulary differs from the data's sample_submission.csv "
-                         f"({len(meta['classes'])} vs {len(classes)} classes; missing in weights: {missing}, "
-                         f"not in data: {extra}{'; same names, other order' if not missing and not extra else ''})")
-
-
-def model_from_state(meta: dict, state: dict) -> nn.Module:
-    """The model a checkpoint describes, with its weights (input statistics included)."""
-    model = build_model(Config(**meta["model"]), len(meta["classes"]))
-    model.load_state_dict(state)
-    return model.eval()

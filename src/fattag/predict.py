@@ -5,24 +5,20 @@ cover every frame (the winners' choice) look at all of it. Optional augmented pa
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import update_bn
 
-from .checkpoint import load_checkpoint
-from .config import INFERENCE_KEYS, Config
 from .augment import spec_augment
-from .features import MelStore, WindowDataset, aggregate_windows
-from .model import check_classes, input_mean, model_from_state, to_device
+from .config import Config
+from .features import MelStore, aggregate_windows
+from .model import input_mean, to_device
 from .precision import amp_dtype, autocast
 from .progress import progress
 from .submission import fill_missing, write_submission
+from .weights import save_inference
 
 log = logging.getLogger("fattag")
 
@@ -38,7 +34,7 @@ def predict_clips(model: torch.nn.Module, store: MelStore, indices, cfg: Config,
     """
     device = torch.device(device)
     indices = np.asarray(indices)
-    ds = WindowDataset(store, indices, cfg.crop_frames, cfg.tta_step_frac, center_only=center_only)
+    ds = store.windows(indices, cfg.crop_frames, cfg.tta_step_frac, center_only=center_only)
     bs = batch_size or max(cfg.batch_size * 2, 8)
     model = to_device(model, device, cfg.channels_last).eval()
     clip_of = torch.from_numpy(ds.clip_of).to(device)
@@ -68,20 +64,6 @@ def tta_augment(x: torch.Tensor, cfg: Config, fill: float) -> torch.Tensor:
                         fill)
 
 
-def adapt_batchnorm(model: torch.nn.Module, store: MelStore, indices, cfg: Config, device="cpu",
-                    seed: int = 0) -> torch.nn.Module:
-    """A copy of `model` whose batch-norm statistics are re-estimated on the windows it is about to predict
-    (AdaBN): the test clips come from other recordings, rooms and backgrounds than the training clips, so their
-    feature statistics differ; the weights stay as trained. torch's `update_bn` does the estimate (a cumulative
-    average over shuffled batches); nothing about the labels is used."""
-    ds = WindowDataset(store, np.asarray(indices), cfg.crop_frames, cfg.tta_step_frac)
-    loader = torch.utils.data.DataLoader(ds, batch_size=max(cfg.batch_size * 2, 8), shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    adapted = copy.deepcopy(model).to(device)
-    update_bn(loader, adapted, device=torch.device(device))
-    return adapted.eval()
-
-
 def n_outputs(model: torch.nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
 
@@ -96,61 +78,13 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown fold ensemble {how!r}: mean or geomean")
 
 
-def final_weights(fold_model: Path) -> Path:
-    """A fold's final weights: those after the test pseudo-label round when it ran (fold*/pseudo/), else stage 2's."""
-    after_round = Path(fold_model).parent / "pseudo" / "model.pth"
-    return after_round if after_round.is_file() else Path(fold_model)
-
-
-def load_fold_models(weights_dir, classes: list[str]) -> list:
-    """Every fold's final weights under `weights_dir` (fold*/model.pth, or fold*/pseudo/model.pth where the
-    pseudo-label round ran) as (path, model, meta); a clear error when there are none or they mismatch."""
-    weights_dir = Path(weights_dir)
-    paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
-    paths = [final_weights(p) for p in paths]
-    if not paths:
-        raise FileNotFoundError(f"no fold*/model.pth under {weights_dir}: point --weights at a training run's "
-                                "work dir (or the dataset holding its fold folders)")
-    loaded = []
-    for path in paths:
-        meta, state = load_checkpoint(path)
-        check_classes(meta, classes, source=str(path))
-        loaded.append((path, model_from_state(meta, state), meta))
-    return loaded
-
-
-def prediction_config(cfg: Config, metas: dict, explicit: dict) -> Config:
-    """The settings to predict with: features, model and inference settings from the checkpoints (`metas`: path ->
-    meta; every fold must agree), then the inference settings the user `--set` explicitly. Setting a feature or
-    model value other than the weights' is an error: the weights are only valid with their own."""
-    first_path, first = next(iter(metas.items()))
-    for group in ("features", "model", "inference"):
-        for path, meta in metas.items():
-            diff = sorted(k for k in set(first.get(group, {})) | set(meta.get(group, {}))
-                          if first.get(group, {}).get(k) != meta.get(group, {}).get(k))
-            if diff:
-                raise ValueError(f"the fold checkpoints disagree on {group} settings {diff}: {first_path} has "
-                                 f"{ {k: first.get(group, {}).get(k) for k in diff} }, {path} has "
-                                 f"{ {k: meta.get(group, {}).get(k) for k in diff} }")
-    fixed = {**first["features"], **first["model"]}
-    clash = {k: (fixed[k], v) for k, v in explicit.items() if k in fixed and fixed[k] != v}
-    if clash:
-        raise ValueError("feature settings differ from the weights (saved, --set): "
-                         + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in clash.items())
-                         + "; feature and model settings come from the weights")
-    inference = {**first.get("inference", {}), **{k: v for k, v in explicit.items() if k in INFERENCE_KEYS}}
-    return replace(cfg, **fixed, **inference)
-
-
 def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int) -> np.ndarray:
     """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded."""
     idx = np.flatnonzero(store.ok)
-    n_windows = len(WindowDataset(store, idx, cfg.crop_frames, cfg.tta_step_frac))
+    n_windows = len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac))
     per_fold = []
     for k, model in enumerate(models):
         t0 = time.time()
-        if cfg.adapt_bn:
-            model = adapt_batchnorm(model, store, idx, cfg, device)
         probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes,
                               desc=f"predict test, model {k + 1}/{len(models)}")
         took = time.time() - t0
@@ -183,15 +117,17 @@ def balance_classes(probs: np.ndarray) -> np.ndarray:
     return ratio / max(float(ratio.max()), 1e-12)
 
 
-def predict_and_submit(s, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
-    """Fold-ensembled whole-clip TTA on every test clip, then submission.csv: a row for every clip (the class prior
-    where a clip could not be decoded, or where no model was trained in time). Returns the probabilities written."""
+def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
+    """Fold-ensembled whole-clip TTA on every test clip with `cfg`'s inference settings (written to
+    inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
+    or where no model was trained in time). Returns the probabilities written."""
     t0 = time.time()
     if models:
-        probs = fill_missing(predict_test(models, test, s.cfg, s.device, s.cfg.tta_aug_passes), test.ok, prior)
+        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes), test.ok, prior)
     else:
         probs = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
-    write_submission(s.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
-    s.record("predict test", time.time() - t0)
+    write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
+    save_inference(run.work_dir, cfg)
+    run.record("predict test", time.time() - t0)
     return probs

@@ -8,7 +8,7 @@ lines instead, at most one every `interval` seconds plus a final one:
     decode train_noisy: 19815/19815 clips (100%) in 2m32s, 130.4 clips/s, MB/s=12.3
 
 The lines go through the `fattag` logger when the package's logging is set up (it then carries
-handlers, see `session.setup_logging`), and straight to stderr otherwise, so that progress is never
+handlers, see `context.setup_logging`), and straight to stderr otherwise, so that progress is never
 silently dropped by an unconfigured logger.
 """
 from __future__ import annotations

@@ -5,9 +5,10 @@ shift is most of what the models lose on them (OOF 0.95, test 0.65-0.70 on reald
 lets each model hear those sources: the ensemble's plain (unaugmented) predictions give every test clip its top
 class (after class balancing, as the submission ranks them) plus any class scored at least `pseudo_threshold`;
 then each fold model trains `pseudo_epochs` more epochs on its own training clips plus the labelled test clips,
-with stage 2's augmentation and validation (its fold; the best epoch is kept). No test label is ever read: this
-is transductive learning, which a Kaggle kernel may do because it holds the test audio. Under a time budget the
-round gets only the time the rest of the recipe leaves (budget.py). Measured on realdev: README, ablation.
+with stage 2's augmentation (`cfg.curated`) and validation (its fold; the best epoch is kept). No test label is
+ever read: this is transductive learning, which a Kaggle kernel may do because it holds the test audio. Under a
+time budget the round gets only the time the rest of the recipe leaves (budget.py). Measured on realdev:
+docs/ablation.md.
 """
 from __future__ import annotations
 
@@ -15,37 +16,32 @@ import copy
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .budget import PSEUDO_STAGE
 from .checkpoint import atomic_write
 from .data import ClipTable
 from .features import Clips, MelStore
-from .model import model_meta
 from .predict import balance_classes, predict_test
-from .session import Session
 from .train import FoldsResult, StageSpec, TrainingData, finish_stage, fit_stage
+from .weights import model_meta, stage_recipe
+
+if TYPE_CHECKING:
+    from .context import Run
 
 log = logging.getLogger("fattag")
-# What a saved round depends on besides the recipe (how the teacher predicts, the round's own settings): a later
-# run reuses it only when these are the same.
-ROUND_KEYS = ("class_balance", "adapt_bn", "tta_aggregate", "tta_step_frac", "fold_ensemble", "pseudo_threshold",
-              "pseudo_soft", "lr_pseudo")
+ROUND_STAGE = "pseudo-label round"  # its name in plans and timing tables
 
 
-def pseudo_labels(probs: np.ndarray, threshold: float, balance: bool, soft: bool = False) -> np.ndarray:
+def pseudo_labels(probs: np.ndarray, threshold: float, balance: bool) -> np.ndarray:
     """Targets (n, C) float32: 1 for each clip's top class (by the class-balanced scores when `balance`) and for
-    every class whose probability is at least `threshold`; 0 for the others, or with `soft` their probability.
-
-    Why soft: a test clip holds 1-3 sounds, and the ensemble's second and third classes often score under the
-    threshold (realdev: 1.1 hard labels per clip against 1.7 true ones). A 0 target trains the model to deny them
-    on exactly the clips it is adapting to; the teacher's probability leaves them where the teacher put them."""
+    every class whose probability is at least `threshold`; 0 for the others."""
     labels = (probs >= threshold).astype(np.float32)
     ranked = balance_classes(probs) if balance else probs
     labels[np.arange(len(probs)), ranked.argmax(1)] = 1.0
-    return np.maximum(labels, probs.astype(np.float32)) if soft else labels
+    return labels
 
 
 def labelled_test(test: MelStore, labels: np.ndarray) -> Clips:
@@ -57,51 +53,48 @@ def labelled_test(test: MelStore, labels: np.ndarray) -> Clips:
     return Clips(MelStore(table, test.mels, test.errors, test.seconds), ok)
 
 
-def pseudo_label_round(s: Session, d: TrainingData, folds: FoldsResult, test: MelStore) -> list:
+def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelStore) -> list:
     """Every fold model after its pseudo-label epochs (the model as it was where a round is off or not possible);
     the labels go to pseudo_labels.csv in the work dir."""
     models = folds.models
-    if (s.budget.requested if s.budget else s.cfg).pseudo_epochs <= 0:
+    if run.cfg.pseudo_epochs <= 0:
         return models
-    epochs = s.budget.pseudo_epochs(len(models)) if s.budget else s.cfg.pseudo_epochs
+    epochs = run.budget.pseudo_epochs(len(models))
     if not models or epochs <= 0 or not test.ok.any():
         log.info("test pseudo-labels skipped (%s)", "no fold model" if not models else
                  "no time for an epoch" if epochs <= 0 else "no decodable test clip")
         return models
-    t0, cfg = time.time(), s.cfg
+    t0, cfg = time.time(), run.cfg
     teacher = dataclasses.replace(cfg, class_balance=False)   # raw probabilities: the threshold applies to them
-    probs = predict_test(models, test, teacher, s.device, aug_passes=0)[test.ok]
-    labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance, cfg.pseudo_soft)
-    write_labels(s.work_dir / "pseudo_labels.csv", test, labels, d.classes)
-    log.info("test pseudo-labels: %d clips, %.2f labels per clip (top class + probability >= %.2f%s); %d epochs "
-             "per fold model", len(labels), (labels >= 1).sum(1).mean(), cfg.pseudo_threshold,
-             "; the other classes' targets: the ensemble's probability" if cfg.pseudo_soft else "", epochs)
+    probs = predict_test(models, test, teacher, run.device, aug_passes=0)[test.ok]
+    labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance)
+    write_labels(run.work_dir / "pseudo_labels.csv", test, labels, d.classes)
+    log.info("test pseudo-labels: %d clips, %.2f labels per clip (top class + probability >= %.2f); %d epochs "
+             "per fold model", len(labels), (labels >= 1).sum(1).mean(), cfg.pseudo_threshold, epochs)
     pseudo = labelled_test(test, labels)
     out = []
     for row, model in zip(folds.results, models):
-        out.append(train_on_pseudo(s, d, row, model, pseudo, epochs, len(models)))
-    s.record(PSEUDO_STAGE, time.time() - t0)
+        out.append(train_on_pseudo(run, d, row, model, pseudo, epochs, len(models)))
+    run.record(ROUND_STAGE, time.time() - t0)
     return out
 
 
-def train_on_pseudo(s: Session, d: TrainingData, row: dict, model, pseudo: Clips, epochs: int, n_models: int):
-    """Fold `row['fold']`'s model trained on its training clips, a noisy top-up and the pseudo-labelled test clips."""
-    cfg, k = s.cfg, row["fold"]
-    spec = StageSpec.for_stage(s, "curated", f"fold {k} + test pseudo-labels", s.work_dir / f"fold{k}" / "pseudo",
-                               epochs, cfg.seed + 3000 + k)
-    spec = dataclasses.replace(spec, lr=cfg.lr_pseudo,
-                               recipe={**spec.recipe, "pseudo": {key: getattr(cfg, key) for key in ROUND_KEYS}})
+def train_on_pseudo(run: Run, d: TrainingData, row: dict, model, pseudo: Clips, epochs: int, n_models: int):
+    """Fold `row['fold']`'s model trained on its training clips, a noisy top-up and the pseudo-labelled test clips,
+    with stage 2's loss and augmentation at the round's learning rate."""
+    cfg, k = run.cfg, row["fold"]
+    spec = StageSpec.for_stage(run, cfg.curated, f"fold {k} + test pseudo-labels",
+                               run.work_dir / f"fold{k}" / "pseudo", epochs, cfg.seed + 3000 + k)
+    spec = dataclasses.replace(spec, lr=cfg.lr_pseudo, recipe=stage_recipe(cfg, run.data_dir, pseudo_round=True))
     student = copy.deepcopy(model)   # the stage-2 model stays as it is if the round fails
     done = spec.stage_dir.finished()
     if done is not None:
         student.load_state_dict(done[1])
         return student
-    train, valid = d.fold_training(k, cfg.noisy_share_curated, spec.seed)
+    train, valid = d.fold_training(k, cfg.curated.top_up, spec.seed)
     parts = [*train, pseudo]   # stage 2's training sets of this fold, plus the pseudo-labelled test clips
-    deadline = s.budget.pseudo_deadline(k, n_models) if s.budget else None
-    res = fit_stage(student, parts, valid, spec, deadline)
-    if s.budget:
-        s.budget.measured("pseudo_epoch", res.seconds, len(res.history))
+    res = fit_stage(student, parts, valid, spec, run.budget.pseudo_deadline(k, n_models))
+    run.budget.measured("pseudo_epoch", res.seconds, len(res.history))
     if not res.usable:
         log.warning("fold %d: the pseudo-label epochs produced no usable weights; its stage-2 model is kept", k)
         return model

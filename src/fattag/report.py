@@ -162,7 +162,7 @@ _SCORE_NAMES = [("oof_center", "centre crop"), ("oof_windows", "whole-clip windo
 
 def _stage1_section(stage1: dict | None) -> list[str]:
     if not stage1:
-        return ["Stage 1 did not run in this session (skipped, or reused from an earlier run)."]
+        return ["Stage 1 did not train in this run (skipped, or reused from an earlier run in the same work dir)."]
     per_epoch = " ".join(DASH if v is None else f"{v:.3f}" for v in stage1.get("per_epoch", []))
     best, chance = stage1.get("best"), stage1.get("chance")
     lines = [f"Noisy-holdout lwlrap per epoch: {per_epoch}", "",

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .budget import SELECT_HOLDOUT
 from .checkpoint import atomic_write
 from .features import Clips
 from .model import build_model
 from .predict import predict_clips
-from .session import Session
 from .train import StageSpec, TrainingData, fit_stage, holdout_split
 
+if TYPE_CHECKING:
+    from .context import Run
+
 log = logging.getLogger("fattag")
+SELECT_STAGE = "select noisy clips"   # its name in plans and timing tables
+SELECT_HOLDOUT = 0.1                  # share of the curated clips that watch the scorer
 
 
 def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
@@ -36,11 +40,12 @@ def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
     return (n[:, 0] > 0) & (worst < n[:, 0] + margin)
 
 
-def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
-    """Indices of the noisy clips to keep (all decodable ones when selection is off or finds nothing)."""
-    cfg, pool = s.cfg, np.flatnonzero(d.noisy.ok)
-    spec = StageSpec.for_stage(s, "curated", "selection scorer (curated)", s.work_dir / "select", cfg.select_epochs,
-                               cfg.seed + 2000)
+def select_noisy(run: Run, d: TrainingData) -> np.ndarray:
+    """Indices of the noisy clips to keep (all decodable ones when selection finds too few). The scorer trains
+    with stage 2's learning rate, loss and augmentation: like a fold model, on curated clips."""
+    cfg, pool = run.cfg, np.flatnonzero(d.noisy.ok)
+    spec = StageSpec.for_stage(run, cfg.curated, "selection scorer (curated)", run.work_dir / "select",
+                               cfg.select_epochs, cfg.seed + 2000)
     kept_file = spec.out_dir / "kept.csv"
     if kept_file.exists() and spec.stage_dir.finished() is not None:  # a restarted run reuses its selection
         return np.sort(pd.read_csv(kept_file)["index"].to_numpy())
@@ -48,17 +53,17 @@ def select_noisy(s: Session, d: TrainingData) -> np.ndarray:
     train_idx, hold_idx = holdout_split(np.flatnonzero(d.curated.ok), SELECT_HOLDOUT, spec.seed)
     model = build_model(cfg, len(d.classes), *d.stats)
     res = fit_stage(model, Clips(d.curated, train_idx), Clips(d.curated, hold_idx), spec,
-                    s.budget.select_deadline() if s.budget else None)
+                    run.budget.select_deadline())
     if not res.usable:
         log.warning("noisy-clip selection: the scorer produced no usable weights; keeping every noisy clip")
         return pool
-    probs = predict_clips(model, d.noisy, pool, cfg, s.device, desc="score noisy clips")
+    probs = predict_clips(model, d.noisy, pool, cfg, run.device, desc="score noisy clips")
     keep = agreeing(probs, d.noisy.table.targets[pool], cfg.select_margin)
     kept = pool[keep] if keep.sum() >= max(10, 0.05 * len(pool)) else pool
     spec.stage_dir.finish(model, {"stage": "select", "score": res.best_score}, res.history)
     atomic_write(kept_file, lambda tmp: pd.DataFrame({"index": kept, "fname": [d.noisy.table.fnames[i] for i in kept]})
                  .to_csv(tmp, index=False))
-    s.record("select noisy clips", time.time() - t0)
+    run.record(SELECT_STAGE, time.time() - t0)
     log.info("noisy-clip selection: kept %d of %d noisy clips whose labels the curated scorer (holdout lwlrap %.4f) "
              "agrees with", len(kept), len(pool), res.best_score)
     return kept

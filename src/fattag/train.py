@@ -3,7 +3,8 @@
 Stage 1 learns from the large noisy set; stage 2 fine-tunes fold k of the curated set from the stage-1 weights.
 Both are `fit_stage(model, train, valid, spec, deadline)`: a fastai Learner with one-cycle on random crops, the
 stage's augmentation callbacks, and the callbacks of `callbacks.py` (NaN guard, best epoch by exact whole-clip
-lwlrap, per-epoch checkpoint for resume, log line, deadline). Stage 1 and stage 2 differ only in their StageSpec.
+lwlrap, per-epoch checkpoint for resume, log line, deadline). Stage 1 and stage 2 differ only in their StageSpec,
+made from their StageSettings (`cfg.noisy`, `cfg.curated`); the epochs and deadlines come from the run's Budget.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,17 +29,26 @@ from fastcore.basics import noop
 from .augment import augment_policy
 from .callbacks import Deadline, EpochCheckpoint, EpochLog, KeepBest, NanGuard, WeightAverage
 from .checkpoint import Resume, StageDir
-from .config import Config, top_up_size
-from .features import Clips, CropDataset, MelStore, WindowDataset, aggregate_windows, store_stats
+from .config import Config, StageSettings, top_up_size
+from .features import Clips, CropDataset, MelStore, aggregate_windows, store_stats
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
-from .model import build_model, input_mean, model_from_state, model_meta, to_device
+from .model import build_model, input_mean, to_device
 from .precision import DeviceMixedPrecision, amp_dtype
 from .predict import predict_clips
-from .session import Session
+from .weights import model_from_state, model_meta, stage_recipe
+
+if TYPE_CHECKING:
+    from .context import Run
 
 log = logging.getLogger("fattag")
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "lwlrap"]
+STAGE1 = "stage 1 (noisy)"   # its name in logs, plans and timing tables
+
+
+def fold_stage(k: int) -> str:
+    """Stage 2 on fold k, as plans and timing tables name it."""
+    return f"fold {k}"
 
 
 def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -58,10 +69,15 @@ def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
+def holdout_size(n: int, share: float) -> int:
+    """Clips of n that a holdout of `share` takes: at least one (none of none); the cost model counts as many."""
+    return max(1, int(round(n * share))) if n else 0
+
+
 def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random (train, holdout) split of the given clip indices; the holdout has at least one clip."""
     perm = np.random.default_rng(seed).permutation(indices)
-    n_hold = max(1, int(round(len(perm) * share)))
+    n_hold = holdout_size(len(perm), share)
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
@@ -72,7 +88,7 @@ def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndar
 class StageSpec:
     """One training run's recipe. Stage 1 and stage 2 (and the folds) differ only here."""
     label: str           # "stage 1 (noisy)", "fold 2 (curated)": log lines and reports
-    stage: str           # "noisy" or "curated": selects the per-stage config values
+    augment: StageSettings  # the augmentation policy's settings (cfg.noisy or cfg.curated)
     out_dir: Path        # checkpoints, resume files, history.csv
     epochs: int
     lr: float
@@ -87,11 +103,10 @@ class StageSpec:
         return StageDir(self.out_dir, self.recipe)
 
     @classmethod
-    def for_stage(cls, s: Session, stage: str, label: str, out_dir, epochs: int, seed: int) -> StageSpec:
-        """The spec of a `stage` ('noisy' or 'curated') of this run, from the config's per-stage values."""
-        cfg = s.cfg
-        return cls(label, stage, Path(out_dir), epochs, getattr(cfg, f"lr_{stage}"), getattr(cfg, f"loss_{stage}"),
-                   seed, cfg, str(s.device), recipe={**cfg.recipe_dict(), "data_dir": str(s.data_dir)})
+    def for_stage(cls, run: Run, stage: StageSettings, label: str, out_dir, epochs: int, seed: int) -> StageSpec:
+        """The spec of a training run of this run with `stage`'s learning rate, loss and augmentation."""
+        return cls(label, stage, Path(out_dir), epochs, stage.lr, stage.loss, seed, run.cfg, str(run.device),
+                   recipe=stage_recipe(run.cfg, run.data_dir))
 
 
 @dataclass
@@ -136,7 +151,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     cfg, device = spec.cfg, torch.device(spec.device)
     to_device(model, device, cfg.channels_last)  # the device's fastest layout; fastai's move to the device keeps it
     train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed)
-    valid_ds = WindowDataset(valid.store, valid.indices, cfg.crop_frames, cfg.tta_step_frac)
+    valid_ds = valid.store.windows(valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
         DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, num_workers=cfg.num_workers,
@@ -144,7 +159,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
         DataLoader(valid_ds, bs=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers, device=device),
         device=device)
     keep = KeepBest(resume)
-    cbs = [*augment_policy(cfg, spec.stage, input_mean(model)), NanGuard(), keep,
+    cbs = [*augment_policy(cfg, spec.augment, input_mean(model)), NanGuard(), keep,
            EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
            Deadline(deadline)]
     if cfg.average_epochs > 0:
@@ -181,8 +196,9 @@ def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, 
         log.info("%s: resuming after epoch %d of %d (best lwlrap so far %.4f)", spec.label, resume.epochs_done,
                  epochs, resume.best_score)
     log.info("%s: %d training clips, %d validation clips (%d windows), %d epochs, lr %.2g, loss %s, augment: %s",
-             spec.label, len(learn.dls.train.dataset), len(valid), len(learn.dls.valid.dataset), epochs, spec.lr, spec.loss,
-             ", ".join(type(cb).__name__ for cb in augment_policy(spec.cfg, spec.stage, 0.0)) or "none")
+             spec.label, len(learn.dls.train.dataset), len(valid), len(learn.dls.valid.dataset), epochs, spec.lr,
+             spec.loss,
+             ", ".join(type(cb).__name__ for cb in augment_policy(spec.cfg, spec.augment, 0.0)) or "none")
     t0 = time.time()
     if learn.resume_epoch < epochs:
         learn.fit_one_cycle(epochs, spec.lr, start_epoch=learn.resume_epoch)
@@ -252,34 +268,40 @@ def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, 
     return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)))]
 
 
-def train_stage1(s: Session, d: TrainingData) -> dict | None:
-    """Stage 1 on the noisy set, watched on a small noisy holdout; returns its weights, or None when skipped."""
-    cfg, noisy, classes = s.cfg, d.noisy, d.classes
-    epochs = s.budget.plan.epochs_noisy if s.budget else cfg.epochs_noisy
+@dataclass
+class Stage1:
+    """Stage 1's outcome: its weights (None when it was skipped or learned nothing usable) and its noisy-holdout
+    lwlrap per epoch against chance (None when it did not train in this run)."""
+    weights: dict | None = None
+    holdout: dict | None = None
+
+
+def train_stage1(run: Run, d: TrainingData) -> Stage1:
+    """Stage 1 on the noisy set, watched on a small noisy holdout."""
+    cfg, noisy, classes, budget = run.cfg, d.noisy, d.classes, run.budget
+    epochs = budget.plan.epochs_noisy
     if noisy is None or epochs <= 0 or len(d.noisy_pool) < 2:
         log.info("stage 1 skipped (%s)", "no noisy set" if noisy is None else
                  "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
-        return None
-    spec = StageSpec.for_stage(s, "noisy", "stage 1 (noisy)", s.work_dir / "stage1", epochs, cfg.seed + 1000)
+        return Stage1()
+    spec = StageSpec.for_stage(run, cfg.noisy, STAGE1, run.work_dir / "stage1", epochs, cfg.seed + 1000)
     done = spec.stage_dir.finished()
     if done is not None:
-        return done[1]
+        return Stage1(done[1])
     t0 = time.time()
     train_idx, hold_idx = holdout_split(d.noisy_pool, cfg.noisy_holdout, spec.seed)
     set_seed(spec.seed, reproducible=True)  # initial weights too: the same seed gives the same run
     model = build_model(cfg, len(classes), *d.stats)
-    train = [Clips(noisy, train_idx), *d.curated_top_up(len(train_idx), cfg.curated_share_noisy, spec.seed)]
-    res = fit_stage(model, train, Clips(noisy, hold_idx), spec,
-                    s.budget.stage1_deadline() if s.budget else None)
-    s.record("stage 1 (noisy)", time.time() - t0)
-    if s.budget:
-        s.budget.measured("noisy_epoch", res.seconds, len(res.history))
-    s.stage1_holdout = holdout_summary(res, noisy.table.targets[hold_idx])
+    train = [Clips(noisy, train_idx), *d.curated_top_up(len(train_idx), cfg.noisy.top_up, spec.seed)]
+    res = fit_stage(model, train, Clips(noisy, hold_idx), spec, budget.stage1_deadline())
+    run.record(STAGE1, time.time() - t0)
+    budget.measured("noisy_epoch", res.seconds, len(res.history))
+    holdout = holdout_summary(res, noisy.table.targets[hold_idx])
     if not res.usable:
         log.warning("stage 1 produced no usable weights: stage 2 starts from scratch")
-        return None
+        return Stage1(None, holdout)
     finish_stage(spec, model, res, model_meta(cfg, classes, stage="noisy"))
-    return model.state_dict()
+    return Stage1(model.state_dict(), holdout)
 
 
 def holdout_summary(res: StageResult, truth: np.ndarray) -> dict:
@@ -309,14 +331,15 @@ class FoldsResult:
         return np.isfinite(self.oof_windows).all(1)
 
 
-def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[torch.nn.Module, dict] | None:
+def train_fold(run: Run, k: int, d: TrainingData, init: dict | None) -> tuple[torch.nn.Module, dict] | None:
     """Stage 2 on fold k: train on the other folds from the stage-1 weights (`init`), validate on fold k.
 
     Returns (model, meta) with the fold's score, or None when it was not trained (no time, or no usable epoch).
     """
-    cfg = s.cfg
-    epochs = s.budget.epochs_for(k) if s.budget else cfg.epochs_curated
-    spec = StageSpec.for_stage(s, "curated", f"fold {k} (curated)", s.work_dir / f"fold{k}", epochs, cfg.seed + k)
+    cfg, budget = run.cfg, run.budget
+    epochs = budget.epochs_for(k)
+    spec = StageSpec.for_stage(run, cfg.curated, f"fold {k} (curated)", run.work_dir / f"fold{k}", epochs,
+                               cfg.seed + k)
     done = spec.stage_dir.finished()
     if done is not None:
         return model_from_state(*done), done[0]
@@ -326,10 +349,9 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
     model = build_model(cfg, len(d.classes), *d.stats)
     if init is not None:
         model.load_state_dict(init)
-    train, valid = d.fold_training(k, cfg.noisy_share_curated, spec.seed)
-    res = fit_stage(model, train, valid, spec, s.budget.fold_deadline(k) if s.budget else None)
-    if s.budget:
-        s.budget.measured("fold_epoch", res.seconds, len(res.history))
+    train, valid = d.fold_training(k, cfg.curated.top_up, spec.seed)
+    res = fit_stage(model, train, valid, spec, budget.fold_deadline(k))
+    budget.measured("fold_epoch", res.seconds, len(res.history))
     if not res.usable:
         log.warning("fold %d produced no usable weights: left out of the ensemble", k)
         return None
@@ -339,36 +361,37 @@ def train_fold(s: Session, k: int, d: TrainingData, init: dict | None) -> tuple[
                    "seconds": res.seconds}
 
 
-def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device) -> dict:
-    """Out-of-fold probabilities of a fold model on its own validation clips: centre crop, windows, windows + TTA."""
+def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device, passes: int) -> dict:
+    """Out-of-fold probabilities of a fold model on its own validation clips: centre crop, windows, windows +
+    `passes` augmented passes."""
     center = predict_clips(model, clips.store, clips.indices, cfg, device, center_only=True)
     windows = predict_clips(model, clips.store, clips.indices, cfg, device)
-    tta = windows if cfg.tta_aug_passes == 0 else predict_clips(model, clips.store, clips.indices, cfg, device,
-                                                                 aug_passes=cfg.tta_aug_passes)
+    tta = windows if passes == 0 else predict_clips(model, clips.store, clips.indices, cfg, device,
+                                                    aug_passes=passes)
     return dict(center=center, windows=windows, tta=tta)
 
 
-def train_folds(s: Session, d: TrainingData, stage1: dict | None) -> FoldsResult:
+def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
     """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions."""
     oof = {name: np.full((len(d.curated.table), len(d.classes)), np.nan) for name in ("center", "windows", "tta")}
-    models, results = [], []
-    for k in range(s.cfg.folds):
+    models, results, budget = [], [], run.budget
+    for k in range(run.cfg.folds):
         t0 = time.time()
-        trained = train_fold(s, k, d, stage1)
+        trained = train_fold(run, k, d, stage1)
         if trained is None:
-            if s.budget and s.budget.plan.folds_trained <= k:
-                log.warning("time budget: %d of %d folds trained", len(models), s.cfg.folds)
+            if budget.plan.folds_trained <= k:
+                log.warning("time budget: %d of %d folds trained", len(models), run.cfg.folds)
                 break
             continue
         model, meta = trained
         t_pred, valid = time.time(), d.fold(k)[1]
-        for name, probs in predict_oof(model, valid, s.cfg, s.device).items():
+        for name, probs in predict_oof(model, valid, run.cfg, run.device, budget.plan.tta_aug_passes).items():
             oof[name][valid.indices] = probs
-        if s.budget:
-            s.budget.measured("oof_predict", time.time() - t_pred, 1)
-            s.budget.fold_done(k)
-        results.append(fold_summary(k, meta, valid.targets, oof["windows"][valid.indices], oof["center"][valid.indices]))
-        s.record(f"fold {k}", time.time() - t0)
+        budget.measured("oof_predict", time.time() - t_pred, 1)
+        budget.fold_done(k)
+        rows = valid.indices
+        results.append(fold_summary(k, meta, valid.targets, oof["windows"][rows], oof["center"][rows]))
+        run.record(fold_stage(k), time.time() - t0)
         models.append(model)
     return FoldsResult(d.folds, models, results, oof["center"], oof["windows"], oof["tta"])
 

@@ -1,4 +1,8 @@
-"""One run's context: resolved data folder, config, work folder, device, log file and the clock."""
+"""One run's context: resolved data folder, config, work folder, device, log file, the clock and its Budget.
+
+The config is the recipe as requested and never changes during a run; what the budget allows of it is the
+Budget's plan (budget.py), which the steps read. Each step returns its results; none are kept here.
+"""
 from __future__ import annotations
 
 import json
@@ -38,18 +42,20 @@ PROCESS_START = process_start_time()  # the time budget counts from here
 
 
 @dataclass
-class Session:
-    cfg: Config
+class Run:
+    cfg: Config                                   # the recipe as requested (preset, then --set)
     preset: str
     data_dir: Path
     work_dir: Path
     device: torch.device
-    is_demo: bool
+    is_demo: bool = False
     started: float = PROCESS_START
     explicit: dict = field(default_factory=dict)  # the values given with --set (predict mode needs to know them)
-    budget: Budget | None = None                  # the time plan, once throughput is measured (train mode)
     timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s"} per finished stage
-    stage1_holdout: dict | None = None            # stage 1's noisy-holdout lwlrap per epoch and the chance level
+    budget: Budget = field(init=False)            # the time plan: without a deadline, the requested recipe
+
+    def __post_init__(self):
+        self.budget = Budget(self.cfg, self.deadline)
 
     @property
     def deadline(self) -> float | None:
@@ -61,16 +67,14 @@ class Session:
     def elapsed(self) -> float:
         return time.time() - self.started
 
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.time()
-
     def record(self, stage: str, seconds: float) -> None:
-        planned = dict(self.budget.plan.stages).get(stage) if self.budget else None
-        self.timings.append(dict(stage=stage, planned_s=planned, actual_s=round(seconds, 2)))
+        self.timings.append(dict(stage=stage, planned_s=self.budget.planned(stage), actual_s=round(seconds, 2)))
 
-    def save_config(self, **extra) -> None:
-        """config.json: the settings this run actually uses (after planning), with the plan and what ran."""
-        record = dict(preset=self.preset, data_dir=str(self.data_dir), settings=self.cfg.to_dict(), **extra)
+    def save_config(self, cfg: Config | None = None, **extra) -> None:
+        """config.json: the settings (the requested ones, or those a step ran with: `cfg`), the plan the budget
+        made of them, and what ran."""
+        record = dict(preset=self.preset, data_dir=str(self.data_dir), settings=(cfg or self.cfg).to_dict(),
+                      plan=self.budget.plan.to_dict(), **extra)
         atomic_write_text(self.work_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
 
     def timing_table(self) -> str:
@@ -106,7 +110,7 @@ def default_preset(is_demo: bool) -> str:
     return "kaggle-1h" if torch.cuda.is_available() else "cpu"
 
 
-def open_session(args) -> Session:
+def open_run(args) -> Run:
     """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset and the work folder."""
     data_dir = find_data_dir(args.data_dir)
     is_demo = data_dir is None
@@ -133,4 +137,4 @@ def open_session(args) -> Session:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
              work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
-    return Session(cfg, preset, Path(data_dir), work_dir, device, is_demo, explicit=parse_sets(args.sets))
+    return Run(cfg, preset, Path(data_dir), work_dir, device, is_demo, explicit=parse_sets(args.sets))
