@@ -26,7 +26,7 @@ def stores(tiny_data):
                                                                                           progress=False)
 
 
-def session(cfg, tmp_path: Path) -> Run:
+def make_run(cfg, tmp_path: Path) -> Run:
     return Run(cfg, "demo", tmp_path, tmp_path, torch.device("cpu"), False)
 
 
@@ -45,7 +45,7 @@ def test_no_out_of_fold_prediction_comes_from_a_model_that_saw_the_clip(stores, 
         return real_fit(model, trn, val, spec, deadline)
 
     monkeypatch.setattr(train, "fit_stage", spy)
-    s = session(cfg, tmp_path)
+    s = make_run(cfg, tmp_path)
     d = train.TrainingData.make(data.classes, curated, noisy, cfg)
     stage1 = train.train_stage1(s, d)
     assert stage1.weights is not None and len(stage1.holdout["per_epoch"]) == 1
@@ -104,7 +104,7 @@ def test_the_best_epoch_is_kept_not_the_last(stores, tmp_path, monkeypatch):
 
 def test_stage_specs_differ_only_by_their_stage_values():
     cfg = make_config("demo", sets=["noisy.lr=0.01", "curated.lr=0.002", "noisy.loss=lsoft", "curated.mixup=0.3"])
-    s = session(cfg, Path("/tmp"))
+    s = make_run(cfg, Path("/tmp"))
     noisy = train.StageSpec.for_stage(s, cfg.noisy, "s1", "/tmp/a", 5, 1)
     curated = train.StageSpec.for_stage(s, cfg.curated, "f0", "/tmp/b", 7, 2)
     assert (noisy.lr, noisy.loss, noisy.epochs, noisy.seed, noisy.label) == (0.01, "lsoft", 5, 1, "s1")
