@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 2a8fb9dda27a). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 8d278b7655f0). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,8 +11,8 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      193 lines
-#   src/fattag/budget.py                       129 lines
-#   src/fattag/callbacks.py                    158 lines
+#   src/fattag/budget.py                       178 lines
+#   src/fattag/callbacks.py                    197 lines
 #   src/fattag/checkpoint.py                   137 lines
 #   src/fattag/cli.py                           64 lines
 #   src/fattag/config.py                       275 lines
@@ -28,13 +28,13 @@
 #   src/fattag/predict.py                      133 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/pseudo.py                       111 lines
-#   src/fattag/report.py                       399 lines
+#   src/fattag/report.py                       410 lines
 #   src/fattag/select.py                        69 lines
 #   src/fattag/submission.py                    70 lines
 #   src/fattag/throughput.py                    78 lines
-#   src/fattag/train.py                        404 lines
+#   src/fattag/train.py                        412 lines
 #   src/fattag/weights.py                      157 lines
-#   src/run.py                                 142 lines
+#   src/run.py                                 147 lines
 
 import hashlib
 import importlib.abc
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '2a8fb9dda27a'
+BUILD_HASH = '8d278b7655f0'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -587,6 +587,7 @@ class Budget:
         self.tp = Throughput(0.0, 0.0, "not measured")
         self.scale: dict = {}               # measured / predicted seconds, per kind of work done so far
         self.folds_done = 0
+        self.fold_epochs: list = []         # epochs each trained fold ran
         self.plan = self.first_plan = Plan.requested(requested)
 
     def start(self, workload: Workload, tp: Throughput) -> Plan:
@@ -633,10 +634,35 @@ class Budget:
         hold = holdout_size(n_kept, self.requested.noisy_holdout)
         self.workload = replace(self.workload, noisy_train=n_kept - hold, noisy_clips=n_kept)
 
+    def replan_stage1(self, done: int, fastest_s: float) -> int:
+        """Stage 1's epochs, re-planned after its `done`-th epoch from its fastest epoch so far (`fastest_s`): the
+        throughput measured before training may have been slowed by another process, and stage 1 is the first
+        stage whose real epochs show the machine's speed. The run is planned again from now, the epochs done
+        counted as spent; more epochs come back (up to the requested number) when the machine is faster than
+        measured, and go when it is slower."""
+        self.measured("noisy_epoch", fastest_s, 1)
+        if self.deadline is None:
+            return self.plan.epochs_noisy
+        cost = self.costs()["noisy_epoch"]
+        start = replace(self.requested, select_noisy=False)   # selection, where it ran, is done
+        plan = plan_run(start, self.workload, self.tp, self.remaining() + done * cost, self.scale)
+        epochs = max(plan.epochs_noisy, done)
+        if epochs != self.plan.epochs_noisy:
+            note = (f"stage 1 re-planned after epoch {done} ({fastest_s:.1f} s at its fastest): "
+                    f"{self.plan.epochs_noisy} -> {epochs} epochs")
+            self.plan = replace(plan, epochs_noisy=epochs, notes=(*self.plan.notes, note))
+        return epochs
+
     def epochs_for(self, k: int) -> int:
-        """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k)."""
+        """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k). A fold gets
+        at most twice the epochs of the shortest fold trained so far, so that the ensemble's members stay
+        comparable; the time that frees goes to the pseudo-label round and the test passes."""
         self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, k, self.folds_done,
                                  self.remaining())
+        even = 2 * min(self.fold_epochs) if self.fold_epochs else self.plan.epochs_curated
+        if self.plan.epochs_curated > even:
+            self._note(f"fold {k}: {self.plan.epochs_curated} -> {even} epochs, twice the shortest fold's",
+                       epochs_curated=even)
         return self.plan.epochs_curated if k < self.plan.folds_trained else 0
 
     def fold_deadline(self, k: int) -> float | None:
@@ -649,8 +675,9 @@ class Budget:
         return (self.deadline - c["oof_predict"] - (k + 1) * (c["test_predict"] + pseudo_s(c, self.plan.epochs_pseudo))
                 - later)
 
-    def fold_done(self, k: int) -> None:
+    def fold_done(self, k: int, epochs_run: int) -> None:
         self.folds_done = k + 1
+        self.fold_epochs.append(epochs_run)
 
     def pseudo_epochs(self, n_models: int) -> int:
         """Epochs of the pseudo-label round for each of `n_models` fold models, decided when stage 2 is over: the
@@ -675,6 +702,28 @@ class Budget:
         c = self.costs(0)
         return self.deadline - n_models * c["test_predict"] - (n_models - k - 1) * c["pseudo_epoch"]
 
+    def usage(self, started: float) -> dict | None:
+        """How the run used its budget (None without one): usable, used and unused seconds, why what is unused could
+        not be used, and the plan's notes (what was cut or re-planned, and when)."""
+        if self.deadline is None:
+            return None
+        usable, used = self.deadline - started, time.time() - started
+        unused = max(usable - used, 0.0)
+        req, plan = self.requested, self.plan
+        whole = ((plan.epochs_noisy >= req.noisy.epochs or not self.workload.noisy_train)
+                 and plan.epochs_curated >= req.curated.epochs and plan.folds_trained >= req.folds
+                 and plan.epochs_pseudo >= req.pseudo_epochs
+                 and plan.tta_aug_passes >= max(req.tta_aug_passes, req.tta_fill_passes))
+        if unused <= 0.05 * usable:
+            why = "used up to the safety margin"
+        elif whole:
+            why = (f"the whole requested recipe ran, with the most augmented TTA passes (tta_fill_passes "
+                   f"{req.tta_fill_passes}): there was nothing more to spend it on")
+        else:
+            why = "the work left after the last re-plan took less time than the plan priced it at"
+        return dict(usable_s=round(usable, 1), used_s=round(used, 1), unused_s=round(unused, 1),
+                    unused_share=round(unused / usable, 3), why=why, notes=list(plan.notes))
+
     def test_passes(self, n_models: int) -> int:
         """Augmented TTA passes for the test set, decided when training is over: the plan's, fewer if they no longer
         fit, more (up to `tta_fill_passes`) when time is left over, so that time is not wasted."""
@@ -692,7 +741,7 @@ class Budget:
 
 _add('src/fattag/callbacks.py', r'''
 """The fastai callbacks of a training stage, one concern each: NaN guard, best epoch, weight averaging,
-checkpoints, log, deadline.
+checkpoints, log, deadline, and the epoch plan that a re-plan may change while the stage trains.
 
 Augmentations of training batches are callbacks too; they live in `augment.py`.
 """
@@ -701,6 +750,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 import numpy as np
 from fastai.callback.core import Callback, CancelFitException
@@ -809,7 +859,8 @@ class EpochCheckpoint(StageCallback):
 
     def after_epoch(self):
         self.history.append({"epoch": self.epoch + 1, **self.epoch_values()})
-        state = Resume(self.epoch + 1, self.epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
+        epochs = getattr(self.learn, "epochs_planned", self.epochs)   # the plan as it stands (EpochPlan)
+        state = Resume(self.epoch + 1, epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
                        self.history)
         average = next((cb.averaged for cb in self.learn.cbs if isinstance(cb, WeightAverage)), None)
         extra = {"average": average.state_dict()} if average is not None else {}
@@ -828,26 +879,63 @@ class EpochLog(StageCallback):
 
     def after_epoch(self):
         shown = "  ".join(f"{n} {v:.4f}" for n, v in self.epoch_values().items() if v is not None)
-        log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, self.n_epoch, shown, time.time() - self.t0)
+        log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, getattr(self.learn, "epochs_planned",
+                 self.n_epoch), shown, time.time() - self.t0)
 
 
 class Deadline(StageCallback):
-    """Stop between epochs when another epoch like the last one would not end before `deadline` (a wall-clock time,
-    from the run's Budget)."""
+    """Stop between epochs when another epoch like the last one would not end before the deadline: a wall-clock
+    time from the run's Budget, or a function returning it (re-planned while the stage trains); None: no deadline."""
     order = EpochLog.order + 5
 
-    def __init__(self, deadline: float | None):
+    def __init__(self, deadline: float | Callable[[], float | None] | None):
         self.deadline = deadline
 
     def before_epoch(self):
         self.t0 = time.time()
 
     def after_epoch(self):
-        if not self.deadline:
+        deadline = self.deadline() if callable(self.deadline) else self.deadline
+        if not deadline:
             return
         now = time.time()
-        if now + (now - self.t0) > self.deadline:
-            log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1, self.n_epoch)
+        if now + (now - self.t0) > deadline:
+            log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1,
+                        getattr(self.learn, "epochs_planned", self.n_epoch))
+            raise CancelFitException()
+
+
+class EpochPlan(StageCallback):
+    """The stage's one-cycle schedule spread over `epochs`, a number a re-plan may change between epochs, while
+    fastai's loop runs up to its `n_epoch` (the most the stage may get). After every epoch `replan(epochs_done,
+    fastest_epoch_s)` may return a new count: the rest of the schedule is stretched or squeezed over it (no epoch
+    is lost, the learning rate stays continuous) and the stage ends when it is reached. While the count equals
+    `n_epoch` nothing differs from fastai's own schedule."""
+    order = Deadline.order + 5   # last: the epoch is scored, saved and logged before the stage may end
+
+    def __init__(self, epochs: int, replan: Callable[[int, float], int] | None = None):
+        self.epochs, self.replan, self.seconds = epochs, replan, []   # seconds: each epoch of this fit
+
+    def before_fit(self):
+        self.learn.epochs_planned = self.epochs
+
+    def before_epoch(self):
+        self.t0 = time.time()
+
+    def before_train(self):
+        if self.epochs != self.n_epoch:
+            self.learn.pct_train = self.epoch / self.epochs
+
+    def after_batch(self):
+        if self.training and self.epochs != self.n_epoch:
+            self.learn.pct_train = min((self.epoch + (self.iter + 1) / self.n_iter) / self.epochs, 1.0)
+
+    def after_epoch(self):
+        self.seconds.append(time.time() - self.t0)
+        if self.replan is not None:   # the fastest epoch: contention only ever slows an epoch down
+            self.epochs = min(max(self.replan(self.epoch + 1, min(self.seconds)), self.epoch + 1), self.n_epoch)
+            self.learn.epochs_planned = self.epochs
+        if self.epochs < self.n_epoch and self.epoch + 1 >= self.epochs:
             raise CancelFitException()
 ''')
 
@@ -3040,8 +3128,8 @@ class FreqMeanTimeMax(nn.Module):
 def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:
     """`model` on `device`, in the memory layout that is fastest there: channels-last on the CPU (`channels_last`),
     where oneDNN's convolutions then run the pipeline's epochs 6-22 % and its predictions ~80 % faster
-    (docs/performance.md); the default layout on CUDA, whose speed mixed precision decides (a change there is unmeasured). Values are
-    unchanged; only strides, and so float rounding, differ."""
+    (docs/performance.md); the default layout on CUDA, whose speed mixed precision decides (a change there is
+    unmeasured). Values are unchanged; only strides, and so float rounding, differ."""
     device = torch.device(device)
     fast = channels_last and device.type == "cpu"
     return model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
@@ -3711,6 +3799,16 @@ def _loaded_section(loaded: list[str] | None) -> list[str]:
     return [f"{len(loaded)} weight file(s):", ""] + [f"- {_cell(item)}" for item in loaded]
 
 
+def _budget_section(use: dict | None) -> list[str]:
+    """Where the budget went: used and unused seconds, why the rest could not be used, what was cut or re-planned."""
+    if not use:
+        return ["The run had no time budget: every step ran the requested recipe."]
+    lines = [f"Used {_secs(use['used_s'])} of {_secs(use['usable_s'])} usable (the budget less its safety margin); "
+             f"{_secs(use['unused_s'])} ({use['unused_share']:.0%}) unused: {use['why']}."]
+    notes = use.get("notes") or []
+    return lines + ([""] + [f"- {_cell(n)}" for n in notes] if notes else ["", "Nothing was cut or re-planned."])
+
+
 def _timings_section(timings: list[dict] | None) -> list[str]:
     if not timings:
         return ["No stage timings were recorded."]
@@ -3947,7 +4045,7 @@ def _run_section(title: str, build, *args) -> list[str]:
 def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timings: list[dict],
                  scores: dict | None = None, folds: list[dict] | None = None,
                  oof_truth=None, oof_probs=None, test_probs=None,
-                 loaded: list[str] | None = None, stage1: dict | None = None) -> Path:
+                 loaded: list[str] | None = None, stage1: dict | None = None, budget_use: dict | None = None) -> Path:
     """Write `<work_dir>/report.md` (and its PNG figures beside it) and return its path.
 
     mode "train": dataset, time plan vs actual, per-fold lwlrap, OOF scores, training curves from
@@ -3967,6 +4065,7 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
     if mode == "train":
         sections = [("Dataset", _dataset_section, dataset),
                     ("Time: plan vs actual", _timings_section, timings),
+                    ("Time budget", _budget_section, budget_use),
                     ("Stage 1 on the noisy set", _stage1_section, stage1),
                     ("Folds", _folds_section, folds),
                     ("Out-of-fold lwlrap", _scores_section, scores),
@@ -4226,9 +4325,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -4242,7 +4341,7 @@ from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
 from .augment import augment_policy
-from .callbacks import Deadline, EpochCheckpoint, EpochLog, KeepBest, NanGuard, WeightAverage
+from .callbacks import Deadline, EpochCheckpoint, EpochLog, EpochPlan, KeepBest, NanGuard, WeightAverage
 from .checkpoint import Resume, StageDir
 from .config import Config, StageSettings, top_up_size
 from .features import Clips, CropDataset, MelStore, aggregate_windows, store_stats
@@ -4312,6 +4411,8 @@ class StageSpec:
     cfg: Config          # shared settings: batch size, weight decay, crop and validation windows, device
     device: str = "cpu"
     recipe: dict = field(default_factory=dict)  # what the saved weights must match to be reused (checkpoint.py)
+    max_epochs: int = 0  # the most epochs a re-plan may give the stage while it trains (0: `epochs`, no re-plan)
+    replan: Callable[[int, float], int] | None = None  # (epochs done, fastest epoch s) -> epochs (EpochPlan)
 
     @property
     def stage_dir(self) -> StageDir:
@@ -4332,6 +4433,7 @@ class StageResult:
     seconds: float
     epochs_planned: int
     nan_epochs: int = 0
+    epoch_seconds: list = field(default_factory=list)  # wall time of each epoch trained in this fit
 
     @property
     def usable(self) -> bool:
@@ -4361,7 +4463,7 @@ class ClipLwlrap(Metric):
 
 
 def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, spec: StageSpec, resume: Resume,
-                  deadline: float | None) -> Learner:
+                  deadline) -> Learner:
     """A fastai Learner on random training crops and whole-clip validation windows, with the stage's callbacks."""
     cfg, device = spec.cfg, torch.device(spec.device)
     to_device(model, device, cfg.channels_last)  # the device's fastest layout; fastai's move to the device keeps it
@@ -4376,7 +4478,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     keep = KeepBest(resume)
     cbs = [*augment_policy(cfg, spec.augment, input_mean(model)), NanGuard(), keep,
            EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
-           Deadline(deadline)]
+           Deadline(deadline), EpochPlan(spec.epochs, spec.replan)]
     if cfg.average_epochs > 0:
         cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
     learn = Learner(dls, model, loss_func=make_loss(spec.loss), wd=cfg.wd, cbs=cbs,
@@ -4396,11 +4498,12 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
 
 
 def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, spec: StageSpec,
-              deadline: float | None = None) -> StageResult:
+              deadline=None) -> StageResult:
     """Train `model` in place with one-cycle; keep the epoch with the best whole-clip lwlrap on `valid`.
 
     Progress is checkpointed in `spec.out_dir` after every epoch; a restarted run continues after the last
-    finished epoch with the interrupted run's schedule.
+    finished epoch with the interrupted run's schedule. `deadline`: a wall-clock time, a function returning one,
+    or None (callbacks.Deadline).
     """
     set_seed(spec.seed, reproducible=True)
     resume = spec.stage_dir.resume()
@@ -4415,13 +4518,13 @@ def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, 
              spec.loss,
              ", ".join(type(cb).__name__ for cb in augment_policy(spec.cfg, spec.augment, 0.0)) or "none")
     t0 = time.time()
-    if learn.resume_epoch < epochs:
-        learn.fit_one_cycle(epochs, spec.lr, start_epoch=learn.resume_epoch)
+    if learn.resume_epoch < epochs:   # the loop may run up to max_epochs; EpochPlan ends it at the plan's count
+        learn.fit_one_cycle(max(epochs, spec.max_epochs), spec.lr, start_epoch=learn.resume_epoch)
     model.to("cpu")
-    keep, checkpoint, guard = (next(cb for cb in learn.cbs if isinstance(cb, t))
-                               for t in (KeepBest, EpochCheckpoint, NanGuard))
+    keep, checkpoint, guard, plan = (next(cb for cb in learn.cbs if isinstance(cb, t))
+                                     for t in (KeepBest, EpochCheckpoint, NanGuard, EpochPlan))
     return StageResult(pd.DataFrame(checkpoint.history, columns=HISTORY_COLUMNS), keep.best, keep.best_epoch + 1,
-                       time.time() - t0, epochs, guard.nan_epochs)
+                       time.time() - t0, plan.epochs, guard.nan_epochs, plan.seconds)
 
 
 def finish_stage(spec: StageSpec, model: torch.nn.Module, res: StageResult, meta: dict) -> None:
@@ -4500,6 +4603,9 @@ def train_stage1(run: Run, d: TrainingData) -> Stage1:
                  "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
         return Stage1()
     spec = StageSpec.for_stage(run, cfg.noisy, STAGE1, run.work_dir / "stage1", epochs, cfg.seed + 1000)
+    # its first epochs show the machine's real speed (a throughput measurement under contention reads low): the
+    # budget re-plans stage 1's epochs from them, up to the requested number
+    spec = replace(spec, max_epochs=cfg.noisy.epochs, replan=budget.replan_stage1)
     done = spec.stage_dir.finished()
     if done is not None:
         return Stage1(done[1])
@@ -4508,9 +4614,10 @@ def train_stage1(run: Run, d: TrainingData) -> Stage1:
     set_seed(spec.seed, reproducible=True)  # initial weights too: the same seed gives the same run
     model = build_model(cfg, len(classes), *d.stats)
     train = [Clips(noisy, train_idx), *d.curated_top_up(len(train_idx), cfg.noisy.top_up, spec.seed)]
-    res = fit_stage(model, train, Clips(noisy, hold_idx), spec, budget.stage1_deadline())
+    res = fit_stage(model, train, Clips(noisy, hold_idx), spec, budget.stage1_deadline)
     run.record(STAGE1, time.time() - t0)
-    budget.measured("noisy_epoch", res.seconds, len(res.history))
+    recent = res.epoch_seconds[-3:]   # the machine as it is now prices the folds
+    budget.measured("noisy_epoch", sum(recent), len(recent))
     holdout = holdout_summary(res, noisy.table.targets[hold_idx])
     if not res.usable:
         log.warning("stage 1 produced no usable weights: stage 2 starts from scratch")
@@ -4603,7 +4710,7 @@ def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
         for name, probs in predict_oof(model, valid, run.cfg, run.device, budget.plan.tta_aug_passes).items():
             oof[name][valid.indices] = probs
         budget.measured("oof_predict", time.time() - t_pred, 1)
-        budget.fold_done(k)
+        budget.fold_done(k, meta["epochs_run"])
         rows = valid.indices
         results.append(fold_summary(k, meta, valid.targets, oof["windows"][rows], oof["center"][rows]))
         run.record(fold_stage(k), time.time() - t0)
@@ -4863,7 +4970,11 @@ def main(argv=None, defaults: dict | None = None) -> int:
     #    every test clip gets a row. inference.json and config.json record how it was done.
     predict_cfg = replace(cfg, tta_aug_passes=budget.test_passes(len(models)))
     probs = predict_and_submit(run, predict_cfg, data, models, test, prior)
-    run.save_config(folds_run=folds.results)
+    usage = budget.usage(run.started)
+    if usage:
+        log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
+                 usage["usable_s"], usage["unused_s"], 100 * usage["unused_share"], usage["why"])
+    run.save_config(folds_run=folds.results, budget_use=usage, timings=run.timings)
     (run.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
                                                               stage1_holdout=stage1.holdout), indent=2) + "\n")
     log.info("time plan vs actual:\n%s", run.timing_table())
@@ -4872,6 +4983,7 @@ def main(argv=None, defaults: dict | None = None) -> int:
     rows = folds.predicted
     write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
                  dataset=dataset_summary(run, [curated, noisy, test]), folds=folds.results, stage1=stage1.holdout,
+                 budget_use=usage,
                  oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
     return 0
 

@@ -81,7 +81,11 @@ def main(argv=None, defaults: dict | None = None) -> int:
     #    every test clip gets a row. inference.json and config.json record how it was done.
     predict_cfg = replace(cfg, tta_aug_passes=budget.test_passes(len(models)))
     probs = predict_and_submit(run, predict_cfg, data, models, test, prior)
-    run.save_config(folds_run=folds.results)
+    usage = budget.usage(run.started)
+    if usage:
+        log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
+                 usage["usable_s"], usage["unused_s"], 100 * usage["unused_share"], usage["why"])
+    run.save_config(folds_run=folds.results, budget_use=usage, timings=run.timings)
     (run.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
                                                               stage1_holdout=stage1.holdout), indent=2) + "\n")
     log.info("time plan vs actual:\n%s", run.timing_table())
@@ -90,6 +94,7 @@ def main(argv=None, defaults: dict | None = None) -> int:
     rows = folds.predicted
     write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
                  dataset=dataset_summary(run, [curated, noisy, test]), folds=folds.results, stage1=stage1.holdout,
+                 budget_use=usage,
                  oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
     return 0
 

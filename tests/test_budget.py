@@ -107,7 +107,7 @@ def test_no_further_fold_starts_when_not_even_its_floor_fits():
     assert b.epochs_for(0) == b.requested.curated.epochs
     predicted = stage_costs(b.requested, FAT2019, b.tp, 0)["fold_epoch"]
     b.measured("fold_epoch", predicted * 1000, 1)   # far slower than measured: not one more fold fits
-    b.fold_done(0)
+    b.fold_done(0, 10)
     assert b.epochs_for(1) == 0 and b.plan.folds_trained == 1
     assert any("no time for another fold" in n for n in b.plan.notes)
 

@@ -26,6 +26,7 @@ class Budget:
         self.tp = Throughput(0.0, 0.0, "not measured")
         self.scale: dict = {}               # measured / predicted seconds, per kind of work done so far
         self.folds_done = 0
+        self.fold_epochs: list = []         # epochs each trained fold ran
         self.plan = self.first_plan = Plan.requested(requested)
 
     def start(self, workload: Workload, tp: Throughput) -> Plan:
@@ -72,10 +73,35 @@ class Budget:
         hold = holdout_size(n_kept, self.requested.noisy_holdout)
         self.workload = replace(self.workload, noisy_train=n_kept - hold, noisy_clips=n_kept)
 
+    def replan_stage1(self, done: int, fastest_s: float) -> int:
+        """Stage 1's epochs, re-planned after its `done`-th epoch from its fastest epoch so far (`fastest_s`): the
+        throughput measured before training may have been slowed by another process, and stage 1 is the first
+        stage whose real epochs show the machine's speed. The run is planned again from now, the epochs done
+        counted as spent; more epochs come back (up to the requested number) when the machine is faster than
+        measured, and go when it is slower."""
+        self.measured("noisy_epoch", fastest_s, 1)
+        if self.deadline is None:
+            return self.plan.epochs_noisy
+        cost = self.costs()["noisy_epoch"]
+        start = replace(self.requested, select_noisy=False)   # selection, where it ran, is done
+        plan = plan_run(start, self.workload, self.tp, self.remaining() + done * cost, self.scale)
+        epochs = max(plan.epochs_noisy, done)
+        if epochs != self.plan.epochs_noisy:
+            note = (f"stage 1 re-planned after epoch {done} ({fastest_s:.1f} s at its fastest): "
+                    f"{self.plan.epochs_noisy} -> {epochs} epochs")
+            self.plan = replace(plan, epochs_noisy=epochs, notes=(*self.plan.notes, note))
+        return epochs
+
     def epochs_for(self, k: int) -> int:
-        """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k)."""
+        """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k). A fold gets
+        at most twice the epochs of the shortest fold trained so far, so that the ensemble's members stay
+        comparable; the time that frees goes to the pseudo-label round and the test passes."""
         self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, k, self.folds_done,
                                  self.remaining())
+        even = 2 * min(self.fold_epochs) if self.fold_epochs else self.plan.epochs_curated
+        if self.plan.epochs_curated > even:
+            self._note(f"fold {k}: {self.plan.epochs_curated} -> {even} epochs, twice the shortest fold's",
+                       epochs_curated=even)
         return self.plan.epochs_curated if k < self.plan.folds_trained else 0
 
     def fold_deadline(self, k: int) -> float | None:
@@ -88,8 +114,9 @@ class Budget:
         return (self.deadline - c["oof_predict"] - (k + 1) * (c["test_predict"] + pseudo_s(c, self.plan.epochs_pseudo))
                 - later)
 
-    def fold_done(self, k: int) -> None:
+    def fold_done(self, k: int, epochs_run: int) -> None:
         self.folds_done = k + 1
+        self.fold_epochs.append(epochs_run)
 
     def pseudo_epochs(self, n_models: int) -> int:
         """Epochs of the pseudo-label round for each of `n_models` fold models, decided when stage 2 is over: the
@@ -113,6 +140,28 @@ class Budget:
             return None
         c = self.costs(0)
         return self.deadline - n_models * c["test_predict"] - (n_models - k - 1) * c["pseudo_epoch"]
+
+    def usage(self, started: float) -> dict | None:
+        """How the run used its budget (None without one): usable, used and unused seconds, why what is unused could
+        not be used, and the plan's notes (what was cut or re-planned, and when)."""
+        if self.deadline is None:
+            return None
+        usable, used = self.deadline - started, time.time() - started
+        unused = max(usable - used, 0.0)
+        req, plan = self.requested, self.plan
+        whole = ((plan.epochs_noisy >= req.noisy.epochs or not self.workload.noisy_train)
+                 and plan.epochs_curated >= req.curated.epochs and plan.folds_trained >= req.folds
+                 and plan.epochs_pseudo >= req.pseudo_epochs
+                 and plan.tta_aug_passes >= max(req.tta_aug_passes, req.tta_fill_passes))
+        if unused <= 0.05 * usable:
+            why = "used up to the safety margin"
+        elif whole:
+            why = (f"the whole requested recipe ran, with the most augmented TTA passes (tta_fill_passes "
+                   f"{req.tta_fill_passes}): there was nothing more to spend it on")
+        else:
+            why = "the work left after the last re-plan took less time than the plan priced it at"
+        return dict(usable_s=round(usable, 1), used_s=round(used, 1), unused_s=round(unused, 1),
+                    unused_share=round(unused / usable, 3), why=why, notes=list(plan.notes))
 
     def test_passes(self, n_models: int) -> int:
         """Augmented TTA passes for the test set, decided when training is over: the plan's, fewer if they no longer

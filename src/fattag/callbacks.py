@@ -1,5 +1,5 @@
 """The fastai callbacks of a training stage, one concern each: NaN guard, best epoch, weight averaging,
-checkpoints, log, deadline.
+checkpoints, log, deadline, and the epoch plan that a re-plan may change while the stage trains.
 
 Augmentations of training batches are callbacks too; they live in `augment.py`.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 import numpy as np
 from fastai.callback.core import Callback, CancelFitException
@@ -116,7 +117,8 @@ class EpochCheckpoint(StageCallback):
 
     def after_epoch(self):
         self.history.append({"epoch": self.epoch + 1, **self.epoch_values()})
-        state = Resume(self.epoch + 1, self.epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
+        epochs = getattr(self.learn, "epochs_planned", self.epochs)   # the plan as it stands (EpochPlan)
+        state = Resume(self.epoch + 1, epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
                        self.history)
         average = next((cb.averaged for cb in self.learn.cbs if isinstance(cb, WeightAverage)), None)
         extra = {"average": average.state_dict()} if average is not None else {}
@@ -135,24 +137,61 @@ class EpochLog(StageCallback):
 
     def after_epoch(self):
         shown = "  ".join(f"{n} {v:.4f}" for n, v in self.epoch_values().items() if v is not None)
-        log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, self.n_epoch, shown, time.time() - self.t0)
+        log.info("%s epoch %d/%d  %s  (%.1f s)", self.label, self.epoch + 1, getattr(self.learn, "epochs_planned",
+                 self.n_epoch), shown, time.time() - self.t0)
 
 
 class Deadline(StageCallback):
-    """Stop between epochs when another epoch like the last one would not end before `deadline` (a wall-clock time,
-    from the run's Budget)."""
+    """Stop between epochs when another epoch like the last one would not end before the deadline: a wall-clock
+    time from the run's Budget, or a function returning it (re-planned while the stage trains); None: no deadline."""
     order = EpochLog.order + 5
 
-    def __init__(self, deadline: float | None):
+    def __init__(self, deadline: float | Callable[[], float | None] | None):
         self.deadline = deadline
 
     def before_epoch(self):
         self.t0 = time.time()
 
     def after_epoch(self):
-        if not self.deadline:
+        deadline = self.deadline() if callable(self.deadline) else self.deadline
+        if not deadline:
             return
         now = time.time()
-        if now + (now - self.t0) > self.deadline:
-            log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1, self.n_epoch)
+        if now + (now - self.t0) > deadline:
+            log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1,
+                        getattr(self.learn, "epochs_planned", self.n_epoch))
+            raise CancelFitException()
+
+
+class EpochPlan(StageCallback):
+    """The stage's one-cycle schedule spread over `epochs`, a number a re-plan may change between epochs, while
+    fastai's loop runs up to its `n_epoch` (the most the stage may get). After every epoch `replan(epochs_done,
+    fastest_epoch_s)` may return a new count: the rest of the schedule is stretched or squeezed over it (no epoch
+    is lost, the learning rate stays continuous) and the stage ends when it is reached. While the count equals
+    `n_epoch` nothing differs from fastai's own schedule."""
+    order = Deadline.order + 5   # last: the epoch is scored, saved and logged before the stage may end
+
+    def __init__(self, epochs: int, replan: Callable[[int, float], int] | None = None):
+        self.epochs, self.replan, self.seconds = epochs, replan, []   # seconds: each epoch of this fit
+
+    def before_fit(self):
+        self.learn.epochs_planned = self.epochs
+
+    def before_epoch(self):
+        self.t0 = time.time()
+
+    def before_train(self):
+        if self.epochs != self.n_epoch:
+            self.learn.pct_train = self.epoch / self.epochs
+
+    def after_batch(self):
+        if self.training and self.epochs != self.n_epoch:
+            self.learn.pct_train = min((self.epoch + (self.iter + 1) / self.n_iter) / self.epochs, 1.0)
+
+    def after_epoch(self):
+        self.seconds.append(time.time() - self.t0)
+        if self.replan is not None:   # the fastest epoch: contention only ever slows an epoch down
+            self.epochs = min(max(self.replan(self.epoch + 1, min(self.seconds)), self.epoch + 1), self.n_epoch)
+            self.learn.epochs_planned = self.epochs
+        if self.epochs < self.n_epoch and self.epoch + 1 >= self.epochs:
             raise CancelFitException()

@@ -83,8 +83,8 @@ class FreqMeanTimeMax(nn.Module):
 def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:
     """`model` on `device`, in the memory layout that is fastest there: channels-last on the CPU (`channels_last`),
     where oneDNN's convolutions then run the pipeline's epochs 6-22 % and its predictions ~80 % faster
-    (docs/performance.md); the default layout on CUDA, whose speed mixed precision decides (a change there is unmeasured). Values are
-    unchanged; only strides, and so float rounding, differ."""
+    (docs/performance.md); the default layout on CUDA, whose speed mixed precision decides (a change there is
+    unmeasured). Values are unchanged; only strides, and so float rounding, differ."""
     device = torch.device(device)
     fast = channels_last and device.type == "cpu"
     return model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)

@@ -124,6 +124,16 @@ def _loaded_section(loaded: list[str] | None) -> list[str]:
     return [f"{len(loaded)} weight file(s):", ""] + [f"- {_cell(item)}" for item in loaded]
 
 
+def _budget_section(use: dict | None) -> list[str]:
+    """Where the budget went: used and unused seconds, why the rest could not be used, what was cut or re-planned."""
+    if not use:
+        return ["The run had no time budget: every step ran the requested recipe."]
+    lines = [f"Used {_secs(use['used_s'])} of {_secs(use['usable_s'])} usable (the budget less its safety margin); "
+             f"{_secs(use['unused_s'])} ({use['unused_share']:.0%}) unused: {use['why']}."]
+    notes = use.get("notes") or []
+    return lines + ([""] + [f"- {_cell(n)}" for n in notes] if notes else ["", "Nothing was cut or re-planned."])
+
+
 def _timings_section(timings: list[dict] | None) -> list[str]:
     if not timings:
         return ["No stage timings were recorded."]
@@ -360,7 +370,7 @@ def _run_section(title: str, build, *args) -> list[str]:
 def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timings: list[dict],
                  scores: dict | None = None, folds: list[dict] | None = None,
                  oof_truth=None, oof_probs=None, test_probs=None,
-                 loaded: list[str] | None = None, stage1: dict | None = None) -> Path:
+                 loaded: list[str] | None = None, stage1: dict | None = None, budget_use: dict | None = None) -> Path:
     """Write `<work_dir>/report.md` (and its PNG figures beside it) and return its path.
 
     mode "train": dataset, time plan vs actual, per-fold lwlrap, OOF scores, training curves from
@@ -380,6 +390,7 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
     if mode == "train":
         sections = [("Dataset", _dataset_section, dataset),
                     ("Time: plan vs actual", _timings_section, timings),
+                    ("Time budget", _budget_section, budget_use),
                     ("Stage 1 on the noisy set", _stage1_section, stage1),
                     ("Folds", _folds_section, folds),
                     ("Out-of-fold lwlrap", _scores_section, scores),

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
 from .augment import augment_policy
-from .callbacks import Deadline, EpochCheckpoint, EpochLog, KeepBest, NanGuard, WeightAverage
+from .callbacks import Deadline, EpochCheckpoint, EpochLog, EpochPlan, KeepBest, NanGuard, WeightAverage
 from .checkpoint import Resume, StageDir
 from .config import Config, StageSettings, top_up_size
 from .features import Clips, CropDataset, MelStore, aggregate_windows, store_stats
@@ -97,6 +97,8 @@ class StageSpec:
     cfg: Config          # shared settings: batch size, weight decay, crop and validation windows, device
     device: str = "cpu"
     recipe: dict = field(default_factory=dict)  # what the saved weights must match to be reused (checkpoint.py)
+    max_epochs: int = 0  # the most epochs a re-plan may give the stage while it trains (0: `epochs`, no re-plan)
+    replan: Callable[[int, float], int] | None = None  # (epochs done, fastest epoch s) -> epochs (EpochPlan)
 
     @property
     def stage_dir(self) -> StageDir:
@@ -117,6 +119,7 @@ class StageResult:
     seconds: float
     epochs_planned: int
     nan_epochs: int = 0
+    epoch_seconds: list = field(default_factory=list)  # wall time of each epoch trained in this fit
 
     @property
     def usable(self) -> bool:
@@ -146,7 +149,7 @@ class ClipLwlrap(Metric):
 
 
 def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, spec: StageSpec, resume: Resume,
-                  deadline: float | None) -> Learner:
+                  deadline) -> Learner:
     """A fastai Learner on random training crops and whole-clip validation windows, with the stage's callbacks."""
     cfg, device = spec.cfg, torch.device(spec.device)
     to_device(model, device, cfg.channels_last)  # the device's fastest layout; fastai's move to the device keeps it
@@ -161,7 +164,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     keep = KeepBest(resume)
     cbs = [*augment_policy(cfg, spec.augment, input_mean(model)), NanGuard(), keep,
            EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
-           Deadline(deadline)]
+           Deadline(deadline), EpochPlan(spec.epochs, spec.replan)]
     if cfg.average_epochs > 0:
         cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
     learn = Learner(dls, model, loss_func=make_loss(spec.loss), wd=cfg.wd, cbs=cbs,
@@ -181,11 +184,12 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
 
 
 def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, spec: StageSpec,
-              deadline: float | None = None) -> StageResult:
+              deadline=None) -> StageResult:
     """Train `model` in place with one-cycle; keep the epoch with the best whole-clip lwlrap on `valid`.
 
     Progress is checkpointed in `spec.out_dir` after every epoch; a restarted run continues after the last
-    finished epoch with the interrupted run's schedule.
+    finished epoch with the interrupted run's schedule. `deadline`: a wall-clock time, a function returning one,
+    or None (callbacks.Deadline).
     """
     set_seed(spec.seed, reproducible=True)
     resume = spec.stage_dir.resume()
@@ -200,13 +204,13 @@ def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, 
              spec.loss,
              ", ".join(type(cb).__name__ for cb in augment_policy(spec.cfg, spec.augment, 0.0)) or "none")
     t0 = time.time()
-    if learn.resume_epoch < epochs:
-        learn.fit_one_cycle(epochs, spec.lr, start_epoch=learn.resume_epoch)
+    if learn.resume_epoch < epochs:   # the loop may run up to max_epochs; EpochPlan ends it at the plan's count
+        learn.fit_one_cycle(max(epochs, spec.max_epochs), spec.lr, start_epoch=learn.resume_epoch)
     model.to("cpu")
-    keep, checkpoint, guard = (next(cb for cb in learn.cbs if isinstance(cb, t))
-                               for t in (KeepBest, EpochCheckpoint, NanGuard))
+    keep, checkpoint, guard, plan = (next(cb for cb in learn.cbs if isinstance(cb, t))
+                                     for t in (KeepBest, EpochCheckpoint, NanGuard, EpochPlan))
     return StageResult(pd.DataFrame(checkpoint.history, columns=HISTORY_COLUMNS), keep.best, keep.best_epoch + 1,
-                       time.time() - t0, epochs, guard.nan_epochs)
+                       time.time() - t0, plan.epochs, guard.nan_epochs, plan.seconds)
 
 
 def finish_stage(spec: StageSpec, model: torch.nn.Module, res: StageResult, meta: dict) -> None:
@@ -285,6 +289,9 @@ def train_stage1(run: Run, d: TrainingData) -> Stage1:
                  "no epochs planned" if epochs <= 0 else "no decodable noisy clip")
         return Stage1()
     spec = StageSpec.for_stage(run, cfg.noisy, STAGE1, run.work_dir / "stage1", epochs, cfg.seed + 1000)
+    # its first epochs show the machine's real speed (a throughput measurement under contention reads low): the
+    # budget re-plans stage 1's epochs from them, up to the requested number
+    spec = replace(spec, max_epochs=cfg.noisy.epochs, replan=budget.replan_stage1)
     done = spec.stage_dir.finished()
     if done is not None:
         return Stage1(done[1])
@@ -293,9 +300,10 @@ def train_stage1(run: Run, d: TrainingData) -> Stage1:
     set_seed(spec.seed, reproducible=True)  # initial weights too: the same seed gives the same run
     model = build_model(cfg, len(classes), *d.stats)
     train = [Clips(noisy, train_idx), *d.curated_top_up(len(train_idx), cfg.noisy.top_up, spec.seed)]
-    res = fit_stage(model, train, Clips(noisy, hold_idx), spec, budget.stage1_deadline())
+    res = fit_stage(model, train, Clips(noisy, hold_idx), spec, budget.stage1_deadline)
     run.record(STAGE1, time.time() - t0)
-    budget.measured("noisy_epoch", res.seconds, len(res.history))
+    recent = res.epoch_seconds[-3:]   # the machine as it is now prices the folds
+    budget.measured("noisy_epoch", sum(recent), len(recent))
     holdout = holdout_summary(res, noisy.table.targets[hold_idx])
     if not res.usable:
         log.warning("stage 1 produced no usable weights: stage 2 starts from scratch")
@@ -388,7 +396,7 @@ def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
         for name, probs in predict_oof(model, valid, run.cfg, run.device, budget.plan.tta_aug_passes).items():
             oof[name][valid.indices] = probs
         budget.measured("oof_predict", time.time() - t_pred, 1)
-        budget.fold_done(k)
+        budget.fold_done(k, meta["epochs_run"])
         rows = valid.indices
         results.append(fold_summary(k, meta, valid.targets, oof["windows"][rows], oof["center"][rows]))
         run.record(fold_stage(k), time.time() - t0)
