@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,9 +36,9 @@ BUSY = "while True:\n    pass\n"   # one CPU-bound background process
 
 def run(data_dir: Path, work: Path, args, load_s: float) -> dict:
     """One budgeted run; with `load_s` > 0, `args.procs` busy processes during its first `load_s` seconds."""
-    work.mkdir(parents=True, exist_ok=True)
-    for stale in ("submission.csv", "config.json", "scores.json"):
-        (work / stale).unlink(missing_ok=True)
+    if work.exists():   # a fresh work dir: a run must not reuse the stages of an earlier one
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     cmd = [sys.executable, str(REPO / "src" / "run.py"), "--data-dir", str(data_dir), "--work-dir", str(work),
            "--preset", args.preset, "--seed", str(args.seed), *[x for s in args.sets for x in ("--set", s)]]
     env = dict(os.environ)

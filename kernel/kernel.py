@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 8d278b7655f0). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 7d25399767f2). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,8 +11,8 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      193 lines
-#   src/fattag/budget.py                       178 lines
-#   src/fattag/callbacks.py                    197 lines
+#   src/fattag/budget.py                       182 lines
+#   src/fattag/callbacks.py                    205 lines
 #   src/fattag/checkpoint.py                   137 lines
 #   src/fattag/cli.py                           64 lines
 #   src/fattag/config.py                       275 lines
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '8d278b7655f0'
+BUILD_HASH = '7d25399767f2'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -569,6 +569,7 @@ step gets the requested recipe and no deadline, so the steps never ask whether t
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 
@@ -576,6 +577,8 @@ from .config import Config
 from .cost import MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, stage_costs
 from .throughput import Throughput
 from .train import holdout_size
+
+log = logging.getLogger("fattag")
 
 
 class Budget:
@@ -651,6 +654,7 @@ class Budget:
             note = (f"stage 1 re-planned after epoch {done} ({fastest_s:.1f} s at its fastest): "
                     f"{self.plan.epochs_noisy} -> {epochs} epochs")
             self.plan = replace(plan, epochs_noisy=epochs, notes=(*self.plan.notes, note))
+            log.info("time budget: %s", note)
         return epochs
 
     def epochs_for(self, k: int) -> int:
@@ -908,13 +912,19 @@ class Deadline(StageCallback):
 class EpochPlan(StageCallback):
     """The stage's one-cycle schedule spread over `epochs`, a number a re-plan may change between epochs, while
     fastai's loop runs up to its `n_epoch` (the most the stage may get). After every epoch `replan(epochs_done,
-    fastest_epoch_s)` may return a new count: the rest of the schedule is stretched or squeezed over it (no epoch
-    is lost, the learning rate stays continuous) and the stage ends when it is reached. While the count equals
-    `n_epoch` nothing differs from fastai's own schedule."""
+    fastest_epoch_s)` may return a new count: the rest of the schedule, from where it stands, is stretched or
+    squeezed over the epochs left (no epoch is lost, the learning rate stays continuous) and the stage ends when the
+    count is reached. While the count equals `n_epoch` nothing differs from fastai's own schedule."""
     order = Deadline.order + 5   # last: the epoch is scored, saved and logged before the stage may end
 
     def __init__(self, epochs: int, replan: Callable[[int, float], int] | None = None):
         self.epochs, self.replan, self.seconds = epochs, replan, []   # seconds: each epoch of this fit
+        self.from_epoch, self.from_pct = 0, 0.0   # where the schedule stood at the last re-plan
+
+    def pct(self, epochs_done: float) -> float:
+        """The schedule's position after `epochs_done` epochs: the rest spread evenly over the epochs left."""
+        left = (epochs_done - self.from_epoch) / max(self.epochs - self.from_epoch, 1)
+        return min(self.from_pct + (1.0 - self.from_pct) * left, 1.0)
 
     def before_fit(self):
         self.learn.epochs_planned = self.epochs
@@ -924,17 +934,19 @@ class EpochPlan(StageCallback):
 
     def before_train(self):
         if self.epochs != self.n_epoch:
-            self.learn.pct_train = self.epoch / self.epochs
+            self.learn.pct_train = self.pct(self.epoch)
 
     def after_batch(self):
         if self.training and self.epochs != self.n_epoch:
-            self.learn.pct_train = min((self.epoch + (self.iter + 1) / self.n_iter) / self.epochs, 1.0)
+            self.learn.pct_train = self.pct(self.epoch + (self.iter + 1) / self.n_iter)
 
     def after_epoch(self):
         self.seconds.append(time.time() - self.t0)
         if self.replan is not None:   # the fastest epoch: contention only ever slows an epoch down
-            self.epochs = min(max(self.replan(self.epoch + 1, min(self.seconds)), self.epoch + 1), self.n_epoch)
-            self.learn.epochs_planned = self.epochs
+            epochs = min(max(self.replan(self.epoch + 1, min(self.seconds)), self.epoch + 1), self.n_epoch)
+            if epochs != self.epochs:
+                self.from_epoch, self.from_pct = self.epoch + 1, self.pct(self.epoch + 1)
+                self.epochs = self.learn.epochs_planned = epochs
         if self.epochs < self.n_epoch and self.epoch + 1 >= self.epochs:
             raise CancelFitException()
 ''')

@@ -145,9 +145,27 @@ def test_epoch_plan_spreads_the_schedule_over_a_replanned_count():
     assert plan.epochs == 2 and plan.learn.epochs_planned == 2
     plan.learn.epoch = 1
     plan.before_train()
-    assert plan.learn.pct_train == pytest.approx(0.5)       # epoch 2 of 2 starts half-way through the schedule
+    assert plan.learn.pct_train == pytest.approx(0.25)      # continuous: where epoch 1 of 4 left the schedule
+    plan.learn.iter = 4
+    plan.after_batch()
+    assert plan.learn.pct_train == pytest.approx(0.25 + 0.75 * 0.5)   # the other 3/4 over the one epoch left
+    plan.learn.iter = 9
+    plan.after_batch()
+    assert plan.learn.pct_train == pytest.approx(1.0)
     with pytest.raises(CancelFitException):
         plan.after_epoch()
+    longer = EpochPlan(2, replan=lambda done, fastest: 6)   # more epochs: the rest stretched, never a step back
+    longer.learn = SimpleNamespace(epoch=0, n_epoch=8, iter=9, n_iter=10, training=True, pct_train=0.0,
+                                   resume_epoch=0)
+    longer.before_fit()
+    longer.before_epoch()
+    longer.after_epoch()
+    longer.learn.epoch = 1
+    longer.before_train()
+    assert longer.epochs == 6 and longer.learn.pct_train == pytest.approx(0.5)
+    longer.learn.iter = 4
+    longer.after_batch()
+    assert longer.learn.pct_train == pytest.approx(0.5 + 0.5 * 0.5 / 5)
     # without a re-plan and with the plan equal to fastai's own count, fastai's schedule is left alone
     same = EpochPlan(8)
     same.learn = SimpleNamespace(epoch=3, n_epoch=8, iter=2, n_iter=10, training=True, pct_train=0.123, resume_epoch=0)

@@ -8,6 +8,7 @@ step gets the requested recipe and no deadline, so the steps never ask whether t
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 
@@ -15,6 +16,8 @@ from .config import Config
 from .cost import MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, stage_costs
 from .throughput import Throughput
 from .train import holdout_size
+
+log = logging.getLogger("fattag")
 
 
 class Budget:
@@ -90,6 +93,7 @@ class Budget:
             note = (f"stage 1 re-planned after epoch {done} ({fastest_s:.1f} s at its fastest): "
                     f"{self.plan.epochs_noisy} -> {epochs} epochs")
             self.plan = replace(plan, epochs_noisy=epochs, notes=(*self.plan.notes, note))
+            log.info("time budget: %s", note)
         return epochs
 
     def epochs_for(self, k: int) -> int:

@@ -166,13 +166,19 @@ class Deadline(StageCallback):
 class EpochPlan(StageCallback):
     """The stage's one-cycle schedule spread over `epochs`, a number a re-plan may change between epochs, while
     fastai's loop runs up to its `n_epoch` (the most the stage may get). After every epoch `replan(epochs_done,
-    fastest_epoch_s)` may return a new count: the rest of the schedule is stretched or squeezed over it (no epoch
-    is lost, the learning rate stays continuous) and the stage ends when it is reached. While the count equals
-    `n_epoch` nothing differs from fastai's own schedule."""
+    fastest_epoch_s)` may return a new count: the rest of the schedule, from where it stands, is stretched or
+    squeezed over the epochs left (no epoch is lost, the learning rate stays continuous) and the stage ends when the
+    count is reached. While the count equals `n_epoch` nothing differs from fastai's own schedule."""
     order = Deadline.order + 5   # last: the epoch is scored, saved and logged before the stage may end
 
     def __init__(self, epochs: int, replan: Callable[[int, float], int] | None = None):
         self.epochs, self.replan, self.seconds = epochs, replan, []   # seconds: each epoch of this fit
+        self.from_epoch, self.from_pct = 0, 0.0   # where the schedule stood at the last re-plan
+
+    def pct(self, epochs_done: float) -> float:
+        """The schedule's position after `epochs_done` epochs: the rest spread evenly over the epochs left."""
+        left = (epochs_done - self.from_epoch) / max(self.epochs - self.from_epoch, 1)
+        return min(self.from_pct + (1.0 - self.from_pct) * left, 1.0)
 
     def before_fit(self):
         self.learn.epochs_planned = self.epochs
@@ -182,16 +188,18 @@ class EpochPlan(StageCallback):
 
     def before_train(self):
         if self.epochs != self.n_epoch:
-            self.learn.pct_train = self.epoch / self.epochs
+            self.learn.pct_train = self.pct(self.epoch)
 
     def after_batch(self):
         if self.training and self.epochs != self.n_epoch:
-            self.learn.pct_train = min((self.epoch + (self.iter + 1) / self.n_iter) / self.epochs, 1.0)
+            self.learn.pct_train = self.pct(self.epoch + (self.iter + 1) / self.n_iter)
 
     def after_epoch(self):
         self.seconds.append(time.time() - self.t0)
         if self.replan is not None:   # the fastest epoch: contention only ever slows an epoch down
-            self.epochs = min(max(self.replan(self.epoch + 1, min(self.seconds)), self.epoch + 1), self.n_epoch)
-            self.learn.epochs_planned = self.epochs
+            epochs = min(max(self.replan(self.epoch + 1, min(self.seconds)), self.epoch + 1), self.n_epoch)
+            if epochs != self.epochs:
+                self.from_epoch, self.from_pct = self.epoch + 1, self.pct(self.epoch + 1)
+                self.epochs = self.learn.epochs_planned = epochs
         if self.epochs < self.n_epoch and self.epoch + 1 >= self.epochs:
             raise CancelFitException()
