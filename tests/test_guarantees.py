@@ -182,14 +182,19 @@ def _budget(clock, budget_s=600.0, epochs_noisy=30):
     return b
 
 
-def test_stage1_comes_back_when_its_real_epochs_beat_a_contended_measurement(monkeypatch):
+def _measured(monkeypatch, tp: Throughput):
+    """A 600-s budget planned from throughput `tp` on a fake clock: (budget, clock, a stage-1 epoch as priced)."""
     clock = Clock(0.0)
     monkeypatch.setattr(budget_mod.time, "time", clock)
     b = _budget(clock)
-    slow = Throughput(1 / 20, 1 / 80, "measured while another process ran")
-    b.start(WORK, slow)
+    b.start(WORK, tp)
+    return b, clock, stage_costs(b.requested, WORK, tp, 0)["noisy_epoch"]
+
+
+def test_stage1_comes_back_when_its_real_epochs_beat_a_contended_measurement(monkeypatch):
+    b, clock, priced = _measured(monkeypatch, Throughput(1 / 20, 1 / 80, "measured while another process ran"))
     assert b.plan.epochs_noisy < 30   # the slow measurement cut stage 1
-    quiet_epoch = stage_costs(b.requested, WORK, slow, 0)["noisy_epoch"] / 20   # the machine is 20x faster
+    quiet_epoch = priced / 20         # the machine is 20x faster
     clock.now += quiet_epoch
     assert b.replan_stage1(1, quiet_epoch) == 30          # all the requested epochs fit now
     assert any("stage 1 re-planned" in n for n in b.plan.notes)
@@ -197,13 +202,9 @@ def test_stage1_comes_back_when_its_real_epochs_beat_a_contended_measurement(mon
 
 
 def test_stage1_is_cut_when_its_real_epochs_are_slower_than_measured(monkeypatch):
-    clock = Clock(0.0)
-    monkeypatch.setattr(budget_mod.time, "time", clock)
-    b = _budget(clock)
-    fast = Throughput(1 / 2000, 1 / 8000, "fast")
-    b.start(WORK, fast)
+    b, clock, priced = _measured(monkeypatch, Throughput(1 / 2000, 1 / 8000, "fast"))
     assert b.plan.epochs_noisy == 30
-    slow_epoch = stage_costs(b.requested, WORK, fast, 0)["noisy_epoch"] * 40
+    slow_epoch = priced * 40
     clock.now += slow_epoch
     epochs = b.replan_stage1(1, slow_epoch)
     assert 1 <= epochs < 30
