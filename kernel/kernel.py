@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 7d25399767f2). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash e84326351b96). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -16,7 +16,7 @@
 #   src/fattag/checkpoint.py                   137 lines
 #   src/fattag/cli.py                           64 lines
 #   src/fattag/config.py                       275 lines
-#   src/fattag/context.py                      140 lines
+#   src/fattag/context.py                      143 lines
 #   src/fattag/cost.py                         242 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/demo.py                         592 lines
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '7d25399767f2'
+BUILD_HASH = 'e84326351b96'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1564,7 +1564,10 @@ def open_run(args) -> Run:
         overrides[name] = getattr(args, name, None)
     if getattr(args, "time_budget", None) is not None:
         overrides["time_budget"] = parse_duration(args.time_budget)
-    cfg = make_config(preset, overrides, args.sets)
+    try:
+        cfg = make_config(preset, overrides, args.sets)
+    except ValueError as e:   # a bad --set: one line naming the setting, not a traceback
+        raise SystemExit(f"run.py: error: {e}") from None
     if args.work_dir:
         work_dir = Path(args.work_dir)
     elif Path(KAGGLE_WORK_DIR).is_dir():

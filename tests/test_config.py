@@ -112,3 +112,12 @@ def test_upgrade_settings_renames_old_names_and_drops_removed_ones_that_were_off
     assert on == {"background_noisy": 0.3, "union_mix_rounds": 2, "pseudo": {"pseudo_soft": True}}  # kept: they differ
     new = make_config("demo").flat_dict()
     assert upgrade_settings(new) == new               # today's names pass through
+
+
+def test_a_bad_set_on_the_command_line_is_one_clear_line(tiny_data, tmp_path):
+    from conftest import run_pipeline
+    for bad, says in (("union_mix_curated=0.5", "is now 'curated.union_mix'"), ("adapt_bn=true", "was removed"),
+                      ("curated.epochs=many", "invalid literal")):
+        proc = run_pipeline(["--data-dir", tiny_data, "--work-dir", tmp_path / "w", "--set", bad])
+        assert proc.returncode != 0 and says in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

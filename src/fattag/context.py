@@ -125,7 +125,10 @@ def open_run(args) -> Run:
         overrides[name] = getattr(args, name, None)
     if getattr(args, "time_budget", None) is not None:
         overrides["time_budget"] = parse_duration(args.time_budget)
-    cfg = make_config(preset, overrides, args.sets)
+    try:
+        cfg = make_config(preset, overrides, args.sets)
+    except ValueError as e:   # a bad --set: one line naming the setting, not a traceback
+        raise SystemExit(f"run.py: error: {e}") from None
     if args.work_dir:
         work_dir = Path(args.work_dir)
     elif Path(KAGGLE_WORK_DIR).is_dir():
