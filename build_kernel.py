@@ -31,7 +31,8 @@ OUT_DIR = "kernel"                       # relative to the current directory
 MODE = "train"                           # train | predict
 PRESET = "kaggle-1h"
 KERNEL_ID = "USER/fat2019-fattag"        # Kaggle "owner/slug"
-TITLE = "FAT2019 fattag two-stage"
+TITLE = None                             # None: the id's slug in words, so that the title resolves to the id
+MACHINE_SHAPE = "NvidiaTeslaT4"          # Kaggle's default GPU kernel (T4 x2); the P100 is retired
 WEIGHTS_DATASET = None                   # "owner/slug" of a Kaggle dataset with trained weights (predict)
 COMPETITION = "freesound-audio-tagging-2019"
 KAGGLE_INPUT = "/kaggle/input"           # where Kaggle mounts attached datasets: KAGGLE_INPUT/<slug>
@@ -355,17 +356,29 @@ def render_kernel(sources: dict[str, str], mode: str = MODE, preset: str = PRESE
     return "".join(parts)
 
 
-def render_metadata(mode: str = MODE, kernel_id: str = KERNEL_ID, title: str = TITLE,
+def kaggle_slug(title: str) -> str:
+    """The slug Kaggle makes of a kernel title (lower case, each run of other characters one hyphen): it must equal
+    the id's slug, or the client warns that the title does not resolve to the id."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def title_for(kernel_id: str, title: str | None) -> str:
+    """The given title, or the id's slug in words ("owner/fat2019-fattag" -> "fat2019 fattag")."""
+    return title if title is not None else kernel_id.split("/", 1)[-1].replace("-", " ")
+
+
+def render_metadata(mode: str = MODE, kernel_id: str = KERNEL_ID, title: str | None = TITLE,
                     weights_dataset: str | None = WEIGHTS_DATASET) -> str:
     meta = {
         "id": kernel_id,
-        "title": title,
+        "title": title_for(kernel_id, title),
         "code_file": KERNEL_FILE,
         "language": "python",
         "kernel_type": "script",
         "is_private": True,
         "enable_gpu": True,
         "enable_internet": False,
+        "machine_shape": MACHINE_SHAPE,
         "competition_sources": [COMPETITION],
         "dataset_sources": [weights_dataset] if mode == "predict" else [],
         "kernel_sources": [],
@@ -373,7 +386,7 @@ def render_metadata(mode: str = MODE, kernel_id: str = KERNEL_ID, title: str = T
     return json.dumps(meta, indent=2) + "\n"
 
 
-def validate(mode: str, preset: str, kernel_id: str, title: str, weights_dataset: str | None,
+def validate(mode: str, preset: str, kernel_id: str, title: str | None, weights_dataset: str | None,
              sources: dict[str, str]) -> None:
     if mode not in MODES:
         raise BuildError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -385,8 +398,14 @@ def validate(mode: str, preset: str, kernel_id: str, title: str, weights_dataset
     for flag, value in (("--kernel-id", kernel_id), ("--weights-dataset", weights_dataset)):
         if value is not None and not _SLUG.match(value):
             raise BuildError(f"{flag} must look like OWNER/SLUG, not {value!r}")
+    title = title_for(kernel_id, title)
     if not title.strip():
         raise BuildError("--title must not be empty")
+    slug = kernel_id.split("/", 1)[-1].lower()
+    if kaggle_slug(title) != slug:
+        raise BuildError(f"--title {title!r} resolves to the slug {kaggle_slug(title)!r}, not the id's {slug!r}: "
+                         "Kaggle would warn that the title does not resolve to the id (e.g. --title "
+                         f"{slug.replace('-', ' ')!r})")
     options = cli_options(sources)
     unknown = sorted(set(baked_defaults(mode, preset, weights_dataset)) - options) if options else []
     if unknown:
@@ -398,7 +417,7 @@ def validate(mode: str, preset: str, kernel_id: str, title: str, weights_dataset
 
 
 def render(src_dir: Path | str = SRC_DIR, mode: str = MODE, preset: str = PRESET, kernel_id: str = KERNEL_ID,
-           title: str = TITLE, weights_dataset: str | None = WEIGHTS_DATASET) -> dict[str, bytes]:
+           title: str | None = TITLE, weights_dataset: str | None = WEIGHTS_DATASET) -> dict[str, bytes]:
     """{file name: bytes} of the kernel folder; raises BuildError on bad options or sources."""
     sources = collect_sources(src_dir)
     validate(mode, preset, kernel_id, title, weights_dataset, sources)
@@ -443,7 +462,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", default=MODE, choices=MODES, help=f"baked-in run mode (default: {MODE})")
     p.add_argument("--preset", default=PRESET, help=f"baked-in preset (default: {PRESET})")
     p.add_argument("--kernel-id", default=KERNEL_ID, help=f"Kaggle kernel OWNER/SLUG (default: {KERNEL_ID})")
-    p.add_argument("--title", default=TITLE, help=f"Kaggle kernel title (default: {TITLE!r})")
+    p.add_argument("--title", default=TITLE, help="Kaggle kernel title; its slug must equal the id's (default: the "
+                                                  "id's slug in words, e.g. 'fat2019 fattag')")
     p.add_argument("--weights-dataset", default=WEIGHTS_DATASET, metavar="OWNER/SLUG",
                    help="Kaggle dataset with trained weights; required by --mode predict, which mounts it at "
                         f"{KAGGLE_INPUT}/SLUG and bakes that folder in as --{WEIGHTS_DIR_OPTION.replace('_', '-')}")

@@ -91,13 +91,13 @@ def test_bundle_does_not_depend_on_where_the_sources_live(tmp_path):
 
 
 def test_train_metadata(tmp_path):
-    bk.build(tmp_path, kernel_id="someone/fat2019-fattag", title="FAT2019 fattag two-stage")
+    bk.build(tmp_path, kernel_id="someone/fat2019-fattag", title="FAT2019 fattag")
     meta = json.loads((tmp_path / "kernel-metadata.json").read_text())
     assert meta == {
-        "id": "someone/fat2019-fattag", "title": "FAT2019 fattag two-stage", "code_file": "kernel.py",
+        "id": "someone/fat2019-fattag", "title": "FAT2019 fattag", "code_file": "kernel.py",
         "language": "python", "kernel_type": "script", "is_private": True, "enable_gpu": True,
-        "enable_internet": False, "competition_sources": ["freesound-audio-tagging-2019"],
-        "dataset_sources": [], "kernel_sources": [],
+        "enable_internet": False, "machine_shape": "NvidiaTeslaT4",
+        "competition_sources": ["freesound-audio-tagging-2019"], "dataset_sources": [], "kernel_sources": [],
     }
     kernel = load_kernel(tmp_path / "kernel.py")
     assert kernel.BAKED_DEFAULTS == {"mode": "train", "preset": "kaggle-1h"}
@@ -382,3 +382,17 @@ def test_bundle_and_run_py_write_the_same_submission(tmp_path, tiny_data):
     assert a.columns[0] == "fname" and len(a) > 0
     assert list(a["fname"]) == list(b["fname"])
     np.testing.assert_allclose(a.iloc[:, 1:].to_numpy(float), b.iloc[:, 1:].to_numpy(float), atol=1e-6, rtol=0)
+
+
+def test_the_title_resolves_to_the_kernel_id(tmp_path):
+    """Kaggle's client warns when a title's slug is not the id's: the default title is the slug in words, and a
+    title that resolves to another slug is a build error."""
+    bk.build(tmp_path / "a", kernel_id="someone/fat2019-fattag-predict", mode="predict",
+             weights_dataset="someone/fattag-weights")
+    meta = json.loads((tmp_path / "a" / "kernel-metadata.json").read_text())
+    assert meta["title"] == "fat2019 fattag predict" and bk.kaggle_slug(meta["title"]) == "fat2019-fattag-predict"
+    assert bk.kaggle_slug("FAT2019 fattag: two-stage!") == "fat2019-fattag-two-stage"
+    with pytest.raises(bk.BuildError, match="does not resolve"):
+        bk.render(kernel_id="someone/fat2019-fattag", title="FAT2019 fattag two-stage")
+    committed = json.loads((bk.REPO_ROOT / "kernel" / "kernel-metadata.json").read_text())
+    assert bk.kaggle_slug(committed["title"]) == committed["id"].split("/")[1]
