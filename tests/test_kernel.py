@@ -396,3 +396,44 @@ def test_the_title_resolves_to_the_kernel_id(tmp_path):
         bk.render(kernel_id="someone/fat2019-fattag", title="FAT2019 fattag two-stage")
     committed = json.loads((bk.REPO_ROOT / "kernel" / "kernel-metadata.json").read_text())
     assert bk.kaggle_slug(committed["title"]) == committed["id"].split("/")[1]
+
+
+def test_the_kaggle_client_pushes_both_kernel_folders_without_a_warning(tmp_path, monkeypatch, capsys):
+    """The official client's own kernels_push (kaggle 2.2.5, a test-only dependency) reads the built folders; its one
+    network call is stubbed. It must accept them, warn about nothing, and send the machine shape and sources."""
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-key")
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    extended = pytest.importorskip("kaggle.api.kaggle_api_extended")
+    bk.build(tmp_path / "train", kernel_id="someone/fat2019-fattag")
+    bk.build(tmp_path / "predict", kernel_id="someone/fat2019-fattag-predict", mode="predict",
+             weights_dataset="someone/fattag-weights")
+    sent = []
+
+    class Client:   # stands in for the HTTP client: records the request instead of sending it
+        kernels = type("Kernels", (), {"kernels_api_client": type("Api", (), {
+            "save_kernel": staticmethod(lambda request: sent.append(request) or "saved")})()})()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    api = extended.KaggleApi()
+    monkeypatch.setattr(api, "build_kaggle_client", lambda: Client())
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for folder in ("train", "predict"):
+            assert api.kernels_push(str(tmp_path / folder)) == "saved"
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "does not resolve" not in printed and "warning" not in printed.lower(), printed   # e.g. a retired GPU
+    assert not [w for w in caught if "kaggle" in str(w.filename).lower()], [str(w.message) for w in caught]
+    train, predict = sent
+    assert (train.slug, train.machine_shape, train.enable_gpu, train.enable_internet) == \
+        ("someone/fat2019-fattag", "NvidiaTeslaT4", True, False)
+    assert train.competition_data_sources == ["freesound-audio-tagging-2019"] and train.language == "python"
+    assert predict.slug == "someone/fat2019-fattag-predict"
+    assert predict.dataset_data_sources == ["someone/fattag-weights"]
