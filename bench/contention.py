@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from common import machine_info, print_json, print_table  # noqa: E402
-from realdev import FAMILIES, default_root, ensure_dataset, test_lwlrap  # noqa: E402
+from realdev import FAMILIES, default_root, ensure_dataset, run_command, run_env, test_lwlrap  # noqa: E402
 
 BUSY = "while True:\n    pass\n"   # one CPU-bound background process
 
@@ -39,11 +38,7 @@ def run(data_dir: Path, work: Path, args, load_s: float) -> dict:
     if work.exists():   # a fresh work dir: a run must not reuse the stages of an earlier one
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    cmd = [sys.executable, str(REPO / "src" / "run.py"), "--data-dir", str(data_dir), "--work-dir", str(work),
-           "--preset", args.preset, "--seed", str(args.seed), *[x for s in args.sets for x in ("--set", s)]]
-    env = dict(os.environ)
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd, env = run_command(data_dir, work, args.preset, args.seed, args.sets), run_env(args.threads)
     t0 = time.time()
     busy = []
     with open(work / "stdout.txt", "w") as out:

@@ -145,6 +145,20 @@ def test_lwlrap(data_dir: Path, submission: Path) -> float:
     return lwlrap(truth.loc[sub.index, classes].to_numpy(float), sub[classes].to_numpy(float))
 
 
+def run_command(data_dir: Path, work: Path, preset: str, seed: int, sets: list[str], extra=()) -> list[str]:
+    """The `src/run.py` command line of one run in its own work dir."""
+    return [sys.executable, str(REPO / "src" / "run.py"), "--data-dir", str(data_dir), "--work-dir", str(work),
+            "--preset", preset, "--seed", str(seed), *extra, *[x for s in sets for x in ("--set", s)]]
+
+
+def run_env(threads: int | None) -> dict:
+    """The environment of a run: this one, with `threads` OMP/MKL threads when given (else torch's own)."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """'name:a=1,b=2' -> ('name', ['a=1', 'b=2']); '@preset' as an item switches the preset."""
     name, _, sets = text.partition(":")
@@ -172,11 +186,8 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
     work.mkdir(parents=True, exist_ok=True)
     for stale in ("submission.csv", "scores.json"):
         (work / stale).unlink(missing_ok=True)
-    cmd = [sys.executable, str(REPO / "src" / "run.py"), "--data-dir", str(data_dir), "--work-dir", str(work),
-           "--preset", preset, "--seed", str(seed), *mode, *[x for s in sets for x in ("--set", s)]]
-    env = dict(os.environ)
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = run_command(data_dir, work, preset, seed, sets, mode)
+    env = run_env(args.threads)
     t0 = time.time()
     with open(work / "stdout.txt", "w") as out:
         proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash e84326351b96). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 8798f4e08950). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -15,7 +15,7 @@
 #   src/fattag/callbacks.py                    205 lines
 #   src/fattag/checkpoint.py                   137 lines
 #   src/fattag/cli.py                           64 lines
-#   src/fattag/config.py                       275 lines
+#   src/fattag/config.py                       273 lines
 #   src/fattag/context.py                      143 lines
 #   src/fattag/cost.py                         242 lines
 #   src/fattag/data.py                         242 lines
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'e84326351b96'
+BUILD_HASH = '8798f4e08950'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1329,10 +1329,8 @@ PRESET_USE = {
 
 # Settings renamed when the per-stage values became `StageSettings` (old flat name -> new name): --set and
 # saved stages that use an old name are read under the new one (upgrade_settings).
-RENAMED = {f"{old}_{stage}": f"{stage}.{new}" for stage in STAGES for old, new in (
-    ("epochs", "epochs"), ("lr", "lr"), ("loss", "loss"), ("mixup", "mixup"), ("specaug", "specaug"),
-    ("union_mix", "union_mix"), ("concat_mix", "concat_mix"), ("freq_shift", "freq_shift"),
-    ("time_stretch", "time_stretch"))}
+RENAMED = {f"{name}_{stage}": f"{stage}.{name}" for stage in STAGES for name in (
+    "epochs", "lr", "loss", "mixup", "specaug", "union_mix", "concat_mix", "freq_shift", "time_stretch")}
 RENAMED.update(noisy_share_curated="curated.top_up", curated_share_noisy="noisy.top_up")
 # Settings removed with their code (docs/ablation.md, "Removed options"), and the value that meant "off": saved
 # stages that had them off still match; a checkpoint that used one is an error naming it.
@@ -1687,7 +1685,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     per_fold_windows = w.curated_windows / k
     fold_curated = w.curated * (k - 1) / k
     fold_train = fold_curated + top_up_size(fold_curated, cfg.curated.top_up, w.noisy_clips)
-    stage1_train = w.noisy_train + (top_up_size(w.noisy_train, cfg.noisy.top_up, w.curated) if w.noisy_train else 0)
+    stage1_train = w.noisy_train + top_up_size(w.noisy_train, cfg.noisy.top_up, w.curated)   # 0 without stage 1
     selecting = cfg.select_noisy and w.noisy_train > 0
     base = dict(
         noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,

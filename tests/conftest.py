@@ -32,6 +32,22 @@ def run_pipeline(args, cwd=None, timeout=600, env_extra=None) -> subprocess.Comp
     return proc
 
 
+# In-process training tests (test_train.py, test_guarantees.py): one- and two-epoch stages, three folds.
+TRAIN_SETS = ["noisy.epochs=1", "curated.epochs=2", "batch_size=16", "folds=3", "curated.top_up=0.3"]
+
+
+@pytest.fixture(scope="session")
+def stores(tiny_data):
+    """(cfg, data, curated store, noisy store) of the tiny dataset under TRAIN_SETS, decoded once."""
+    from fattag.config import make_config
+    from fattag.data import load_dataset
+    from fattag.features import build_store
+    cfg = make_config("demo", sets=TRAIN_SETS)
+    data = load_dataset(tiny_data)
+    return (cfg, data, build_store(data.curated, cfg, "cpu", progress=False),
+            build_store(data.noisy, cfg, "cpu", progress=False))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """One finished training run on the tiny dataset, shared by the tests that only read its outputs."""

@@ -19,13 +19,10 @@ from fattag.callbacks import Deadline, EpochPlan
 from fattag.config import make_config
 from fattag.context import Run
 from fattag.cost import Workload, stage_costs
-from fattag.data import load_dataset
-from fattag.features import build_store
 from fattag.model import build_model
 from fattag.submission import class_prior, fill_missing
 from fattag.throughput import Throughput
 
-CFG = ["noisy.epochs=1", "curated.epochs=1", "batch_size=16", "folds=2"]
 WORK = Workload(noisy_train=950, noisy_holdout_windows=150, curated=500, curated_windows=1500, test_windows=1500,
                 test_clips=500, noisy_clips=1000)
 
@@ -40,15 +37,8 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def stores(tiny_data):
-    cfg = make_config("demo", sets=CFG)
-    data = load_dataset(tiny_data)
-    return cfg, data, build_store(data.curated, cfg, "cpu", progress=False)
-
-
 def test_each_fold_starts_from_the_stage1_weights_and_from_scratch_without_them(stores, tmp_path, monkeypatch):
-    cfg, data, curated = stores
+    cfg, data, curated, _ = stores
     d = train.TrainingData.make(data.classes, curated, None, cfg)
     torch.manual_seed(123)
     stage1 = build_model(cfg, len(data.classes), *d.stats).state_dict()

@@ -6,24 +6,14 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
+from conftest import TRAIN_SETS
 import fattag.train as train
 from fattag.config import make_config, top_up_size
 from fattag.context import Run
-from fattag.data import load_dataset
-from fattag.features import Clips, build_store
+from fattag.features import Clips
 from fattag.model import build_model
 from fattag.predict import predict_clips
 from fattag.weights import stage_recipe
-
-CFG = ["noisy.epochs=1", "curated.epochs=2", "batch_size=16", "folds=3", "curated.top_up=0.3"]
-
-
-@pytest.fixture(scope="module")
-def stores(tiny_data):
-    cfg = make_config("demo", sets=CFG)
-    data = load_dataset(tiny_data)
-    return cfg, data, build_store(data.curated, cfg, "cpu", progress=False), build_store(data.noisy, cfg, "cpu",
-                                                                                          progress=False)
 
 
 def make_run(cfg, tmp_path: Path) -> Run:
@@ -130,7 +120,7 @@ class RecordWeights(Callback):
 
 def test_weight_averaging_scores_and_keeps_the_averaged_weights(stores, tmp_path, monkeypatch):
     cfg, data, curated, _ = stores
-    cfg = make_config("demo", sets=[*CFG, "average_epochs=1"])
+    cfg = make_config("demo", sets=[*TRAIN_SETS, "average_epochs=1"])
     scripted, rec = ScriptedScores([0.2, 0.3, 0.9]), RecordWeights()
     monkeypatch.setattr(train, "augment_policy", lambda cfg, stage, fill: [scripted, rec])
     torch.manual_seed(0)

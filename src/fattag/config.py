@@ -168,10 +168,8 @@ PRESET_USE = {
 
 # Settings renamed when the per-stage values became `StageSettings` (old flat name -> new name): --set and
 # saved stages that use an old name are read under the new one (upgrade_settings).
-RENAMED = {f"{old}_{stage}": f"{stage}.{new}" for stage in STAGES for old, new in (
-    ("epochs", "epochs"), ("lr", "lr"), ("loss", "loss"), ("mixup", "mixup"), ("specaug", "specaug"),
-    ("union_mix", "union_mix"), ("concat_mix", "concat_mix"), ("freq_shift", "freq_shift"),
-    ("time_stretch", "time_stretch"))}
+RENAMED = {f"{name}_{stage}": f"{stage}.{name}" for stage in STAGES for name in (
+    "epochs", "lr", "loss", "mixup", "specaug", "union_mix", "concat_mix", "freq_shift", "time_stretch")}
 RENAMED.update(noisy_share_curated="curated.top_up", curated_share_noisy="noisy.top_up")
 # Settings removed with their code (docs/ablation.md, "Removed options"), and the value that meant "off": saved
 # stages that had them off still match; a checkpoint that used one is an error naming it.

@@ -102,7 +102,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     per_fold_windows = w.curated_windows / k
     fold_curated = w.curated * (k - 1) / k
     fold_train = fold_curated + top_up_size(fold_curated, cfg.curated.top_up, w.noisy_clips)
-    stage1_train = w.noisy_train + (top_up_size(w.noisy_train, cfg.noisy.top_up, w.curated) if w.noisy_train else 0)
+    stage1_train = w.noisy_train + top_up_size(w.noisy_train, cfg.noisy.top_up, w.curated)   # 0 without stage 1
     selecting = cfg.select_noisy and w.noisy_train > 0
     base = dict(
         noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
