@@ -319,6 +319,8 @@ source_hash = _RUNTIME_NAMES["source_hash"]
 
 _BOOTSTRAP = '''
 # ==== start ======================================================================================
+if __name__ == "__mp_main__":  # a rank spawned by --devices N: it re-runs this file, then unpickles its work,
+    load_entry(install(SOURCES))  # which names fattag.world and run.main: both must import from memory first
 if __name__ == "__main__":
     if "ipykernel" in sys.modules:  # a notebook cell: sys.argv holds the kernel's own arguments
         _rc = main([])

@@ -7,16 +7,23 @@ kernel's model under mixed precision, and what does the kaggle-1h plan look like
 Steps: (1) the device: name, compute capability, torch / CUDA / cuDNN versions, the architectures this torch was
 built for and `fattag.precision.unsupported_gpu`'s verdict; (2) `pytest tests/test_gpu.py` in a child process
 (skipped test by test without CUDA); (3) `fattag.throughput.measure_throughput` of the preset's model (the
-planner's own timing) under its mixed precision and in float32; (4) `fattag.cost.plan_run` on FAT2019's sizes
-(`bench/project.py`'s workload) at the measured rates, with the preset's budget less the data preparation time
-(`--prep-s`).
+planner's own timing) under its mixed precision and in float32; (4) the same timing in 2 ranks through DDP
+(`fattag.world.spawn`: on two GPUs, or two processes sharing one GPU or the CPU cores, a functional check), each
+rank a half batch, as stage 1 trains; (5) `fattag.cost.plan_run` on FAT2019's sizes (`bench/project.py`'s
+workload) at the measured rates for 1 and 2 devices, with the preset's budget less the data preparation time
+(`--prep-s`). With fewer than 2 GPUs the 2-device plan assumes ideal data-parallel scaling (the measured 2-rank
+rate on shared hardware says nothing of two devices).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from common import REPO, base_parser, print_json, print_machine, print_table
 from project import N_CLASSES, fat2019_workload
@@ -53,6 +60,31 @@ def run_gpu_tests(timeout: float) -> dict:
                     tail=proc.stdout[-2000:] if proc.returncode else "")
     except subprocess.TimeoutExpired:
         return dict(rc=None, summary=f"timed out after {timeout:.0f} s", seconds=timeout, tail="")
+
+
+def ddp_rates(argv, defaults=None) -> int:
+    """One of the 2 spawned ranks: measure_throughput with its DDP step; rank 0 writes the rates to argv[0]."""
+    from fattag.config import make_config
+    from fattag.throughput import measure_throughput
+    from fattag.world import join
+    out, preset, batch, amp, runs = argv
+    world = join(2)
+    cfg = dataclasses.replace(make_config(preset, sets=[f"amp={amp}"]), batch_size=int(batch))
+    tp = measure_throughput(cfg, N_CLASSES, world.device(), runs=int(runs), world=world)
+    if world.is_main:
+        Path(out).write_text(json.dumps(dataclasses.asdict(tp)))
+    return 0
+
+
+def time_two_ranks(preset: str, batch: int, amp: str, runs: int):
+    """Throughput measured in 2 spawned ranks (per device, and the DDP step over both)."""
+    from fattag.throughput import Throughput
+    from fattag.world import spawn
+    entry = importlib.import_module("gpu_check").ddp_rates   # by its module name: the spawned ranks import it
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rates.json"
+        spawn(entry, [str(out), preset, str(batch), amp, str(runs)], None, 2)
+        return Throughput(**json.loads(out.read_text()))
 
 
 def main(argv=None) -> dict:
@@ -102,8 +134,18 @@ def main(argv=None) -> dict:
                 [[k, 1 / t.train_s_per_clip, 1 / t.infer_s_per_window] for k, t in rates.items()],
                 f"measure_throughput ({runs} timed batches each, the fastest kept)")
 
-    w, _ = fat2019_workload(cfg)
     tp = rates["mixed precision"]
+    two = time_two_ranks(a.preset, batch, amp, runs)
+    own_devices = device.type == "cuda" and torch.cuda.device_count() >= 2
+    speedup = tp.train_s_per_clip / two.ddp_train_s_per_clip
+    print_table(["training", "clips/s", "vs 1 rank"],
+                [["1 rank", 1 / tp.train_s_per_clip, 1.0], ["2 ranks, per rank alone", 1 / two.train_s_per_clip,
+                                                            tp.train_s_per_clip / two.train_s_per_clip],
+                 ["2 ranks, DDP step (half batch each)", 1 / two.ddp_train_s_per_clip, speedup]],
+                "data-parallel stage-1 step, 2 ranks " + ("on 2 GPUs" if own_devices else
+                                                          "sharing one device (a functional check)"))
+
+    w, _ = fat2019_workload(cfg)
     budget_s = cfg.time_budget or 3300.0
     available = max(budget_s * (1 - cfg.safety_margin) - a.prep_s, 0.0)
     full_cfg = dataclasses.replace(cfg, batch_size=make_config(a.preset).batch_size)
@@ -112,8 +154,12 @@ def main(argv=None) -> dict:
     print(f"\n{a.preset} on FAT2019 sizes at the measured mixed-precision rates, full recipe (no budget):")
     print(full.table())
     print(f"\nfitted into the budget ({available:.0f} s = {budget_s:.0f} s less {cfg.safety_margin:.0%} and "
-          f"{a.prep_s:.0f} s of data preparation):")
+          f"{a.prep_s:.0f} s of data preparation), 1 device:")
     print(fitted.table())
+    tp2 = dataclasses.replace(tp, devices=2, ddp_train_s_per_clip=two.ddp_train_s_per_clip if own_devices else 0.0)
+    fitted2 = plan_run(full_cfg, w, tp2, available)
+    print(f"\n2 devices ({'measured DDP rate' if own_devices else 'ideal scaling of the 1-device rate'}):")
+    print(fitted2.table())
     results = dict(
         device=facts, tests=tests and {k: v for k, v in tests.items() if k != "tail"},
         train_clips_s={k: 1 / t.train_s_per_clip for k, t in rates.items()},
@@ -121,7 +167,12 @@ def main(argv=None) -> dict:
         plan_full_s=full.total_s, budget_available_s=available,
         fitted=dict(epochs_noisy=fitted.epochs_noisy, epochs_curated=fitted.epochs_curated,
                     epochs_pseudo=fitted.epochs_pseudo, folds=fitted.folds_trained,
-                    tta_aug_passes=fitted.tta_aug_passes, total_s=fitted.total_s, notes=list(fitted.notes)))
+                    tta_aug_passes=fitted.tta_aug_passes, total_s=fitted.total_s, notes=list(fitted.notes)),
+        ddp=dict(own_devices=own_devices, rank_train_clips_s=1 / two.train_s_per_clip,
+                 ddp_train_clips_s=1 / two.ddp_train_s_per_clip, speedup=speedup),
+        fitted_2_devices=dict(epochs_noisy=fitted2.epochs_noisy, epochs_curated=fitted2.epochs_curated,
+                              epochs_pseudo=fitted2.epochs_pseudo, folds=fitted2.folds_trained,
+                              tta_aug_passes=fitted2.tta_aug_passes, total_s=fitted2.total_s))
     if tests and tests["rc"] not in (0, None):
         print("gpu_check: the GPU tests failed (see above)", file=sys.stderr)
     return print_json("gpu_check", info, results, preset=a.preset, batch=batch, dry_run=a.dry_run)

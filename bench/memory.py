@@ -7,6 +7,9 @@ store_stats only. Measured: RSS after imports, peak RSS (VmHWM; ru_maxrss as a f
 store bytes per second of audio. The FAT2019 projection adds, with printed assumptions, what the measured run does
 not contain (all three stores at once, short-clip tiling, store_stats on 2000 curated clips, training state).
 Bound checked: peak RSS <= 12 GB for the whole run. For an outside check run it under `/usr/bin/time -v`.
+With `--ranks N` (default 2, Kaggle's T4 x2) it also projects the machine's memory for a run of N ranks, where
+rank 0 decodes each store and writes it to one file that every rank maps (features.build_shared_store): the stores
+then sit once in the page cache, shared, and each rank adds its own baseline and training state.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ def main(argv=None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--hours", type=float, default=None, help="hours of audio to generate (default 1, --quick 0.25)")
     p.add_argument("--clip-seconds", type=float, default=15.0)
+    p.add_argument("--ranks", type=int, default=2, help="ranks of the multi-process projection (default 2)")
     p.add_argument("--training-allowance-gb", type=float, default=TRAINING_ALLOWANCE_GB,
                    help="host memory assumed for training on a GPU (not measurable on a CPU-only machine)")
     a = p.parse_args(argv)
@@ -154,7 +158,25 @@ def main(argv=None) -> dict:
     rows.append(["projected peak RSS", total, f"bound {BOUND_GB:g} GB: {'OK' if total <= BOUND_GB else 'EXCEEDED'}"])
     print_table(["FAT2019 projection", "GB", "assumption"], rows,
                 "projected peak RSS of a kaggle run on FAT2019 (all three stores are alive together in run.py)")
+    # ---- N ranks: the stores once in the page cache (file pages: no allocator slack), rank 0's decode peak
+    noisy_fat = bps * fat_s["noisy"]
+    per_rank = rss0 + a.training_allowance_gb * GB + stats_transient
+    decoding = (bps * (fat_s["curated"] + fat_s["test"]) + noisy_fat * factor + noisy_fat + one_time + transient
+                + a.ranks * rss0)
+    training = store_fat + tiling + a.ranks * per_rank
+    ranks_rows = [
+        ["rank 0 decoding the noisy set", decoding / GB,
+         f"curated+test files mapped, the noisy list x {factor:.2f} and its file pages while written, "
+         f"{a.ranks} x baseline"],
+        ["training", training / GB, f"the stores once ({store_fat / GB:.1f} GB + tiling bound) + {a.ranks} x "
+                                    f"(baseline + {a.training_allowance_gb:g} GB training + store_stats)"],
+        ["projected peak, machine", max(decoding, training) / GB, f"{a.ranks} ranks; a per-rank copy of the stores "
+                                                                  f"would add {(a.ranks - 1) * store_fat / GB:.1f} GB"],
+    ]
+    print_table([f"FAT2019, {a.ranks} ranks", "GB", "assumption"], ranks_rows,
+                f"projected memory of a {a.ranks}-rank run on FAT2019 (stores shared through one mapped file)")
     results = dict(
+        ranks=a.ranks, projected_ranks_peak_GB=max(decoding, training) / GB,
         hours=store.seconds / 3600, clips=n, rss_baseline_MB=rss0 / MB, peak_rss_build_MB=peak_build / MB,
         rss_after_build_MB=rss1 / MB, peak_rss_stats_MB=peak_stats / MB, store_MB=store_bytes / MB,
         store_bytes_per_audio_s=bps, rss_growth_over_store=overall, rss_growth_over_store_marginal=marginal,

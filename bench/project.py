@@ -7,8 +7,10 @@ fattag.throughput.measure_throughput (training s/clip and inference s/window of 
 (decode + features of curated+noisy+test, stage 1, K folds of stage 2 with per-epoch validation, OOF and test TTA)
 is then priced by fattag.cost's cost model (stage_costs, plan_run): once as configured (no budget), once fitted into
 the preset's budget.
-Finally: the training rate a GPU would need for the preset's full recipe (without the test pseudo-label round, which
-only gets the time left) to fit its budget.
+Then: the training rate a GPU would need for the preset's full recipe (without the test pseudo-label round, which
+only gets the time left) to fit its budget. Finally the plan on Kaggle's T4s at assumed rates (--t4-clips-s per
+T4, inference at --t4-infer-ratio times that, --ddp-speedup for stage 1 on two, --prep-s of data preparation) for
+1 and 2 devices, as the run's planner would fit it into the budget.
 """
 from __future__ import annotations
 
@@ -84,6 +86,26 @@ def measure_prep(cfg, device, n: int, repeat: int) -> tuple[float, float]:
     return n * 15.0 / t_dec, len(waves) * 15.0 / t_feat
 
 
+def t4_plans(cfg, w, available: float, clips_s: float, infer_ratio: float, ddp_speedup: float) -> dict:
+    """The preset fitted into `available` seconds on 1 and 2 T4s at the assumed rates (printed with them)."""
+    from fattag.cost import plan_run
+    from fattag.throughput import Throughput
+    one = Throughput(1 / clips_s, 1 / (clips_s * infer_ratio), "T4 (assumed)")
+    plans = {1: plan_run(cfg, w, one, available),
+             2: plan_run(cfg, w, dataclasses.replace(one, devices=2, ddp_train_s_per_clip=1 / (clips_s * ddp_speedup)),
+                         available)}
+    print_table(["T4s", "training clips/s", "stage-1 clips/s", "stage 1 epochs", "stage 2 epochs x folds",
+                 "pseudo epochs", "TTA passes", "planned s"],
+                [[n, clips_s, clips_s * (ddp_speedup if n == 2 else 1), p.epochs_noisy,
+                  f"{p.epochs_curated} x {p.folds_trained}", p.epochs_pseudo, p.tta_aug_passes, p.total_s]
+                 for n, p in plans.items()],
+                f"{cfg.arch} on FAT2019 sizes on Kaggle T4s, fitted into {available:.0f} s (assumed: {clips_s:g} "
+                f"training clips/s per T4, inference {infer_ratio:g}x that, stage 1 {ddp_speedup:g}x on two)")
+    return {n: dict(epochs_noisy=p.epochs_noisy, epochs_curated=p.epochs_curated, folds=p.folds_trained,
+                    epochs_pseudo=p.epochs_pseudo, tta_aug_passes=p.tta_aug_passes, total_s=p.total_s)
+            for n, p in plans.items()}
+
+
 def main(argv=None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="batch for measure_throughput (default: preset's; "
@@ -91,6 +113,12 @@ def main(argv=None) -> dict:
     p.add_argument("--clips", type=int, default=None, help="clips for the decode/log-mel measurement (default 48, "
                                                            "--quick 8)")
     p.add_argument("--budget", type=float, default=None, help="seconds (default: the preset's time_budget, or 3300)")
+    p.add_argument("--t4-clips-s", type=float, default=700.0, help="assumed training clips/s of one T4 (default "
+                                                                   "700: kaggle-1h's sizing, not measured)")
+    p.add_argument("--t4-infer-ratio", type=float, default=2.4, help="assumed inference windows/s per training "
+                                                                     "clip/s (default 2.4)")
+    p.add_argument("--ddp-speedup", type=float, default=1.8, help="assumed stage-1 speed-up on two T4s (default 1.8)")
+    p.add_argument("--prep-s", type=float, default=120.0, help="decode + log-mel seconds before training on Kaggle")
     a = p.parse_args(argv)
     from fattag.cost import OVERHEAD, plan_run
     from fattag.throughput import Throughput, measure_throughput
@@ -174,8 +202,10 @@ def main(argv=None) -> dict:
         ["speed-up needed over this machine", need / have],
     ], "GPU throughput needed for the recipe without the pseudo-label round (decode stays on the CPU at the rate "
        "measured here; log-mel on the GPU ~free)")
+    t4 = t4_plans(cfg, w, budget_s * (1 - cfg.safety_margin) - a.prep_s, a.t4_clips_s, a.t4_infer_ratio,
+                  a.ddp_speedup)
     results = dict(
-        decode_audio_s_per_s=dec_rate, logmel_audio_s_per_s=feat_rate, train_clips_s=have,
+        t4_plans=t4, decode_audio_s_per_s=dec_rate, logmel_audio_s_per_s=feat_rate, train_clips_s=have,
         infer_windows_s=1 / tp.infer_s_per_window, prep_s=prep, plan_full_s=full.total_s,
         projected_total_s=total_full, budget_s=budget_s,
         fitted=dict(epochs_noisy=fitted.epochs_noisy, epochs_curated=fitted.epochs_curated,

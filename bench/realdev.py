@@ -174,11 +174,13 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
     result_file = work / "result.json"
     key = dict(preset=preset, sets=sets, seed=seed, data=str(data_dir))
     mode = []
+    if args.devices > 1:   # ranks (processes) of the run: stage 1 data-parallel, folds side by side
+        key["devices"], mode = args.devices, ["--devices", str(args.devices)]
     if args.predict_from:  # inference-only variant: the fold models of another variant's run, predicted anew
         weights = work_dir(args, args.predict_from, family, seed)
         if not (weights / "result.json").is_file():
             raise SystemExit(f"--predict-from {args.predict_from!r}: no finished run at {weights}")
-        key["weights"], mode = str(weights), ["--mode", "predict", "--weights", str(weights)]
+        key["weights"], mode = str(weights), [*mode, "--mode", "predict", "--weights", str(weights)]
     if result_file.is_file() and not args.force:
         old = json.loads(result_file.read_text())
         if old.get("key") == key:   # the same run, whatever name it was made under
@@ -241,6 +243,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(REPO / "runs" / "realdev"), help="work dirs of the runs")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (give each --threads 1 on 2 cores)")
     p.add_argument("--threads", type=int, default=None, help="OMP threads per run (default: torch's own)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="processes per run (run.py --devices; the run's --threads are split between them)")
     p.add_argument("--predict-from", default=None, metavar="VARIANT",
                    help="inference-only variants: predict with the fold models of VARIANT's finished runs (same "
                         "family and seed) instead of training, e.g. to try test-time settings")

@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 8798f4e08950). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 980abc45a295). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,30 +11,32 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        190 lines
 #   src/fattag/augment.py                      193 lines
-#   src/fattag/budget.py                       182 lines
-#   src/fattag/callbacks.py                    205 lines
+#   src/fattag/budget.py                       195 lines
+#   src/fattag/callbacks.py                    214 lines
 #   src/fattag/checkpoint.py                   137 lines
-#   src/fattag/cli.py                           64 lines
+#   src/fattag/cli.py                           70 lines
 #   src/fattag/config.py                       273 lines
-#   src/fattag/context.py                      143 lines
-#   src/fattag/cost.py                         242 lines
+#   src/fattag/context.py                      193 lines
+#   src/fattag/cost.py                         257 lines
 #   src/fattag/data.py                         242 lines
+#   src/fattag/dataparallel.py                  83 lines
 #   src/fattag/demo.py                         592 lines
-#   src/fattag/features.py                     239 lines
+#   src/fattag/features.py                     290 lines
 #   src/fattag/losses.py                        66 lines
 #   src/fattag/metrics.py                       76 lines
 #   src/fattag/model.py                        114 lines
 #   src/fattag/precision.py                     77 lines
-#   src/fattag/predict.py                      133 lines
+#   src/fattag/predict.py                      140 lines
 #   src/fattag/progress.py                     180 lines
-#   src/fattag/pseudo.py                       111 lines
-#   src/fattag/report.py                       410 lines
+#   src/fattag/pseudo.py                       116 lines
+#   src/fattag/report.py                       412 lines
 #   src/fattag/select.py                        69 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/throughput.py                    78 lines
-#   src/fattag/train.py                        412 lines
+#   src/fattag/throughput.py                   106 lines
+#   src/fattag/train.py                        427 lines
 #   src/fattag/weights.py                      157 lines
-#   src/run.py                                 147 lines
+#   src/fattag/world.py                        225 lines
+#   src/run.py                                 164 lines
 
 import hashlib
 import importlib.abc
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '8798f4e08950'
+BUILD_HASH = '980abc45a295'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -566,6 +568,10 @@ the cost model (cost.py), and after every stage it re-plans the work still to do
 took, upward as well as downward: epochs and folds that were cut come back when the stages run faster than
 predicted, and go when they run slower. It never plans more than the requested recipe. Without a deadline every
 step gets the requested recipe and no deadline, so the steps never ask whether there is a budget.
+
+With N devices (`Throughput.devices`) each rank keeps its own Budget for the folds it trains (fold k on rank
+k % N, folds in rounds of N); rank 0's plan is shared after the throughput is measured and after stage 1, and
+the decisions taken when all ranks meet (pseudo-label epochs, test passes) are rank 0's.
 """
 from __future__ import annotations
 
@@ -574,7 +580,8 @@ import time
 from dataclasses import replace
 
 from .config import Config
-from .cost import MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, stage_costs
+from .cost import (MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, rounds,
+                   stage_costs)
 from .throughput import Throughput
 from .train import holdout_size
 
@@ -606,6 +613,10 @@ class Budget:
         """The seconds the plan gives a stage (None: not planned)."""
         return dict(self.plan.stages).get(stage)
 
+    def rounds(self, n: int) -> int:
+        """Rounds of side-by-side work that `n` folds (or models) take on this run's devices."""
+        return rounds(n, self.tp.devices)
+
     def costs(self, passes: int | None = None) -> dict:
         passes = self.plan.tta_aug_passes if passes is None else passes
         return stage_costs(self.requested, self.workload, self.tp, passes, self.scale)
@@ -623,8 +634,8 @@ class Budget:
         """Stage 1 must stop in time to leave the planned folds their planned time."""
         if self.deadline is None:
             return None
-        return self.deadline - self.plan.folds_trained * fold_s(self.costs(), self.plan.epochs_curated,
-                                                                 self.plan.epochs_pseudo)
+        return self.deadline - self.rounds(self.plan.folds_trained) * fold_s(self.costs(), self.plan.epochs_curated,
+                                                                             self.plan.epochs_pseudo)
 
     def select_deadline(self) -> float | None:
         """Noisy-clip selection must stop in time to leave stage 1 and the folds their planned time."""
@@ -660,8 +671,11 @@ class Budget:
     def epochs_for(self, k: int) -> int:
         """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k). A fold gets
         at most twice the epochs of the shortest fold trained so far, so that the ensemble's members stay
-        comparable; the time that frees goes to the pseudo-label round and the test passes."""
-        self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, k, self.folds_done,
+        comparable; the time that frees goes to the pseudo-label round and the test passes. With N devices the
+        re-plan starts at fold k's round, the folds of earlier rounds counted as trained."""
+        start = k - k % self.tp.devices
+        done = self.folds_done if self.tp.devices == 1 else start   # the other ranks' folds are not known here
+        self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, start, done,
                                  self.remaining())
         even = 2 * min(self.fold_epochs) if self.fold_epochs else self.plan.epochs_curated
         if self.plan.epochs_curated > even:
@@ -674,9 +688,9 @@ class Budget:
         k + 1 models trained by then, and the planned later folds at their floor."""
         if self.deadline is None:
             return None
-        c = self.costs()
-        later = max(self.plan.folds_trained - k - 1, 0) * fold_s(c, MIN_EPOCHS_CURATED)
-        return (self.deadline - c["oof_predict"] - (k + 1) * (c["test_predict"] + pseudo_s(c, self.plan.epochs_pseudo))
+        c, models = self.costs(), self.rounds(k + 1)
+        later = max(self.rounds(self.plan.folds_trained) - models, 0) * fold_s(c, MIN_EPOCHS_CURATED)
+        return (self.deadline - c["oof_predict"] - models * (c["test_predict"] + pseudo_s(c, self.plan.epochs_pseudo))
                 - later)
 
     def fold_done(self, k: int, epochs_run: int) -> None:
@@ -692,19 +706,20 @@ class Budget:
         if self.deadline is None:
             return self.requested.pseudo_epochs
         planned, c = self.plan.epochs_pseudo, self.costs(0)
-        epochs = fit_pseudo(self.requested.pseudo_epochs, lambda p: n_models * (c["test_predict"] + pseudo_s(c, p)),
-                            self.remaining())
+        epochs = fit_pseudo(self.requested.pseudo_epochs,
+                            lambda p: self.rounds(n_models) * (c["test_predict"] + pseudo_s(c, p)), self.remaining())
         if epochs != planned:
             self._note(f"pseudo-label round: {epochs} epochs per model (planned {planned}) fit the time left",
                        epochs_pseudo=epochs)
         return epochs
 
     def pseudo_deadline(self, k: int, n_models: int) -> float | None:
-        """Model k's pseudo-label epochs stop in time for the later models' one epoch each and the plain test pass."""
+        """Model k's pseudo-label epochs stop in time for the later models' one epoch each and the plain test pass
+        (with N devices: the later models of its rank, fold k being its (k // N)-th)."""
         if self.deadline is None:
             return None
-        c = self.costs(0)
-        return self.deadline - n_models * c["test_predict"] - (n_models - k - 1) * c["pseudo_epoch"]
+        c, per_rank = self.costs(0), self.rounds(n_models)
+        return self.deadline - per_rank * c["test_predict"] - (per_rank - k // self.tp.devices - 1) * c["pseudo_epoch"]
 
     def usage(self, started: float) -> dict | None:
         """How the run used its budget (None without one): usable, used and unused seconds, why what is unused could
@@ -734,7 +749,7 @@ class Budget:
         planned = self.plan.tta_aug_passes
         if self.deadline is None or n_models == 0:
             return planned
-        per_pass = n_models * self.costs(0)["test_predict"]
+        per_pass = self.rounds(n_models) * self.costs(0)["test_predict"]
         fit = int(self.remaining() // max(per_pass, 1e-9)) - 2   # the plain pass, and one spare for the estimate
         passes = max(0, min(fit, max(planned, self.requested.tta_fill_passes)))
         if passes != planned:
@@ -785,6 +800,12 @@ class StageCallback(Callback):
         names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
         return {n: (None if v is None else float(v)) for n, v in zip(names, self.recorder.log[1:len(names) + 1])}
 
+    def agree(self, value):
+        """`value` as every rank of a data-parallel stage sees it (rank 0's: dataparallel.DataParallel); as is on
+        one rank."""
+        agree = getattr(self.learn, "agree", None)
+        return value if agree is None else agree(value)
+
 
 class NanGuard(StageCallback):
     """Stop at the first epoch whose training loss or score is NaN/inf. KeepBest then restores the best weights, so a
@@ -796,7 +817,7 @@ class NanGuard(StageCallback):
 
     def after_epoch(self):
         v = self.epoch_values()
-        if not all(x is not None and np.isfinite(x) for x in (v.get("train_loss"), v.get("lwlrap"))):
+        if not self.agree(all(x is not None and np.isfinite(x) for x in (v.get("train_loss"), v.get("lwlrap")))):
             self.nan_epochs += 1
             log.warning("epoch %d: non-finite loss or score (%s): discarded, back to the best weights",
                         self.epoch + 1, v)
@@ -858,11 +879,13 @@ class EpochCheckpoint(StageCallback):
     weights, progress)."""
     order = KeepBest.order + 10
 
-    def __init__(self, stage_dir: StageDir, keep: KeepBest, epochs: int, history: list):
-        self.stage_dir, self.keep, self.epochs, self.history = stage_dir, keep, epochs, history
+    def __init__(self, stage_dir: StageDir, keep: KeepBest, epochs: int, history: list, write: bool = True):
+        self.stage_dir, self.keep, self.epochs, self.history, self.write = stage_dir, keep, epochs, history, write
 
     def after_epoch(self):
         self.history.append({"epoch": self.epoch + 1, **self.epoch_values()})
+        if not self.write:   # a data-parallel stage's other ranks: rank 0 writes the stage's files
+            return
         epochs = getattr(self.learn, "epochs_planned", self.epochs)   # the plan as it stands (EpochPlan)
         state = Resume(self.epoch + 1, epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
                        self.history)
@@ -903,7 +926,7 @@ class Deadline(StageCallback):
         if not deadline:
             return
         now = time.time()
-        if now + (now - self.t0) > deadline:
+        if self.agree(now + (now - self.t0) > deadline):
             log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1,
                         getattr(self.learn, "epochs_planned", self.n_epoch))
             raise CancelFitException()
@@ -944,6 +967,7 @@ class EpochPlan(StageCallback):
         self.seconds.append(time.time() - self.t0)
         if self.replan is not None:   # the fastest epoch: contention only ever slows an epoch down
             epochs = min(max(self.replan(self.epoch + 1, min(self.seconds)), self.epoch + 1), self.n_epoch)
+            epochs = self.agree(epochs)
             if epochs != self.epochs:
                 self.from_epoch, self.from_pct = self.epoch + 1, self.pct(self.epoch + 1)
                 self.epochs = self.learn.epochs_planned = epochs
@@ -1118,6 +1142,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
           python src/run.py --set curated.epochs=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
+          python src/run.py --devices 2                      # two processes (Kaggle's T4 x2: the default there)
+          torchrun --nnodes 2 --nproc-per-node 2 ... src/run.py --data-dir /shared/data --work-dir /shared/run
         """).format(presets=_preset_lines())
     p = argparse.ArgumentParser(
         prog="run.py",
@@ -1143,6 +1169,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="predict mode: folder with fold*/model.pth from a training run (e.g. an attached "
                         "Kaggle dataset)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="processes, one device each, in one torch.distributed group: stage 1 data-parallel, the "
+                        "folds N at a time (default: every visible CUDA device, one process on the CPU; under "
+                        "torchrun: its ranks)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
                    help="override one setting, e.g. --set curated.epochs=10 or --set arch=xresnet34 (repeatable; "
                         "docs/settings.md lists every setting)")
@@ -1456,6 +1486,7 @@ from .budget import Budget
 from .checkpoint import atomic_write_text
 from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration, parse_sets
 from .data import find_data_dir
+from .world import SINGLE, World, default_devices, join
 
 log = logging.getLogger("fattag")
 
@@ -1488,7 +1519,8 @@ class Run:
     is_demo: bool = False
     started: float = PROCESS_START
     explicit: dict = field(default_factory=dict)  # the values given with --set (predict mode needs to know them)
-    timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s"} per finished stage
+    timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s", "ended_s"} per finished stage
+    world: World = SINGLE                         # this process's rank among the run's (world.py)
     budget: Budget = field(init=False)            # the time plan: without a deadline, the requested recipe
 
     def __post_init__(self):
@@ -1505,13 +1537,30 @@ class Run:
         return time.time() - self.started
 
     def record(self, stage: str, seconds: float) -> None:
-        self.timings.append(dict(stage=stage, planned_s=self.budget.planned(stage), actual_s=round(seconds, 2)))
+        self.timings.append(dict(stage=stage, planned_s=self.budget.planned(stage), actual_s=round(seconds, 2),
+                                 ended_s=round(self.elapsed(), 1)))
+
+    def share_plan(self) -> None:
+        """Rank 0's Budget on every rank, so that all plan alike from here (one rank: nothing to do)."""
+        if self.world.size > 1:
+            self.budget = self.world.broadcast(self.budget)
+
+    def gather_timings(self) -> None:
+        """Every rank's stage timings in the order they ended: rank 0's, and the stages only another rank ran
+        (its folds), named with that rank."""
+        ranks = self.world.gather(self.timings)
+        mine = {t["stage"] for t in ranks[0]}
+        others = [dict(t, stage=f"{t['stage']} (rank {r})") for r, rows in enumerate(ranks[1:], 1) for t in rows
+                  if t["stage"] not in mine]
+        self.timings = sorted(ranks[0] + others, key=lambda t: t["ended_s"])
 
     def save_config(self, cfg: Config | None = None, **extra) -> None:
         """config.json: the settings (the requested ones, or those a step ran with: `cfg`), the plan the budget
-        made of them, and what ran."""
+        made of them, and what ran (rank 0 writes it)."""
+        if not self.world.is_main:
+            return
         record = dict(preset=self.preset, data_dir=str(self.data_dir), settings=(cfg or self.cfg).to_dict(),
-                      plan=self.budget.plan.to_dict(), **extra)
+                      plan=self.budget.plan.to_dict(), devices=self.world.size, **extra)
         atomic_write_text(self.work_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
 
     def timing_table(self) -> str:
@@ -1523,14 +1572,16 @@ class Run:
         return "\n".join(rows)
 
 
-def setup_logging(log_file: Path | None = None) -> None:
-    """INFO lines with wall-clock offsets to stderr and, when given, to the run's log file."""
+def setup_logging(log_file: Path | None = None, world: World = SINGLE) -> None:
+    """INFO lines with wall-clock offsets to stderr and, when given, to the run's log file; with several ranks
+    each line names its rank."""
     logger = logging.getLogger("fattag")
     logger.setLevel(logging.INFO)
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+    tag = f"[rank {world.rank}] " if world.size > 1 else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
@@ -1547,15 +1598,19 @@ def default_preset(is_demo: bool) -> str:
     return "kaggle-1h" if torch.cuda.is_available() else "cpu"
 
 
-def open_run(args) -> Run:
-    """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset and the work folder."""
+def resolve_data(args) -> tuple[Path, bool]:
+    """The data folder (Kaggle's, `--data-dir`, or the demo data, generated on first use) and whether it is the
+    demo."""
     data_dir = find_data_dir(args.data_dir)
-    is_demo = data_dir is None
-    if is_demo:
-        from .demo import make_demo_dataset
-        setup_logging()
-        log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
-        data_dir = make_demo_dataset(seed=42)
+    if data_dir is not None:
+        return Path(data_dir), False
+    from .demo import make_demo_dataset
+    log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
+    return Path(make_demo_dataset(seed=42)), True
+
+
+def requested_config(args, is_demo: bool) -> tuple[str, Config]:
+    """The preset and the recipe the command line asks for; a bad --set ends the run with one line naming it."""
     preset = args.preset or default_preset(is_demo)
     overrides = {"seed": args.seed}
     for name in ("folds",):
@@ -1563,9 +1618,31 @@ def open_run(args) -> Run:
     if getattr(args, "time_budget", None) is not None:
         overrides["time_budget"] = parse_duration(args.time_budget)
     try:
-        cfg = make_config(preset, overrides, args.sets)
+        return preset, make_config(preset, overrides, args.sets)
     except ValueError as e:   # a bad --set: one line naming the setting, not a traceback
         raise SystemExit(f"run.py: error: {e}") from None
+
+
+def devices_asked(args) -> int:
+    """--devices, or by default every visible CUDA device (one process on the CPU)."""
+    return args.devices if getattr(args, "devices", None) else default_devices()
+
+
+def check_before_spawn(args) -> None:
+    """What the ranks would each find wrong, found once before they start: the data folder (the demo data is made
+    here, not by N ranks at once) and the settings."""
+    setup_logging()
+    _, is_demo = resolve_data(args)
+    requested_config(args, is_demo)
+
+
+def open_run(args) -> Run:
+    """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset, the work folder and
+    this process's rank and device."""
+    world = join(devices_asked(args))
+    setup_logging(world=world)
+    data_dir, is_demo = resolve_data(args)
+    preset, cfg = requested_config(args, is_demo)
     if args.work_dir:
         work_dir = Path(args.work_dir)
     elif Path(KAGGLE_WORK_DIR).is_dir():
@@ -1573,11 +1650,14 @@ def open_run(args) -> Run:
     else:
         work_dir = Path("runs") / preset
     work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir / "log.txt")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
-             work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
-    return Run(cfg, preset, Path(data_dir), work_dir, device, is_demo, explicit=parse_sets(args.sets))
+    setup_logging(work_dir / "log.txt", world)
+    device = world.device()
+    log.info("data %s%s | preset %s | work dir %s | device %s%s%s", data_dir, " (demo)" if is_demo else "", preset,
+             work_dir, device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
+             f" | {world.describe()}" if world.size > 1 else "")
+    if world.size > 1 and getattr(args, "devices", None) not in (None, world.size):
+        log.warning("--devices %s ignored: torchrun started %d ranks", args.devices, world.size)
+    return Run(cfg, preset, data_dir, work_dir, device, is_demo, explicit=parse_sets(args.sets), world=world)
 ''')
 
 _add('src/fattag/cost.py', r'''
@@ -1588,7 +1668,9 @@ over. So a run prices its recipe from the measured throughput (throughput.py) an
 it into the time it has, cutting in this order: the test pseudo-label round (it only gets time that the rest of the
 recipe leaves), epochs of both stages (proportionally, down to a floor), augmented TTA passes, the number of folds
 trained, and finally stage 1. Nothing here reads the clock: budget.py re-plans with these functions as the run
-goes.
+goes. With N devices (`Throughput.devices`) stage 1 trains at the measured data-parallel rate (its validation is
+not shared), and folds, their test TTA and pseudo-label epochs run N at a time (`rounds`); a stage-1 epoch's real
+cost replaces the estimate after its first epoch (budget.replan_stage1).
 """
 from __future__ import annotations
 
@@ -1645,6 +1727,7 @@ class Plan:
     stages: tuple = ()           # (stage name, planned seconds)
     notes: tuple = ()            # what was cut, and why
     epochs_pseudo: int = 0       # the test pseudo-label round, per fold model (pseudo.py)
+    devices: int = 1             # ranks: stage 1 data-parallel over all, folds side by side
 
     @classmethod
     def requested(cls, cfg: Config) -> Plan:
@@ -1654,7 +1737,10 @@ class Plan:
 
     @property
     def total_s(self) -> float:
-        return sum(s for _, s in self.stages)
+        """Wall seconds of the planned stages: folds side by side in rounds of `devices`."""
+        folds = [secs for name, secs in self.stages if name.startswith("fold")]
+        rest = sum(secs for name, secs in self.stages if not name.startswith("fold"))
+        return rest + sum(max(folds[i:i + self.devices]) for i in range(0, len(folds), self.devices))
 
     def table(self) -> str:
         rows = [f"{'stage':<22}{'planned':>10}"]
@@ -1663,13 +1749,15 @@ class Plan:
         head = (f"plan: stage 1 {self.epochs_noisy} epochs, stage 2 {self.epochs_curated} epochs x "
                 f"{self.folds_trained} folds, " + (f"{self.epochs_pseudo} pseudo-label epochs per fold, "
                                                    if self.epochs_pseudo else "")
-                + f"{self.tta_aug_passes} augmented TTA passes")
+                + f"{self.tta_aug_passes} augmented TTA passes"
+                + (f"; {self.devices} devices: stage 1 data-parallel, folds {self.devices} at a time"
+                   if self.devices > 1 else ""))
         return "\n".join([head, *rows, *self.notes])
 
     def to_dict(self) -> dict:
         return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
                     epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained,
-                    tta_aug_passes=self.tta_aug_passes,
+                    tta_aug_passes=self.tta_aug_passes, devices=self.devices,
                     available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
                     stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
 
@@ -1688,7 +1776,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     stage1_train = w.noisy_train + top_up_size(w.noisy_train, cfg.noisy.top_up, w.curated)   # 0 without stage 1
     selecting = cfg.select_noisy and w.noisy_train > 0
     base = dict(
-        noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
+        noisy_epoch=stage1_train * (tp.stage1_train_s_per_clip * OVERHEAD) + w.noisy_holdout_windows * infer,
         fold_epoch=fold_train * train + per_fold_windows * infer,
         pseudo_epoch=(fold_train + w.test_clips) * train + per_fold_windows * infer,
         teacher_predict=w.test_windows * infer,
@@ -1709,6 +1797,11 @@ def _geomean(values: list) -> float:
     return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
 
 
+def rounds(n: int, devices: int) -> int:
+    """Rounds it takes `devices` ranks to do `n` folds (or models) side by side."""
+    return -(-n // devices)
+
+
 def fold_s(c: dict, epochs: int, pseudo: int = 0) -> float:
     """One fold: its epochs, its OOF predictions, its model's share of test TTA and of the pseudo-label round."""
     return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"] + pseudo_s(c, pseudo)
@@ -1726,9 +1819,10 @@ def recipe_total(cfg: Config, w: Workload, tp: Throughput, scale: dict | None, p
     folds are trained: their models' test TTA and pseudo-label round, and `folds` more folds."""
     def total(e1, e2, folds, passes):
         c = stage_costs(cfg, w, tp, passes, scale)
-        done = 0.0 if folds_done is None else folds_done * (c["test_predict"] + pseudo_s(c, pseudo))
         start = c["select"] + e1 * c["noisy_epoch"] if folds_done is None else 0.0
-        return start + done + folds * fold_s(c, e2, pseudo)
+        models = folds + (folds_done or 0)   # every model's test TTA and pseudo-label round; N side by side
+        return (start + rounds(folds, tp.devices) * (e2 * c["fold_epoch"] + c["oof_predict"])
+                + rounds(models, tp.devices) * (c["test_predict"] + pseudo_s(c, pseudo)))
     return total
 
 
@@ -1795,9 +1889,9 @@ def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None
     stages = [(SELECT_STAGE, c["select"])] if c["select"] and e1 else []
     stages += [(STAGE1, e1 * c["noisy_epoch"])] if e1 else []
     stages += [(fold_stage(k), fold_s(c, e2)) for k in range(folds)]
-    stages += [(ROUND_STAGE, folds * pseudo_s(c, ep))] if ep else []
+    stages += [(ROUND_STAGE, rounds(folds, tp.devices) * pseudo_s(c, ep))] if ep else []
     return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, tuple(stages),
-                tuple(notes), ep)
+                tuple(notes), ep, tp.devices)
 
 
 def replan_folds(cfg: Config, w: Workload, tp: Throughput, scale: dict, plan: Plan, k: int, folds_done: int,
@@ -1813,10 +1907,11 @@ def replan_folds(cfg: Config, w: Workload, tp: Throughput, scale: dict, plan: Pl
     kept = [st for st in plan.stages if not st[0].startswith("fold") and st[0] != ROUND_STAGE]
     stages = kept + [(fold_stage(j), secs) for j, (_, secs) in enumerate(folds) if j < k]
     stages += [(fold_stage(j), fold_s(c, e2)) for j in range(k, k + n)]
-    stages += [(ROUND_STAGE, (k + n) * pseudo_s(c, ep))] if ep else []
+    stages += [(ROUND_STAGE, rounds(k + n, tp.devices) * pseudo_s(c, ep))] if ep else []
     note = (f"re-planned before fold {k} from measured times: {n} more fold(s) of {e2} epochs"
             + (f" ({'; '.join(notes)})" if notes else ""))
-    return Plan(plan.epochs_noisy, e2, k + n, passes, plan.available_s, tuple(stages), (*plan.notes, note), ep)
+    return Plan(plan.epochs_noisy, e2, k + n, passes, plan.available_s, tuple(stages), (*plan.notes, note), ep,
+                tp.devices)
 
 
 def _scaled(epochs: int, scale: float, floor: int) -> int:
@@ -2068,6 +2163,92 @@ def decode_report(name: str, errors: list[tuple[str, str]]) -> str:
 
 __all__ = ["ClipTable", "DataError", "FatData", "decode_report", "find_data_dir", "iter_decoded",
            "load_dataset", "read_test_table", "read_train_csv", "read_vocabulary"]
+''')
+
+_add('src/fattag/dataparallel.py', r'''
+"""Stage 1 on several ranks: torch's DistributedDataParallel in a small fastai callback, and each rank's share of the
+crops.
+
+The single-device recipe is kept step for step: every rank shuffles the crops in the same order (one seed) and
+takes every N-th of them, with batches of batch_size / N, so that each optimiser step averages the gradients of one
+batch of `batch_size` crops, the epoch has as many steps, and the one-cycle schedule and learning rate are those of
+one device. BatchNorm stays per rank (no SyncBatchNorm): its statistics come from each rank's half batch, and
+before validation every rank takes rank 0's, so that all ranks score, keep and stop alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from fastai.callback.core import Callback
+from fastai.data.load import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+
+from .world import World
+
+
+class RankShare(DataLoader):
+    """fastai's DataLoader over this rank's share of an epoch: the shuffled order every rank draws alike (the
+    loader's own seeded generator), every `world.size`-th item from `world.rank` on, the same count on every rank
+    (DDP needs as many steps everywhere; the few items left over wait for the next epoch's shuffle)."""
+
+    def __init__(self, dataset, world: World, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.world = world
+
+    @property
+    def share(self) -> int:
+        return self.n // self.world.size
+
+    def __len__(self):
+        return self.share // self.bs + (0 if self.drop_last or self.share % self.bs == 0 else 1)
+
+    def get_idxs(self):
+        return list(super().get_idxs())[self.world.rank::self.world.size][:self.share]
+
+
+def training_loader(dataset, bs: int, world: World, **kwargs) -> DataLoader:
+    """The training batches of one stage: all of them on one rank; with several, this rank's share of each batch
+    of `bs` crops (its own crop generator, so the ranks' crops do not repeat each other's offsets)."""
+    if world.size == 1:
+        return DataLoader(dataset, bs=bs, **kwargs)
+    if hasattr(dataset, "rng"):
+        dataset.rng = np.random.default_rng([int(dataset.rng.integers(2 ** 31)), world.rank])
+    kwargs["drop_last"] = len(dataset) // world.size > bs // world.size
+    return RankShare(dataset, world, bs=max(bs // world.size, 1), **kwargs)
+
+
+class DataParallel(Callback):
+    """Train through torch's DDP (gradients averaged across the ranks in the backward pass); validate, keep and
+    save with the plain model. Decisions taken between epochs (the deadline, a re-plan, the NaN guard) are rank 0's
+    (`learn.agree`), so that no rank stops while another waits for it; at the end every rank holds rank 0's
+    weights."""
+    order = 200   # after every other callback: KeepBest has restored the best weights before after_fit shares them
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def before_fit(self):
+        self.plain = self.learn.model
+        device = next(self.plain.parameters()).device
+        self.ddp = DistributedDataParallel(self.plain, device_ids=[device] if device.type == "cuda" else None)
+        self.learn.agree = self.world.broadcast
+        torch.manual_seed(torch.initial_seed() + self.world.rank)   # the ranks' augmentations differ
+
+    def before_train(self):
+        self.learn.model = self.ddp
+        self.ddp.train()
+
+    def after_train(self):
+        self.learn.model = self.plain
+        for b in self.plain.buffers():   # BatchNorm statistics: rank 0's everywhere, so validation agrees
+            dist.broadcast(b.data, 0)
+
+    def after_fit(self):
+        self.learn.model = self.plain
+        for t in self.plain.state_dict().values():
+            dist.broadcast(t, 0)
+        del self.learn.agree
 ''')
 
 _add('src/fattag/demo.py', r'''
@@ -2680,16 +2861,21 @@ Training and inference use the same policy.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torchaudio
 
 from .config import Config
+from .checkpoint import atomic_write_text
 from .data import ClipTable, decode_report, iter_decoded
+from .world import World
 
 log = logging.getLogger("fattag")
 
@@ -2774,6 +2960,52 @@ def build_store(table: ClipTable, cfg: Config, device: torch.device | str = "cpu
              table.name, len(table), seconds / 60, store.nbytes() / 1e6, took, len(table) / max(took, 1e-9),
              f"; {len(errors)} skipped" if errors else "")
     return store
+
+
+def build_shared_store(table: ClipTable, cfg: Config, device, world: World, folder: Path) -> MelStore:
+    """build_store with one rank. With several, rank 0 builds the store and writes it to `folder` as one float16
+    file that every rank then maps read-only, so that the OS holds one copy for all ranks (FAT2019's stores are
+    ~6 GB; a Kaggle T4 x2 machine has ~29 GB of RAM)."""
+    if world.size == 1:
+        return build_store(table, cfg, device)
+    path = Path(folder) / re.sub(r"[^A-Za-z0-9_.-]+", "_", table.name)
+    if world.is_main:
+        write_store(build_store(table, cfg, device), path)
+        release_free_heap()
+    world.barrier()
+    return read_store(table, path)
+
+
+def write_store(store: MelStore, path: Path) -> None:
+    """The store's mels one after the other in `path`.npy, their shapes and the skipped clips in `path`.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shapes = [None if m is None else list(m.shape) for m in store.mels]
+    total = sum(m.size for m in store.mels if m is not None)
+    flat = np.lib.format.open_memmap(str(path) + ".npy", mode="w+", dtype=np.float16, shape=(max(total, 1),))
+    at = 0
+    for m in store.mels:
+        if m is not None:
+            flat[at:at + m.size] = m.ravel()
+            at += m.size
+    flat.flush()
+    del flat
+    atomic_write_text(Path(str(path) + ".json"), json.dumps(dict(shapes=shapes, errors=store.errors,
+                                                                 seconds=store.seconds)))
+
+
+def read_store(table: ClipTable, path: Path) -> MelStore:
+    """The store `write_store` wrote, each mel a view of the mapped file."""
+    meta = json.loads(Path(str(path) + ".json").read_text())
+    flat = np.load(str(path) + ".npy", mmap_mode="c")   # copy-on-write: shared pages, writable views
+    mels, at = [], 0
+    for shape in meta["shapes"]:
+        if shape is None:
+            mels.append(None)
+            continue
+        size = shape[0] * shape[1]
+        mels.append(flat[at:at + size].reshape(shape))
+        at += size
+    return MelStore(table, mels, [tuple(e) for e in meta["errors"]], meta["seconds"])
 
 
 def store_stats(store: MelStore, max_clips: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -3274,6 +3506,7 @@ from .precision import amp_dtype, autocast
 from .progress import progress
 from .submission import fill_missing, write_submission
 from .weights import save_inference
+from .world import SINGLE, World
 
 log = logging.getLogger("fattag")
 
@@ -3333,8 +3566,10 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown fold ensemble {how!r}: mean or geomean")
 
 
-def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int) -> np.ndarray:
-    """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded."""
+def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int,
+                 world: World = SINGLE) -> np.ndarray:
+    """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded.
+    With several ranks, `models` are this rank's: every rank's predictions are gathered and ensembled alike."""
     idx = np.flatnonzero(store.ok)
     n_windows = len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac))
     per_fold = []
@@ -3348,8 +3583,9 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
                  len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
         full = np.full((len(store.mels), probs.shape[1]), np.nan)
         full[idx] = probs
-        per_fold.append(full)
-    probs = ensemble(per_fold, cfg.fold_ensemble)
+        per_fold.append((k * world.size + world.rank, full))   # fold order when fold k is on rank k % N
+    gathered = sorted((p for rank in world.gather(per_fold) for p in rank), key=lambda p: p[0])
+    probs = ensemble([p for _, p in gathered], cfg.fold_ensemble)
     if cfg.class_balance:
         probs[idx] = balance_classes(probs[idx])
     return probs
@@ -3377,13 +3613,16 @@ def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, pri
     inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
     or where no model was trained in time). Returns the probabilities written."""
     t0 = time.time()
-    if models:
-        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes), test.ok, prior)
+    if sum(run.world.gather(len(models))):
+        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes, run.world), test.ok,
+                             prior)
     else:
         probs = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
-    write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
-    save_inference(run.work_dir, cfg)
+    if run.world.is_main:
+        write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
+                         probs)
+        save_inference(run.work_dir, cfg)
     run.record("predict test", time.time() - t0)
     return probs
 ''')
@@ -3628,27 +3867,32 @@ def labelled_test(test: MelStore, labels: np.ndarray) -> Clips:
 
 
 def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelStore) -> list:
-    """Every fold model after its pseudo-label epochs (the model as it was where a round is off or not possible);
-    the labels go to pseudo_labels.csv in the work dir."""
-    models = folds.models
+    """This rank's fold models after their pseudo-label epochs (the models as they were where a round is off or not
+    possible); the labels go to pseudo_labels.csv in the work dir. With several ranks the teacher's predictions are
+    gathered from all of them and each rank trains its own fold models."""
+    models, n_models = folds.models, len(folds.results)
     if run.cfg.pseudo_epochs <= 0:
         return models
-    epochs = run.budget.pseudo_epochs(len(models))
-    if not models or epochs <= 0 or not test.ok.any():
-        log.info("test pseudo-labels skipped (%s)", "no fold model" if not models else
+    epochs = run.world.broadcast(run.budget.pseudo_epochs(n_models))
+    if not n_models or epochs <= 0 or not test.ok.any():
+        log.info("test pseudo-labels skipped (%s)", "no fold model" if not n_models else
                  "no time for an epoch" if epochs <= 0 else "no decodable test clip")
         return models
     t0, cfg = time.time(), run.cfg
     teacher = dataclasses.replace(cfg, class_balance=False)   # raw probabilities: the threshold applies to them
-    probs = predict_test(models, test, teacher, run.device, aug_passes=0)[test.ok]
+    probs = predict_test(models, test, teacher, run.device, aug_passes=0, world=run.world)[test.ok]
     labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance)
-    write_labels(run.work_dir / "pseudo_labels.csv", test, labels, d.classes)
+    if run.world.is_main:
+        write_labels(run.work_dir / "pseudo_labels.csv", test, labels, d.classes)
     log.info("test pseudo-labels: %d clips, %.2f labels per clip (top class + probability >= %.2f); %d epochs "
              "per fold model", len(labels), (labels >= 1).sum(1).mean(), cfg.pseudo_threshold, epochs)
     pseudo = labelled_test(test, labels)
-    out = []
-    for row, model in zip(folds.results, models):
-        out.append(train_on_pseudo(run, d, row, model, pseudo, epochs, len(models)))
+    row_of = {row["fold"]: row for row in folds.results}
+    out = [train_on_pseudo(run, d, row_of[k], model, pseudo, epochs, n_models)
+           for k, model in zip(folds.model_folds, models)]
+    for rows in run.world.gather({k: row_of[k] for k in folds.model_folds}):   # the ranks' rows, updated
+        for k, row in rows.items():
+            row_of[k].update(row)
     run.record(ROUND_STAGE, time.time() - t0)
     return out
 
@@ -3846,12 +4090,14 @@ def _timings_section(timings: list[dict] | None) -> list[str]:
 def _folds_section(folds: list[dict] | None) -> list[str]:
     if not folds:
         return ["No fold results were recorded."]
+    ranks = len({f.get("rank", 0) for f in folds}) > 1   # several ranks trained them: say which
     rows = [[f.get("fold", DASH), _num(f.get("best_lwlrap")), f.get("best_epoch", DASH),
-             f.get("epochs_run", DASH), _secs(f.get("seconds"))] for f in folds]
+             f.get("epochs_run", DASH), _secs(f.get("seconds"))] + ([f.get("rank", DASH)] if ranks else [])
+            for f in folds]
     best = np.array([float(f["best_lwlrap"]) for f in folds if f.get("best_lwlrap") is not None], dtype=float)
     if best.size:
-        rows.append(["**mean ± sd**", f"{best.mean():.4f} ± {best.std():.4f}", "", "", ""])
-    return _table(["fold", "best lwlrap", "best epoch", "epochs run", "time"], rows)
+        rows.append(["**mean ± sd**", f"{best.mean():.4f} ± {best.std():.4f}", "", "", ""] + ([""] if ranks else []))
+    return _table(["fold", "best lwlrap", "best epoch", "epochs run", "time"] + (["rank"] if ranks else []), rows)
 
 
 _SCORE_NAMES = [("oof_center", "centre crop"), ("oof_windows", "whole-clip windows"),
@@ -4247,7 +4493,9 @@ _add('src/fattag/throughput.py', r'''
 """Throughput: what a training step and an inference window really cost on this machine.
 
 Measured on the real model (its input channels included) with random input of the crop size, on a few warmed-up
-batches, under the precision training and prediction use; the cost model (cost.py) prices the run from it.
+batches, under the precision training and prediction use; the cost model (cost.py) prices the run from it. With
+several ranks each measures its own device, then all time training steps together through DDP (each rank a share
+of the batch, as stage 1 trains): that rate prices stage 1.
 """
 from __future__ import annotations
 
@@ -4259,6 +4507,7 @@ import torch
 from .config import Config
 from .model import build_model, to_device
 from .precision import amp_dtype, autocast, grad_scaler
+from .world import SINGLE, World
 
 
 @dataclass
@@ -4266,14 +4515,23 @@ class Throughput:
     train_s_per_clip: float     # forward + backward + optimiser step, per training crop
     infer_s_per_window: float   # forward pass, per inference window
     device: str
+    devices: int = 1            # devices of this speed the run has: stage 1 data-parallel, folds in rounds of them
+    ddp_train_s_per_clip: float = 0.0   # a data-parallel training step over all devices, per crop (0: not measured)
+
+    @property
+    def stage1_train_s_per_clip(self) -> float:
+        """Stage 1's training cost per crop: measured through DDP, else one device's shared by all."""
+        return self.ddp_train_s_per_clip or self.train_s_per_clip / self.devices
 
     def describe(self) -> str:
+        ddp = (f"; {self.devices} devices data-parallel: {1 / self.stage1_train_s_per_clip:.0f} clips/s"
+               if self.devices > 1 else "")
         return (f"{self.device}: training {1 / self.train_s_per_clip:.0f} clips/s, "
-                f"inference {1 / self.infer_s_per_window:.0f} windows/s")
+                f"inference {1 / self.infer_s_per_window:.0f} windows/s{ddp}")
 
 
 def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,
-                       runs: int = 4) -> Throughput:
+                       runs: int = 4, world: World = SINGLE) -> Throughput:
     """Time training steps and inference batches of the real model on random input of the crop size.
 
     The first run of each warms up and is not used, unless the next would take the measurement past
@@ -4304,7 +4562,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
         with torch.inference_mode(), autocast(device, dtype):
             model(x)
 
-    def timed(fn, share: float) -> float:
+    def timed(fn, share: float, limited: bool = True) -> float:
         times = []
         while len(times) < runs:
             t0 = time.perf_counter()
@@ -4313,7 +4571,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             spent[0] += times[-1]
-            if max_seconds and spent[0] + times[-1] > max_seconds * share:
+            if limited and max_seconds and spent[0] + times[-1] > max_seconds * share:
                 break
         return min(times[1:] or times)
 
@@ -4321,7 +4579,23 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     t_train = timed(train_step, 0.7) / bs
     model.eval()
     t_infer = timed(infer, 1.0) / bs
-    return Throughput(t_train, t_infer, str(device))
+    if world.size == 1:
+        return Throughput(t_train, t_infer, str(device))
+    # stage 1's step: all ranks at once through DDP, each on its share of the batch
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel(model.train(), device_ids=[device] if cuda else None)
+    share = max(bs // world.size, 1)
+
+    def ddp_step():
+        with autocast(device, dtype):
+            loss = loss_fn(ddp(x[:share]).float(), y[:share])
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    t_ddp = timed(ddp_step, 1.0, limited=False) / bs   # unlimited: every rank times as many steps, none waits
+    return Throughput(t_train, t_infer, str(device), world.size, world.broadcast(t_ddp))
 ''')
 
 _add('src/fattag/train.py', r'''
@@ -4357,6 +4631,7 @@ from .augment import augment_policy
 from .callbacks import Deadline, EpochCheckpoint, EpochLog, EpochPlan, KeepBest, NanGuard, WeightAverage
 from .checkpoint import Resume, StageDir
 from .config import Config, StageSettings, top_up_size
+from .dataparallel import DataParallel, training_loader
 from .features import Clips, CropDataset, MelStore, aggregate_windows, store_stats
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
@@ -4364,6 +4639,7 @@ from .model import build_model, input_mean, to_device
 from .precision import DeviceMixedPrecision, amp_dtype
 from .predict import predict_clips
 from .weights import model_from_state, model_meta, stage_recipe
+from .world import SINGLE, World, doing
 
 if TYPE_CHECKING:
     from .context import Run
@@ -4426,6 +4702,7 @@ class StageSpec:
     recipe: dict = field(default_factory=dict)  # what the saved weights must match to be reused (checkpoint.py)
     max_epochs: int = 0  # the most epochs a re-plan may give the stage while it trains (0: `epochs`, no re-plan)
     replan: Callable[[int, float], int] | None = None  # (epochs done, fastest epoch s) -> epochs (EpochPlan)
+    world: World = SINGLE  # the ranks that train this stage together (data-parallel); one for a fold
 
     @property
     def stage_dir(self) -> StageDir:
@@ -4484,14 +4761,16 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     valid_ds = valid.store.windows(valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
-        DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, num_workers=cfg.num_workers,
-                   device=device),
+        training_loader(train_ds, bs, spec.world, shuffle=True, drop_last=len(train_ds) > bs,
+                        num_workers=cfg.num_workers, device=device),
         DataLoader(valid_ds, bs=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers, device=device),
         device=device)
     keep = KeepBest(resume)
     cbs = [*augment_policy(cfg, spec.augment, input_mean(model)), NanGuard(), keep,
-           EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
-           Deadline(deadline), EpochPlan(spec.epochs, spec.replan)]
+           EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history), write=spec.world.is_main),
+           EpochLog(spec.label), Deadline(deadline), EpochPlan(spec.epochs, spec.replan)]
+    if spec.world.size > 1:
+        cbs.append(DataParallel(spec.world))
     if cfg.average_epochs > 0:
         cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
     learn = Learner(dls, model, loss_func=make_loss(spec.loss), wd=cfg.wd, cbs=cbs,
@@ -4518,6 +4797,7 @@ def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, 
     finished epoch with the interrupted run's schedule. `deadline`: a wall-clock time, a function returning one,
     or None (callbacks.Deadline).
     """
+    doing(spec.label)
     set_seed(spec.seed, reproducible=True)
     resume = spec.stage_dir.resume()
     epochs = resume.epochs or spec.epochs  # a resumed stage keeps the interrupted run's schedule
@@ -4618,7 +4898,7 @@ def train_stage1(run: Run, d: TrainingData) -> Stage1:
     spec = StageSpec.for_stage(run, cfg.noisy, STAGE1, run.work_dir / "stage1", epochs, cfg.seed + 1000)
     # its first epochs show the machine's real speed (a throughput measurement under contention reads low): the
     # budget re-plans stage 1's epochs from them, up to the requested number
-    spec = replace(spec, max_epochs=cfg.noisy.epochs, replan=budget.replan_stage1)
+    spec = replace(spec, max_epochs=cfg.noisy.epochs, replan=budget.replan_stage1, world=run.world)
     done = spec.stage_dir.finished()
     if done is not None:
         return Stage1(done[1])
@@ -4632,10 +4912,11 @@ def train_stage1(run: Run, d: TrainingData) -> Stage1:
     recent = res.epoch_seconds[-3:]   # the machine as it is now prices the folds
     budget.measured("noisy_epoch", sum(recent), len(recent))
     holdout = holdout_summary(res, noisy.table.targets[hold_idx])
-    if not res.usable:
+    if not run.world.broadcast(res.usable):
         log.warning("stage 1 produced no usable weights: stage 2 starts from scratch")
         return Stage1(None, holdout)
-    finish_stage(spec, model, res, model_meta(cfg, classes, stage="noisy"))
+    if run.world.is_main:
+        finish_stage(spec, model, res, model_meta(cfg, classes, stage="noisy"))
     return Stage1(model.state_dict(), holdout)
 
 
@@ -4655,8 +4936,10 @@ def holdout_summary(res: StageResult, truth: np.ndarray) -> dict:
 @dataclass
 class FoldsResult:
     folds: np.ndarray          # fold id per curated clip (-1 for clips that could not be decoded)
-    models: list               # one trained model per fold, in fold order
-    results: list              # dict per trained fold: fold, best_lwlrap, best_epoch, epochs_run, seconds, OOF scores
+    models: list               # this rank's trained fold models (every fold's with one rank), in fold order
+    model_folds: list          # the fold id of each of `models`
+    results: list              # dict per trained fold (all ranks'): fold, rank, best_lwlrap, best_epoch, epochs_run,
+    #                            seconds, OOF scores
     oof_center: np.ndarray     # OOF probabilities from one centred window (no TTA); NaN rows where not predicted
     oof_windows: np.ndarray    # OOF probabilities over whole-clip windows
     oof_tta: np.ndarray        # whole-clip windows plus augmented passes (equals oof_windows when there are none)
@@ -4707,10 +4990,10 @@ def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device, passe
 
 
 def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
-    """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions."""
-    oof = {name: np.full((len(d.curated.table), len(d.classes)), np.nan) for name in ("center", "windows", "tta")}
-    models, results, budget = [], [], run.budget
-    for k in range(run.cfg.folds):
+    """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions. With
+    several ranks each trains its share of the folds (fold k on rank k % N) and every rank gets all folds' rows."""
+    models, model_folds, mine, budget = [], [], [], run.budget
+    for k in run.world.mine(range(run.cfg.folds)):
         t0 = time.time()
         trained = train_fold(run, k, d, stage1)
         if trained is None:
@@ -4720,15 +5003,21 @@ def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
             continue
         model, meta = trained
         t_pred, valid = time.time(), d.fold(k)[1]
-        for name, probs in predict_oof(model, valid, run.cfg, run.device, budget.plan.tta_aug_passes).items():
-            oof[name][valid.indices] = probs
+        oof = predict_oof(model, valid, run.cfg, run.device, budget.plan.tta_aug_passes)
         budget.measured("oof_predict", time.time() - t_pred, 1)
         budget.fold_done(k, meta["epochs_run"])
-        rows = valid.indices
-        results.append(fold_summary(k, meta, valid.targets, oof["windows"][rows], oof["center"][rows]))
+        summary = dict(fold_summary(k, meta, valid.targets, oof["windows"], oof["center"]), rank=run.world.rank)
+        mine.append(dict(rows=valid.indices, summary=summary, **oof))
         run.record(fold_stage(k), time.time() - t0)
         models.append(model)
-    return FoldsResult(d.folds, models, results, oof["center"], oof["windows"], oof["tta"])
+        model_folds.append(k)
+    everyone = sorted((f for rank in run.world.gather(mine) for f in rank), key=lambda f: f["summary"]["fold"])
+    oof = {name: np.full((len(d.curated.table), len(d.classes)), np.nan) for name in ("center", "windows", "tta")}
+    for f in everyone:
+        for name in oof:
+            oof[name][f["rows"]] = f[name]
+    return FoldsResult(d.folds, models, model_folds, [f["summary"] for f in everyone], oof["center"],
+                       oof["windows"], oof["tta"])
 
 
 def fold_summary(k: int, meta: dict, truth: np.ndarray, windows: np.ndarray, center: np.ndarray) -> dict:
@@ -4899,6 +5188,234 @@ def prediction_config(cfg: Config, models: list, explicit: dict) -> Config:
     return with_settings(replace(cfg, **fixed), inference)
 ''')
 
+_add('src/fattag/world.py', r'''
+"""Several devices: one process per device in one torch.distributed group, and the few collectives the run needs.
+
+`--devices N` spawns N ranks (torch.multiprocessing with spawn: CUDA cannot fork), each running the whole pipeline
+on its own device (cuda:r, or its share of the CPU cores), in a process group (NCCL on CUDA, gloo on the CPU).
+Under torchrun (RANK, WORLD_SIZE set) the ranks join torchrun's group instead, so the same code runs on several
+nodes (with a work dir every node sees). Stage 1 trains data-parallel over the ranks (dataparallel.py); stage 2
+and the pseudo-label round train whole folds per rank (`World.mine`), and their predictions are gathered
+(`World.gather`); only rank 0 writes the shared files. fastai reads WORLD_SIZE/RANK from the environment and, with
+a world above 1, all-gathers every batch's predictions, which would hang ranks training different folds: it
+never sees the group.
+
+Faults: a rank that raises or dies makes the parent end every other rank (torch's ProcessContext.join: SIGTERM,
+then SIGKILL after a grace period) and exit with one line naming the rank and what it was doing; a rank dies with
+its parent. A collective that waits past GROUP_TIMEOUT_S fails, as a last guard under torchrun.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("fattag")
+GROUP_TIMEOUT_S = 3600   # longer than any step one rank does alone (rank 0 decoding FAT2019's stores)
+GRACE_S = 5              # a failed run's other ranks get this long to stop on their own before they are ended
+_spawned: tuple | None = None   # (rank, size, init_method, status_dir) of a rank this process was spawned as
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's ranks. With one rank every collective returns its input."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes the run's shared files (submission, oof.csv, scores, config, report)."""
+        return self.rank == 0
+
+    def mine(self, items) -> list:
+        """This rank's share of `items` (round-robin: fold k on rank k % size)."""
+        return list(items)[self.rank::self.size]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank: decisions taken from one clock (deadlines, re-plans) must agree."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def device(self) -> torch.device:
+        """This rank's device: cuda:local_rank (ranks share GPUs round-robin when there are fewer), else the CPU."""
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if self.size == 1:
+            return torch.device("cuda")   # one process: torch's current CUDA device, as without ranks
+        index = self.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+
+    def describe(self) -> str:
+        return "one process" if self.size == 1 else f"rank {self.rank} of {self.size}"
+
+
+SINGLE = World()
+
+
+def default_devices() -> int:
+    """Every visible CUDA device; one process on the CPU (bench/devices.py measured 2 ranks on 2 cores)."""
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+def torchrun_size() -> int:
+    """The world size torchrun (or any launcher setting RANK/WORLD_SIZE) started this process in; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+
+def should_spawn(devices: int) -> bool:
+    """Whether this process must start the ranks: several asked for, and it is neither a rank nor under torchrun."""
+    return devices > 1 and _spawned is None and torchrun_size() == 1
+
+
+def join(devices: int) -> World:
+    """This process's World: a spawned rank joins its parent's group, a torchrun rank torchrun's; else one rank."""
+    if _spawned is not None:
+        rank, size, init, _ = _spawned
+        local = rank
+    elif torchrun_size() > 1:
+        rank, size, init = int(os.environ["RANK"]), torchrun_size(), "env://"
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        os.environ["WORLD_SIZE"], os.environ["RANK"] = "1", "0"   # fastai must see one process (module docstring)
+    else:
+        return SINGLE
+    world = World(rank, size, local)
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= size else "gloo"
+    world.device()   # NCCL's collectives need the rank's device selected first
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+    atexit.register(leave)
+    return world
+
+
+def leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- what a rank is doing (for the error line)
+
+
+def doing(step: str) -> None:
+    """Note what this rank is doing now; if it dies, the parent's error line names it."""
+    if _spawned is not None:
+        try:
+            (Path(_spawned[3]) / f"rank{_spawned[0]}.step").write_text(step)
+        except OSError:
+            pass
+
+
+def _step_of(status_dir: str, rank: int) -> str:
+    try:
+        return (Path(status_dir) / f"rank{rank}.step").read_text() or "start-up"
+    except OSError:
+        return "start-up"
+
+
+# ---------------------------------------------------------------- starting the ranks
+
+
+def spawn(entry, argv, defaults, devices: int) -> int:
+    """Run `entry(argv, defaults)` (run.main) in `devices` spawned ranks; wait for all, or end all when one fails.
+    Returns 0, or raises SystemExit with one line naming the failed rank and its step."""
+    status_dir = tempfile.mkdtemp(prefix="fattag-ranks-")
+    init = f"file://{status_dir}/group"
+    threads = max(1, torch.get_num_threads() // devices)   # the CPU cores split between the ranks
+    log.info("starting %d ranks (%s, %d thread(s) each)", devices,
+             "one CUDA device each" if torch.cuda.is_available() else "CPU processes", threads)
+    ctx = torch.multiprocessing.start_processes(_rank_main, args=(entry, argv, defaults, devices, init, status_dir,
+                                                                  threads), nprocs=devices, join=False,
+                                                start_method="spawn")
+    try:
+        while not ctx.join(grace_period=GRACE_S):
+            pass
+    except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as e:
+        raise SystemExit(f"run.py: {first_failure(ctx.processes, status_dir, e)}") from None
+    return 0
+
+
+def first_failure(processes, status_dir: str, error: Exception) -> str:
+    """The line that names what went wrong first. A rank's failure makes the others fail in their next collective,
+    and torch reports whichever exit it noticed first: a rank killed by a signal other than the SIGTERM that ended
+    the others, with no failure of its own recorded, died first; else the earliest recorded failure."""
+    for rank, proc in enumerate(processes):
+        code = proc.exitcode
+        if (code is not None and code < 0 and -code != signal.SIGTERM
+                and not (Path(status_dir) / f"rank{rank}.failed").exists()):
+            return (f"rank {rank} died (signal {signal.Signals(-code).name}) during {_step_of(status_dir, rank)}; "
+                    f"the other ranks were stopped")
+    records = []
+    for path in Path(status_dir).glob("rank*.failed"):
+        at, _, line = path.read_text().partition("\t")
+        records.append((float(at), line))
+    if records:
+        return min(records)[1]
+    return [line for line in str(error).splitlines() if line.strip()][-1]
+
+
+def _rank_main(rank, entry, argv, defaults, size, init, status_dir, threads) -> None:
+    """A spawned rank: die with the parent, take a share of the cores, run the pipeline, report what failed."""
+    global _spawned
+    _die_with_parent()
+    torch.set_num_threads(threads)
+    _spawned = (rank, size, init, status_dir)
+    try:
+        rc = entry(argv, defaults)
+    except SystemExit as e:
+        if e.code in (None, 0):
+            return
+        _failed(status_dir, rank, f"rank {rank} stopped during {_step_of(status_dir, rank)}: {e.code}")
+        raise
+    except Exception as e:
+        log.exception("rank %d failed during %s", rank, _step_of(status_dir, rank))
+        _failed(status_dir, rank, f"rank {rank} failed during {_step_of(status_dir, rank)}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        leave()
+    if rc:
+        _failed(status_dir, rank, f"rank {rank} ended with exit code {rc}")
+        raise SystemExit(rc)
+
+
+def _failed(status_dir: str, rank: int, line: str) -> None:
+    """Record when and how this rank failed (first_failure picks the earliest), before the group is left."""
+    (Path(status_dir) / f"rank{rank}.failed").write_text(f"{time.time()}\t{line.splitlines()[0] if line else ''}")
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies, so a killed run leaves no rank behind."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+''')
+
 _add('src/run.py', r'''
 """Entry point: `python src/run.py --help`. Reads top-down as the pipeline's named steps.
 
@@ -4919,10 +5436,10 @@ if __package__ in (None, "") and "fattag" not in sys.modules:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fattag.cli import parse_args  # noqa: E402
-from fattag.context import open_run  # noqa: E402
+from fattag.context import check_before_spawn, devices_asked, open_run  # noqa: E402
 from fattag.cost import count_workload  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
-from fattag.features import build_store  # noqa: E402
+from fattag.features import build_shared_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 from fattag.precision import check_device  # noqa: E402
 from fattag.predict import predict_and_submit  # noqa: E402
@@ -4933,6 +5450,7 @@ from fattag.submission import class_prior, write_oof, write_submission  # noqa: 
 from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
 from fattag.weights import load_fold_models, prediction_config  # noqa: E402
+from fattag.world import should_spawn, spawn  # noqa: E402
 
 log = logging.getLogger("fattag")
 MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throughput
@@ -4940,50 +5458,61 @@ MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throu
 
 def main(argv=None, defaults: dict | None = None) -> int:
     args = parse_args(argv, defaults)
+    if should_spawn(devices_asked(args)):   # several devices: one process (rank) each, every one running main()
+        check_before_spawn(args)
+        return spawn(main, argv, defaults, devices_asked(args))
     run = open_run(args)
-    cfg, budget = run.cfg, run.budget
+    cfg = run.cfg
     data = load_dataset(run.data_dir)
     log.info(data.summary())
     prior = class_prior(data.curated.targets)
 
     # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
-    #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores.
-    if not (run.work_dir / "submission.csv").exists():
+    #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores (with several ranks:
+    #    built once by rank 0, shared by all).
+    if run.world.is_main and not (run.work_dir / "submission.csv").exists():
         write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          np.tile(prior, (len(data.test), 1)))
     check_device(run.device)
     if args.mode == "predict":
         return predict_only(run, data, args.weights, prior)
     t0 = time.time()
-    test = build_store(data.test, cfg, run.device)
-    curated = build_store(data.curated, cfg, run.device)
-    noisy = build_store(data.noisy, cfg, run.device) if data.noisy is not None and cfg.noisy.epochs > 0 else None
+    test, curated = (build_shared_store(t, cfg, run.device, run.world, run.work_dir / "stores")
+                     for t in (data.test, data.curated))
+    noisy = (build_shared_store(data.noisy, cfg, run.device, run.world, run.work_dir / "stores")
+             if data.noisy is not None and cfg.noisy.epochs > 0 else None)
     run.record("decode + log-mel", time.time() - t0)
     d = TrainingData.make(data.classes, curated, noisy, cfg)
 
     # 2. Plan epochs, folds and TTA passes to fit the time budget, from measured throughput.
     plan_budget(run, len(data.classes), noisy, curated, test)
 
-    # 3. Stage 1 on the noisy set (one shared model; optionally only the noisy clips a curated-trained scorer agrees
-    #    with), 4. stage 2 on each curated fold, warm-started from it.
-    if cfg.select_noisy and budget.plan.epochs_noisy and len(d.noisy_pool):
-        d.noisy_pool = select_noisy(run, d)
-        budget.noisy_kept(len(d.noisy_pool))
+    # 3. Stage 1 on the noisy set (one shared model, data-parallel over the ranks; optionally only the noisy clips
+    #    a curated-trained scorer agrees with), 4. stage 2 on each curated fold (N ranks: N folds at a time),
+    #    warm-started from it.
+    if cfg.select_noisy and run.budget.plan.epochs_noisy and len(d.noisy_pool):
+        d.noisy_pool = run.world.broadcast(select_noisy(run, d))
+        run.budget.noisy_kept(len(d.noisy_pool))
     stage1 = train_stage1(run, d)
+    run.share_plan()
     folds = train_folds(run, d, stage1.weights)
 
     # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes.
     scores = score_oof(data.curated.targets, folds)
-    write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
+    if run.world.is_main:
+        write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
     # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
     models = pseudo_label_round(run, d, folds, test)
 
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
     #    every test clip gets a row. inference.json and config.json record how it was done.
-    predict_cfg = replace(cfg, tta_aug_passes=budget.test_passes(len(models)))
+    predict_cfg = replace(cfg, tta_aug_passes=run.world.broadcast(run.budget.test_passes(len(folds.results))))
     probs = predict_and_submit(run, predict_cfg, data, models, test, prior)
-    usage = budget.usage(run.started)
+    run.gather_timings()
+    if not run.world.is_main:   # rank 0 writes the run's files
+        return 0
+    usage = run.budget.usage(run.started)
     if usage:
         log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
                  usage["usable_s"], usage["unused_s"], 100 * usage["unused_share"], usage["why"])
@@ -5009,9 +5538,12 @@ def plan_budget(run, n_classes, noisy, curated, test) -> None:
     """Measure this machine's speed and fit the recipe into what is left of the budget (or keep it as is)."""
     t0 = time.time()
     remaining = run.budget.remaining()
-    tp = measure_throughput(run.cfg, n_classes, run.device, max_seconds=remaining and remaining * MEASURE_SHARE)
+    tp = measure_throughput(run.cfg, n_classes, run.device, max_seconds=remaining and remaining * MEASURE_SHARE,
+                            world=run.world)
     run.record("measure throughput", time.time() - t0)
     plan = run.budget.start(count_workload(run.cfg, noisy, curated, test), tp)
+    run.share_plan()   # every rank measured its own device; rank 0's figures plan the run
+    plan = run.budget.plan
     run.save_config()
     log.info("measured %s\n%s", tp.describe(), plan.table())
 
@@ -5035,8 +5567,10 @@ def predict_only(run, data, weights_dir, prior) -> int:
     cfg = prediction_config(run.cfg, models, run.explicit)
     run.save_config(cfg, weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
-    test = build_store(data.test, cfg, run.device)
-    probs = predict_and_submit(run, cfg, data, [m for _, m, _ in models], test, prior)
+    test = build_shared_store(data.test, cfg, run.device, run.world, run.work_dir / "stores")
+    probs = predict_and_submit(run, cfg, data, run.world.mine(m for _, m, _ in models), test, prior)
+    if not run.world.is_main:
+        return 0
     log.info("time:\n%s", run.timing_table())
     write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=probs,
                  dataset=dataset_summary(run, [test]),
@@ -5050,6 +5584,8 @@ if __name__ == "__main__":
 ''')
 
 # ==== start ======================================================================================
+if __name__ == "__mp_main__":  # a rank spawned by --devices N: it re-runs this file, then unpickles its work,
+    load_entry(install(SOURCES))  # which names fattag.world and run.main: both must import from memory first
 if __name__ == "__main__":
     if "ipykernel" in sys.modules:  # a notebook cell: sys.argv holds the kernel's own arguments
         _rc = main([])

@@ -17,10 +17,10 @@ if __package__ in (None, "") and "fattag" not in sys.modules:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fattag.cli import parse_args  # noqa: E402
-from fattag.context import open_run  # noqa: E402
+from fattag.context import check_before_spawn, devices_asked, open_run  # noqa: E402
 from fattag.cost import count_workload  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
-from fattag.features import build_store  # noqa: E402
+from fattag.features import build_shared_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 from fattag.precision import check_device  # noqa: E402
 from fattag.predict import predict_and_submit  # noqa: E402
@@ -31,6 +31,7 @@ from fattag.submission import class_prior, write_oof, write_submission  # noqa: 
 from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
 from fattag.weights import load_fold_models, prediction_config  # noqa: E402
+from fattag.world import should_spawn, spawn  # noqa: E402
 
 log = logging.getLogger("fattag")
 MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throughput
@@ -38,50 +39,61 @@ MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throu
 
 def main(argv=None, defaults: dict | None = None) -> int:
     args = parse_args(argv, defaults)
+    if should_spawn(devices_asked(args)):   # several devices: one process (rank) each, every one running main()
+        check_before_spawn(args)
+        return spawn(main, argv, defaults, devices_asked(args))
     run = open_run(args)
-    cfg, budget = run.cfg, run.budget
+    cfg = run.cfg
     data = load_dataset(run.data_dir)
     log.info(data.summary())
     prior = class_prior(data.curated.targets)
 
     # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
-    #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores.
-    if not (run.work_dir / "submission.csv").exists():
+    #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores (with several ranks:
+    #    built once by rank 0, shared by all).
+    if run.world.is_main and not (run.work_dir / "submission.csv").exists():
         write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          np.tile(prior, (len(data.test), 1)))
     check_device(run.device)
     if args.mode == "predict":
         return predict_only(run, data, args.weights, prior)
     t0 = time.time()
-    test = build_store(data.test, cfg, run.device)
-    curated = build_store(data.curated, cfg, run.device)
-    noisy = build_store(data.noisy, cfg, run.device) if data.noisy is not None and cfg.noisy.epochs > 0 else None
+    test, curated = (build_shared_store(t, cfg, run.device, run.world, run.work_dir / "stores")
+                     for t in (data.test, data.curated))
+    noisy = (build_shared_store(data.noisy, cfg, run.device, run.world, run.work_dir / "stores")
+             if data.noisy is not None and cfg.noisy.epochs > 0 else None)
     run.record("decode + log-mel", time.time() - t0)
     d = TrainingData.make(data.classes, curated, noisy, cfg)
 
     # 2. Plan epochs, folds and TTA passes to fit the time budget, from measured throughput.
     plan_budget(run, len(data.classes), noisy, curated, test)
 
-    # 3. Stage 1 on the noisy set (one shared model; optionally only the noisy clips a curated-trained scorer agrees
-    #    with), 4. stage 2 on each curated fold, warm-started from it.
-    if cfg.select_noisy and budget.plan.epochs_noisy and len(d.noisy_pool):
-        d.noisy_pool = select_noisy(run, d)
-        budget.noisy_kept(len(d.noisy_pool))
+    # 3. Stage 1 on the noisy set (one shared model, data-parallel over the ranks; optionally only the noisy clips
+    #    a curated-trained scorer agrees with), 4. stage 2 on each curated fold (N ranks: N folds at a time),
+    #    warm-started from it.
+    if cfg.select_noisy and run.budget.plan.epochs_noisy and len(d.noisy_pool):
+        d.noisy_pool = run.world.broadcast(select_noisy(run, d))
+        run.budget.noisy_kept(len(d.noisy_pool))
     stage1 = train_stage1(run, d)
+    run.share_plan()
     folds = train_folds(run, d, stage1.weights)
 
     # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes.
     scores = score_oof(data.curated.targets, folds)
-    write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
+    if run.world.is_main:
+        write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
     # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
     models = pseudo_label_round(run, d, folds, test)
 
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
     #    every test clip gets a row. inference.json and config.json record how it was done.
-    predict_cfg = replace(cfg, tta_aug_passes=budget.test_passes(len(models)))
+    predict_cfg = replace(cfg, tta_aug_passes=run.world.broadcast(run.budget.test_passes(len(folds.results))))
     probs = predict_and_submit(run, predict_cfg, data, models, test, prior)
-    usage = budget.usage(run.started)
+    run.gather_timings()
+    if not run.world.is_main:   # rank 0 writes the run's files
+        return 0
+    usage = run.budget.usage(run.started)
     if usage:
         log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
                  usage["usable_s"], usage["unused_s"], 100 * usage["unused_share"], usage["why"])
@@ -107,9 +119,12 @@ def plan_budget(run, n_classes, noisy, curated, test) -> None:
     """Measure this machine's speed and fit the recipe into what is left of the budget (or keep it as is)."""
     t0 = time.time()
     remaining = run.budget.remaining()
-    tp = measure_throughput(run.cfg, n_classes, run.device, max_seconds=remaining and remaining * MEASURE_SHARE)
+    tp = measure_throughput(run.cfg, n_classes, run.device, max_seconds=remaining and remaining * MEASURE_SHARE,
+                            world=run.world)
     run.record("measure throughput", time.time() - t0)
     plan = run.budget.start(count_workload(run.cfg, noisy, curated, test), tp)
+    run.share_plan()   # every rank measured its own device; rank 0's figures plan the run
+    plan = run.budget.plan
     run.save_config()
     log.info("measured %s\n%s", tp.describe(), plan.table())
 
@@ -133,8 +148,10 @@ def predict_only(run, data, weights_dir, prior) -> int:
     cfg = prediction_config(run.cfg, models, run.explicit)
     run.save_config(cfg, weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
-    test = build_store(data.test, cfg, run.device)
-    probs = predict_and_submit(run, cfg, data, [m for _, m, _ in models], test, prior)
+    test = build_shared_store(data.test, cfg, run.device, run.world, run.work_dir / "stores")
+    probs = predict_and_submit(run, cfg, data, run.world.mine(m for _, m, _ in models), test, prior)
+    if not run.world.is_main:
+        return 0
     log.info("time:\n%s", run.timing_table())
     write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=probs,
                  dataset=dataset_summary(run, [test]),

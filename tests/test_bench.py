@@ -24,7 +24,7 @@ EXPECT = {  # a figure each script must print in its table, and a key of its JSO
     "train": ("train clips/s", "demo"),
     "memory": ("projected peak RSS", "store_bytes_per_audio_s"),
     "project": ("needed training rate", "needed_train_clips_s"),
-    "gpu_check": ("inference windows/s", "fitted"),
+    "gpu_check": ("2 ranks, DDP step (half batch each)", "fitted_2_devices"),   # its 2-rank part too
 }
 
 

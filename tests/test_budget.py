@@ -317,8 +317,10 @@ def test_a_run_carries_its_budget_and_records_the_plan_with_its_settings(tmp_pat
     assert (free.budget.plan.epochs_noisy, free.budget.plan.epochs_curated) == (12, 30)
     free.record("fold 1", 12.345)
     free.record("something else", 1.0)
-    assert free.timings == [dict(stage="fold 1", planned_s=free.budget.planned("fold 1"), actual_s=12.35),
-                            dict(stage="something else", planned_s=None, actual_s=1.0)]
+    assert [{k: t[k] for k in ("stage", "planned_s", "actual_s")} for t in free.timings] == [
+        dict(stage="fold 1", planned_s=free.budget.planned("fold 1"), actual_s=12.35),
+        dict(stage="something else", planned_s=None, actual_s=1.0)]
+    assert free.timings[0]["ended_s"] <= free.timings[1]["ended_s"] == pytest.approx(free.elapsed(), abs=1.0)
     assert free.timings[0]["planned_s"] > 0
     free.save_config(folds_run=[{"fold": 0}])
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -327,3 +329,45 @@ def test_a_run_carries_its_budget_and_records_the_plan_with_its_settings(tmp_pat
     free.save_config(with_settings(free.cfg, {"tta_aggregate": "max"}), weights="w")   # the settings a step used
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["settings"]["tta_aggregate"] == "max" and saved["weights"] == "w"
+
+
+# ---------------------------------------------------------------- several devices
+
+
+def test_two_devices_share_stage_1_and_run_the_folds_in_rounds():
+    from fattag.cost import recipe_total, rounds
+    cfg = make_config("kaggle-1h")
+    one, two = Throughput(1 / 300, 1 / 1200, "t4"), Throughput(1 / 300, 1 / 1200, "t4", devices=2)
+    c1, c2 = stage_costs(cfg, FAT2019, one, 0), stage_costs(cfg, FAT2019, two, 0)
+    validation = FAT2019.noisy_holdout_windows * one.infer_s_per_window * 1.15
+    assert c2["noisy_epoch"] - validation == pytest.approx((c1["noisy_epoch"] - validation) / 2)   # training shared
+    assert c2["fold_epoch"] == c1["fold_epoch"]                                  # a fold runs on one device
+    measured = dataclasses.replace(two, ddp_train_s_per_clip=1 / 450)            # DDP measured: 1.5x, not 2x
+    assert stage_costs(cfg, FAT2019, measured, 0)["noisy_epoch"] - validation == pytest.approx(
+        (c1["noisy_epoch"] - validation) / 1.5)
+    assert [rounds(n, 2) for n in (1, 2, 3, 5)] == [1, 1, 2, 3] and rounds(5, 1) == 5
+    total1, total2 = recipe_total(cfg, FAT2019, one, None, 0), recipe_total(cfg, FAT2019, two, None, 0)
+    assert total2(0, 25, 5, 0) == pytest.approx(total2(0, 25, 6, 0))   # 5 folds on 2 devices: 3 rounds, as 6
+    assert total1(0, 25, 5, 0) < total1(0, 25, 6, 0)
+    assert total2(0, 25, 4, 0) == pytest.approx(total1(0, 25, 2, 0))   # 4 folds side by side: 2 folds' time
+
+
+def test_two_devices_fit_more_of_the_recipe_and_plan_by_rounds():
+    cfg = make_config("kaggle-1h")
+    slow = Throughput(1 / 120, 1 / 480, "slow")
+    p1 = plan_run(cfg, FAT2019, slow, 3000)
+    p2 = plan_run(cfg, FAT2019, dataclasses.replace(slow, devices=2), 3000)
+    assert p1.total_s <= 3000 and p2.total_s <= 3000 and p2.devices == 2 and "2 devices" in p2.table()
+    assert (p2.folds_trained, p2.epochs_curated, p2.epochs_noisy) > (p1.folds_trained, p1.epochs_curated,
+                                                                     p1.epochs_noisy)
+    b = Budget(cfg, time.time() + 3000)
+    b.start(FAT2019, dataclasses.replace(slow, devices=2))
+    b.fold_done(1, b.epochs_for(1))   # rank 1 trained fold 1; its next fold is 3, in the second round
+    b.epochs_for(3)
+    assert any("re-planned before fold 2" in n for n in b.plan.notes)   # the round's first fold, not 3
+    c = b.costs()
+    n = b.plan.folds_trained
+    floor = MIN_EPOCHS_CURATED * c["fold_epoch"] + c["oof_predict"] + c["test_predict"]
+    for k, models in ((1, 1), (3, 2)):   # by fold 3's end 2 rounds of models need their test TTA
+        expected = c["oof_predict"] + models * c["test_predict"] + (-(-n // 2) - models) * floor
+        assert b.deadline - b.fold_deadline(k) == pytest.approx(expected)

@@ -5,6 +5,10 @@ the cost model (cost.py), and after every stage it re-plans the work still to do
 took, upward as well as downward: epochs and folds that were cut come back when the stages run faster than
 predicted, and go when they run slower. It never plans more than the requested recipe. Without a deadline every
 step gets the requested recipe and no deadline, so the steps never ask whether there is a budget.
+
+With N devices (`Throughput.devices`) each rank keeps its own Budget for the folds it trains (fold k on rank
+k % N, folds in rounds of N); rank 0's plan is shared after the throughput is measured and after stage 1, and
+the decisions taken when all ranks meet (pseudo-label epochs, test passes) are rank 0's.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import time
 from dataclasses import replace
 
 from .config import Config
-from .cost import MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, stage_costs
+from .cost import (MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, rounds,
+                   stage_costs)
 from .throughput import Throughput
 from .train import holdout_size
 
@@ -45,6 +50,10 @@ class Budget:
         """The seconds the plan gives a stage (None: not planned)."""
         return dict(self.plan.stages).get(stage)
 
+    def rounds(self, n: int) -> int:
+        """Rounds of side-by-side work that `n` folds (or models) take on this run's devices."""
+        return rounds(n, self.tp.devices)
+
     def costs(self, passes: int | None = None) -> dict:
         passes = self.plan.tta_aug_passes if passes is None else passes
         return stage_costs(self.requested, self.workload, self.tp, passes, self.scale)
@@ -62,8 +71,8 @@ class Budget:
         """Stage 1 must stop in time to leave the planned folds their planned time."""
         if self.deadline is None:
             return None
-        return self.deadline - self.plan.folds_trained * fold_s(self.costs(), self.plan.epochs_curated,
-                                                                 self.plan.epochs_pseudo)
+        return self.deadline - self.rounds(self.plan.folds_trained) * fold_s(self.costs(), self.plan.epochs_curated,
+                                                                             self.plan.epochs_pseudo)
 
     def select_deadline(self) -> float | None:
         """Noisy-clip selection must stop in time to leave stage 1 and the folds their planned time."""
@@ -99,8 +108,11 @@ class Budget:
     def epochs_for(self, k: int) -> int:
         """Re-plan folds k.. from the time left, and return fold k's epochs (0: no time for fold k). A fold gets
         at most twice the epochs of the shortest fold trained so far, so that the ensemble's members stay
-        comparable; the time that frees goes to the pseudo-label round and the test passes."""
-        self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, k, self.folds_done,
+        comparable; the time that frees goes to the pseudo-label round and the test passes. With N devices the
+        re-plan starts at fold k's round, the folds of earlier rounds counted as trained."""
+        start = k - k % self.tp.devices
+        done = self.folds_done if self.tp.devices == 1 else start   # the other ranks' folds are not known here
+        self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, start, done,
                                  self.remaining())
         even = 2 * min(self.fold_epochs) if self.fold_epochs else self.plan.epochs_curated
         if self.plan.epochs_curated > even:
@@ -113,9 +125,9 @@ class Budget:
         k + 1 models trained by then, and the planned later folds at their floor."""
         if self.deadline is None:
             return None
-        c = self.costs()
-        later = max(self.plan.folds_trained - k - 1, 0) * fold_s(c, MIN_EPOCHS_CURATED)
-        return (self.deadline - c["oof_predict"] - (k + 1) * (c["test_predict"] + pseudo_s(c, self.plan.epochs_pseudo))
+        c, models = self.costs(), self.rounds(k + 1)
+        later = max(self.rounds(self.plan.folds_trained) - models, 0) * fold_s(c, MIN_EPOCHS_CURATED)
+        return (self.deadline - c["oof_predict"] - models * (c["test_predict"] + pseudo_s(c, self.plan.epochs_pseudo))
                 - later)
 
     def fold_done(self, k: int, epochs_run: int) -> None:
@@ -131,19 +143,20 @@ class Budget:
         if self.deadline is None:
             return self.requested.pseudo_epochs
         planned, c = self.plan.epochs_pseudo, self.costs(0)
-        epochs = fit_pseudo(self.requested.pseudo_epochs, lambda p: n_models * (c["test_predict"] + pseudo_s(c, p)),
-                            self.remaining())
+        epochs = fit_pseudo(self.requested.pseudo_epochs,
+                            lambda p: self.rounds(n_models) * (c["test_predict"] + pseudo_s(c, p)), self.remaining())
         if epochs != planned:
             self._note(f"pseudo-label round: {epochs} epochs per model (planned {planned}) fit the time left",
                        epochs_pseudo=epochs)
         return epochs
 
     def pseudo_deadline(self, k: int, n_models: int) -> float | None:
-        """Model k's pseudo-label epochs stop in time for the later models' one epoch each and the plain test pass."""
+        """Model k's pseudo-label epochs stop in time for the later models' one epoch each and the plain test pass
+        (with N devices: the later models of its rank, fold k being its (k // N)-th)."""
         if self.deadline is None:
             return None
-        c = self.costs(0)
-        return self.deadline - n_models * c["test_predict"] - (n_models - k - 1) * c["pseudo_epoch"]
+        c, per_rank = self.costs(0), self.rounds(n_models)
+        return self.deadline - per_rank * c["test_predict"] - (per_rank - k // self.tp.devices - 1) * c["pseudo_epoch"]
 
     def usage(self, started: float) -> dict | None:
         """How the run used its budget (None without one): usable, used and unused seconds, why what is unused could
@@ -173,7 +186,7 @@ class Budget:
         planned = self.plan.tta_aug_passes
         if self.deadline is None or n_models == 0:
             return planned
-        per_pass = n_models * self.costs(0)["test_predict"]
+        per_pass = self.rounds(n_models) * self.costs(0)["test_predict"]
         fit = int(self.remaining() // max(per_pass, 1e-9)) - 2   # the plain pass, and one spare for the estimate
         passes = max(0, min(fit, max(planned, self.requested.tta_fill_passes)))
         if passes != planned:

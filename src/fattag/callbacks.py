@@ -39,6 +39,12 @@ class StageCallback(Callback):
         names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
         return {n: (None if v is None else float(v)) for n, v in zip(names, self.recorder.log[1:len(names) + 1])}
 
+    def agree(self, value):
+        """`value` as every rank of a data-parallel stage sees it (rank 0's: dataparallel.DataParallel); as is on
+        one rank."""
+        agree = getattr(self.learn, "agree", None)
+        return value if agree is None else agree(value)
+
 
 class NanGuard(StageCallback):
     """Stop at the first epoch whose training loss or score is NaN/inf. KeepBest then restores the best weights, so a
@@ -50,7 +56,7 @@ class NanGuard(StageCallback):
 
     def after_epoch(self):
         v = self.epoch_values()
-        if not all(x is not None and np.isfinite(x) for x in (v.get("train_loss"), v.get("lwlrap"))):
+        if not self.agree(all(x is not None and np.isfinite(x) for x in (v.get("train_loss"), v.get("lwlrap")))):
             self.nan_epochs += 1
             log.warning("epoch %d: non-finite loss or score (%s): discarded, back to the best weights",
                         self.epoch + 1, v)
@@ -112,11 +118,13 @@ class EpochCheckpoint(StageCallback):
     weights, progress)."""
     order = KeepBest.order + 10
 
-    def __init__(self, stage_dir: StageDir, keep: KeepBest, epochs: int, history: list):
-        self.stage_dir, self.keep, self.epochs, self.history = stage_dir, keep, epochs, history
+    def __init__(self, stage_dir: StageDir, keep: KeepBest, epochs: int, history: list, write: bool = True):
+        self.stage_dir, self.keep, self.epochs, self.history, self.write = stage_dir, keep, epochs, history, write
 
     def after_epoch(self):
         self.history.append({"epoch": self.epoch + 1, **self.epoch_values()})
+        if not self.write:   # a data-parallel stage's other ranks: rank 0 writes the stage's files
+            return
         epochs = getattr(self.learn, "epochs_planned", self.epochs)   # the plan as it stands (EpochPlan)
         state = Resume(self.epoch + 1, epochs, self.keep.best, self.keep.best_epoch, self.keep.best_state,
                        self.history)
@@ -157,7 +165,7 @@ class Deadline(StageCallback):
         if not deadline:
             return
         now = time.time()
-        if now + (now - self.t0) > deadline:
+        if self.agree(now + (now - self.t0) > deadline):
             log.warning("time budget: stopping after epoch %d of %d", self.epoch + 1,
                         getattr(self.learn, "epochs_planned", self.n_epoch))
             raise CancelFitException()
@@ -198,6 +206,7 @@ class EpochPlan(StageCallback):
         self.seconds.append(time.time() - self.t0)
         if self.replan is not None:   # the fastest epoch: contention only ever slows an epoch down
             epochs = min(max(self.replan(self.epoch + 1, min(self.seconds)), self.epoch + 1), self.n_epoch)
+            epochs = self.agree(epochs)
             if epochs != self.epochs:
                 self.from_epoch, self.from_pct = self.epoch + 1, self.pct(self.epoch + 1)
                 self.epochs = self.learn.epochs_planned = epochs

@@ -24,6 +24,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
           python src/run.py --set curated.epochs=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
+          python src/run.py --devices 2                      # two processes (Kaggle's T4 x2: the default there)
+          torchrun --nnodes 2 --nproc-per-node 2 ... src/run.py --data-dir /shared/data --work-dir /shared/run
         """).format(presets=_preset_lines())
     p = argparse.ArgumentParser(
         prog="run.py",
@@ -49,6 +51,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="predict mode: folder with fold*/model.pth from a training run (e.g. an attached "
                         "Kaggle dataset)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="processes, one device each, in one torch.distributed group: stage 1 data-parallel, the "
+                        "folds N at a time (default: every visible CUDA device, one process on the CPU; under "
+                        "torchrun: its ranks)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
                    help="override one setting, e.g. --set curated.epochs=10 or --set arch=xresnet34 (repeatable; "
                         "docs/settings.md lists every setting)")

@@ -19,6 +19,7 @@ from .budget import Budget
 from .checkpoint import atomic_write_text
 from .config import KAGGLE_WORK_DIR, Config, make_config, parse_duration, parse_sets
 from .data import find_data_dir
+from .world import SINGLE, World, default_devices, join
 
 log = logging.getLogger("fattag")
 
@@ -51,7 +52,8 @@ class Run:
     is_demo: bool = False
     started: float = PROCESS_START
     explicit: dict = field(default_factory=dict)  # the values given with --set (predict mode needs to know them)
-    timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s"} per finished stage
+    timings: list = field(default_factory=list)   # {"stage", "planned_s", "actual_s", "ended_s"} per finished stage
+    world: World = SINGLE                         # this process's rank among the run's (world.py)
     budget: Budget = field(init=False)            # the time plan: without a deadline, the requested recipe
 
     def __post_init__(self):
@@ -68,13 +70,30 @@ class Run:
         return time.time() - self.started
 
     def record(self, stage: str, seconds: float) -> None:
-        self.timings.append(dict(stage=stage, planned_s=self.budget.planned(stage), actual_s=round(seconds, 2)))
+        self.timings.append(dict(stage=stage, planned_s=self.budget.planned(stage), actual_s=round(seconds, 2),
+                                 ended_s=round(self.elapsed(), 1)))
+
+    def share_plan(self) -> None:
+        """Rank 0's Budget on every rank, so that all plan alike from here (one rank: nothing to do)."""
+        if self.world.size > 1:
+            self.budget = self.world.broadcast(self.budget)
+
+    def gather_timings(self) -> None:
+        """Every rank's stage timings in the order they ended: rank 0's, and the stages only another rank ran
+        (its folds), named with that rank."""
+        ranks = self.world.gather(self.timings)
+        mine = {t["stage"] for t in ranks[0]}
+        others = [dict(t, stage=f"{t['stage']} (rank {r})") for r, rows in enumerate(ranks[1:], 1) for t in rows
+                  if t["stage"] not in mine]
+        self.timings = sorted(ranks[0] + others, key=lambda t: t["ended_s"])
 
     def save_config(self, cfg: Config | None = None, **extra) -> None:
         """config.json: the settings (the requested ones, or those a step ran with: `cfg`), the plan the budget
-        made of them, and what ran."""
+        made of them, and what ran (rank 0 writes it)."""
+        if not self.world.is_main:
+            return
         record = dict(preset=self.preset, data_dir=str(self.data_dir), settings=(cfg or self.cfg).to_dict(),
-                      plan=self.budget.plan.to_dict(), **extra)
+                      plan=self.budget.plan.to_dict(), devices=self.world.size, **extra)
         atomic_write_text(self.work_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
 
     def timing_table(self) -> str:
@@ -86,14 +105,16 @@ class Run:
         return "\n".join(rows)
 
 
-def setup_logging(log_file: Path | None = None) -> None:
-    """INFO lines with wall-clock offsets to stderr and, when given, to the run's log file."""
+def setup_logging(log_file: Path | None = None, world: World = SINGLE) -> None:
+    """INFO lines with wall-clock offsets to stderr and, when given, to the run's log file; with several ranks
+    each line names its rank."""
     logger = logging.getLogger("fattag")
     logger.setLevel(logging.INFO)
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+    tag = f"[rank {world.rank}] " if world.size > 1 else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
@@ -110,15 +131,19 @@ def default_preset(is_demo: bool) -> str:
     return "kaggle-1h" if torch.cuda.is_available() else "cpu"
 
 
-def open_run(args) -> Run:
-    """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset and the work folder."""
+def resolve_data(args) -> tuple[Path, bool]:
+    """The data folder (Kaggle's, `--data-dir`, or the demo data, generated on first use) and whether it is the
+    demo."""
     data_dir = find_data_dir(args.data_dir)
-    is_demo = data_dir is None
-    if is_demo:
-        from .demo import make_demo_dataset
-        setup_logging()
-        log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
-        data_dir = make_demo_dataset(seed=42)
+    if data_dir is not None:
+        return Path(data_dir), False
+    from .demo import make_demo_dataset
+    log.info("no --data-dir and no Kaggle input: using the synthetic demo dataset")
+    return Path(make_demo_dataset(seed=42)), True
+
+
+def requested_config(args, is_demo: bool) -> tuple[str, Config]:
+    """The preset and the recipe the command line asks for; a bad --set ends the run with one line naming it."""
     preset = args.preset or default_preset(is_demo)
     overrides = {"seed": args.seed}
     for name in ("folds",):
@@ -126,9 +151,31 @@ def open_run(args) -> Run:
     if getattr(args, "time_budget", None) is not None:
         overrides["time_budget"] = parse_duration(args.time_budget)
     try:
-        cfg = make_config(preset, overrides, args.sets)
+        return preset, make_config(preset, overrides, args.sets)
     except ValueError as e:   # a bad --set: one line naming the setting, not a traceback
         raise SystemExit(f"run.py: error: {e}") from None
+
+
+def devices_asked(args) -> int:
+    """--devices, or by default every visible CUDA device (one process on the CPU)."""
+    return args.devices if getattr(args, "devices", None) else default_devices()
+
+
+def check_before_spawn(args) -> None:
+    """What the ranks would each find wrong, found once before they start: the data folder (the demo data is made
+    here, not by N ranks at once) and the settings."""
+    setup_logging()
+    _, is_demo = resolve_data(args)
+    requested_config(args, is_demo)
+
+
+def open_run(args) -> Run:
+    """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset, the work folder and
+    this process's rank and device."""
+    world = join(devices_asked(args))
+    setup_logging(world=world)
+    data_dir, is_demo = resolve_data(args)
+    preset, cfg = requested_config(args, is_demo)
     if args.work_dir:
         work_dir = Path(args.work_dir)
     elif Path(KAGGLE_WORK_DIR).is_dir():
@@ -136,8 +183,11 @@ def open_run(args) -> Run:
     else:
         work_dir = Path("runs") / preset
     work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir / "log.txt")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    log.info("data %s%s | preset %s | work dir %s | device %s%s", data_dir, " (demo)" if is_demo else "", preset,
-             work_dir, device, f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
-    return Run(cfg, preset, Path(data_dir), work_dir, device, is_demo, explicit=parse_sets(args.sets))
+    setup_logging(work_dir / "log.txt", world)
+    device = world.device()
+    log.info("data %s%s | preset %s | work dir %s | device %s%s%s", data_dir, " (demo)" if is_demo else "", preset,
+             work_dir, device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
+             f" | {world.describe()}" if world.size > 1 else "")
+    if world.size > 1 and getattr(args, "devices", None) not in (None, world.size):
+        log.warning("--devices %s ignored: torchrun started %d ranks", args.devices, world.size)
+    return Run(cfg, preset, data_dir, work_dir, device, is_demo, explicit=parse_sets(args.sets), world=world)

@@ -5,7 +5,9 @@ over. So a run prices its recipe from the measured throughput (throughput.py) an
 it into the time it has, cutting in this order: the test pseudo-label round (it only gets time that the rest of the
 recipe leaves), epochs of both stages (proportionally, down to a floor), augmented TTA passes, the number of folds
 trained, and finally stage 1. Nothing here reads the clock: budget.py re-plans with these functions as the run
-goes.
+goes. With N devices (`Throughput.devices`) stage 1 trains at the measured data-parallel rate (its validation is
+not shared), and folds, their test TTA and pseudo-label epochs run N at a time (`rounds`); a stage-1 epoch's real
+cost replaces the estimate after its first epoch (budget.replan_stage1).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class Plan:
     stages: tuple = ()           # (stage name, planned seconds)
     notes: tuple = ()            # what was cut, and why
     epochs_pseudo: int = 0       # the test pseudo-label round, per fold model (pseudo.py)
+    devices: int = 1             # ranks: stage 1 data-parallel over all, folds side by side
 
     @classmethod
     def requested(cls, cfg: Config) -> Plan:
@@ -71,7 +74,10 @@ class Plan:
 
     @property
     def total_s(self) -> float:
-        return sum(s for _, s in self.stages)
+        """Wall seconds of the planned stages: folds side by side in rounds of `devices`."""
+        folds = [secs for name, secs in self.stages if name.startswith("fold")]
+        rest = sum(secs for name, secs in self.stages if not name.startswith("fold"))
+        return rest + sum(max(folds[i:i + self.devices]) for i in range(0, len(folds), self.devices))
 
     def table(self) -> str:
         rows = [f"{'stage':<22}{'planned':>10}"]
@@ -80,13 +86,15 @@ class Plan:
         head = (f"plan: stage 1 {self.epochs_noisy} epochs, stage 2 {self.epochs_curated} epochs x "
                 f"{self.folds_trained} folds, " + (f"{self.epochs_pseudo} pseudo-label epochs per fold, "
                                                    if self.epochs_pseudo else "")
-                + f"{self.tta_aug_passes} augmented TTA passes")
+                + f"{self.tta_aug_passes} augmented TTA passes"
+                + (f"; {self.devices} devices: stage 1 data-parallel, folds {self.devices} at a time"
+                   if self.devices > 1 else ""))
         return "\n".join([head, *rows, *self.notes])
 
     def to_dict(self) -> dict:
         return dict(epochs_noisy=self.epochs_noisy, epochs_curated=self.epochs_curated,
                     epochs_pseudo=self.epochs_pseudo, folds_trained=self.folds_trained,
-                    tta_aug_passes=self.tta_aug_passes,
+                    tta_aug_passes=self.tta_aug_passes, devices=self.devices,
                     available_s=None if math.isinf(self.available_s) else round(self.available_s, 1),
                     stages=[[name, round(secs, 1)] for name, secs in self.stages], notes=list(self.notes))
 
@@ -105,7 +113,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     stage1_train = w.noisy_train + top_up_size(w.noisy_train, cfg.noisy.top_up, w.curated)   # 0 without stage 1
     selecting = cfg.select_noisy and w.noisy_train > 0
     base = dict(
-        noisy_epoch=stage1_train * train + w.noisy_holdout_windows * infer,
+        noisy_epoch=stage1_train * (tp.stage1_train_s_per_clip * OVERHEAD) + w.noisy_holdout_windows * infer,
         fold_epoch=fold_train * train + per_fold_windows * infer,
         pseudo_epoch=(fold_train + w.test_clips) * train + per_fold_windows * infer,
         teacher_predict=w.test_windows * infer,
@@ -126,6 +134,11 @@ def _geomean(values: list) -> float:
     return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
 
 
+def rounds(n: int, devices: int) -> int:
+    """Rounds it takes `devices` ranks to do `n` folds (or models) side by side."""
+    return -(-n // devices)
+
+
 def fold_s(c: dict, epochs: int, pseudo: int = 0) -> float:
     """One fold: its epochs, its OOF predictions, its model's share of test TTA and of the pseudo-label round."""
     return epochs * c["fold_epoch"] + c["oof_predict"] + c["test_predict"] + pseudo_s(c, pseudo)
@@ -143,9 +156,10 @@ def recipe_total(cfg: Config, w: Workload, tp: Throughput, scale: dict | None, p
     folds are trained: their models' test TTA and pseudo-label round, and `folds` more folds."""
     def total(e1, e2, folds, passes):
         c = stage_costs(cfg, w, tp, passes, scale)
-        done = 0.0 if folds_done is None else folds_done * (c["test_predict"] + pseudo_s(c, pseudo))
         start = c["select"] + e1 * c["noisy_epoch"] if folds_done is None else 0.0
-        return start + done + folds * fold_s(c, e2, pseudo)
+        models = folds + (folds_done or 0)   # every model's test TTA and pseudo-label round; N side by side
+        return (start + rounds(folds, tp.devices) * (e2 * c["fold_epoch"] + c["oof_predict"])
+                + rounds(models, tp.devices) * (c["test_predict"] + pseudo_s(c, pseudo)))
     return total
 
 
@@ -212,9 +226,9 @@ def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None
     stages = [(SELECT_STAGE, c["select"])] if c["select"] and e1 else []
     stages += [(STAGE1, e1 * c["noisy_epoch"])] if e1 else []
     stages += [(fold_stage(k), fold_s(c, e2)) for k in range(folds)]
-    stages += [(ROUND_STAGE, folds * pseudo_s(c, ep))] if ep else []
+    stages += [(ROUND_STAGE, rounds(folds, tp.devices) * pseudo_s(c, ep))] if ep else []
     return Plan(e1, e2, folds, passes, float("inf") if available_s is None else available_s, tuple(stages),
-                tuple(notes), ep)
+                tuple(notes), ep, tp.devices)
 
 
 def replan_folds(cfg: Config, w: Workload, tp: Throughput, scale: dict, plan: Plan, k: int, folds_done: int,
@@ -230,10 +244,11 @@ def replan_folds(cfg: Config, w: Workload, tp: Throughput, scale: dict, plan: Pl
     kept = [st for st in plan.stages if not st[0].startswith("fold") and st[0] != ROUND_STAGE]
     stages = kept + [(fold_stage(j), secs) for j, (_, secs) in enumerate(folds) if j < k]
     stages += [(fold_stage(j), fold_s(c, e2)) for j in range(k, k + n)]
-    stages += [(ROUND_STAGE, (k + n) * pseudo_s(c, ep))] if ep else []
+    stages += [(ROUND_STAGE, rounds(k + n, tp.devices) * pseudo_s(c, ep))] if ep else []
     note = (f"re-planned before fold {k} from measured times: {n} more fold(s) of {e2} epochs"
             + (f" ({'; '.join(notes)})" if notes else ""))
-    return Plan(plan.epochs_noisy, e2, k + n, passes, plan.available_s, tuple(stages), (*plan.notes, note), ep)
+    return Plan(plan.epochs_noisy, e2, k + n, passes, plan.available_s, tuple(stages), (*plan.notes, note), ep,
+                tp.devices)
 
 
 def _scaled(epochs: int, scale: float, floor: int) -> int:

@@ -19,6 +19,7 @@ from .precision import amp_dtype, autocast
 from .progress import progress
 from .submission import fill_missing, write_submission
 from .weights import save_inference
+from .world import SINGLE, World
 
 log = logging.getLogger("fattag")
 
@@ -78,8 +79,10 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown fold ensemble {how!r}: mean or geomean")
 
 
-def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int) -> np.ndarray:
-    """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded."""
+def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int,
+                 world: World = SINGLE) -> np.ndarray:
+    """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded.
+    With several ranks, `models` are this rank's: every rank's predictions are gathered and ensembled alike."""
     idx = np.flatnonzero(store.ok)
     n_windows = len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac))
     per_fold = []
@@ -93,8 +96,9 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
                  len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
         full = np.full((len(store.mels), probs.shape[1]), np.nan)
         full[idx] = probs
-        per_fold.append(full)
-    probs = ensemble(per_fold, cfg.fold_ensemble)
+        per_fold.append((k * world.size + world.rank, full))   # fold order when fold k is on rank k % N
+    gathered = sorted((p for rank in world.gather(per_fold) for p in rank), key=lambda p: p[0])
+    probs = ensemble([p for _, p in gathered], cfg.fold_ensemble)
     if cfg.class_balance:
         probs[idx] = balance_classes(probs[idx])
     return probs
@@ -122,12 +126,15 @@ def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, pri
     inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
     or where no model was trained in time). Returns the probabilities written."""
     t0 = time.time()
-    if models:
-        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes), test.ok, prior)
+    if sum(run.world.gather(len(models))):
+        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes, run.world), test.ok,
+                             prior)
     else:
         probs = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
-    write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes, probs)
-    save_inference(run.work_dir, cfg)
+    if run.world.is_main:
+        write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
+                         probs)
+        save_inference(run.work_dir, cfg)
     run.record("predict test", time.time() - t0)
     return probs

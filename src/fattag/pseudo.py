@@ -54,27 +54,32 @@ def labelled_test(test: MelStore, labels: np.ndarray) -> Clips:
 
 
 def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelStore) -> list:
-    """Every fold model after its pseudo-label epochs (the model as it was where a round is off or not possible);
-    the labels go to pseudo_labels.csv in the work dir."""
-    models = folds.models
+    """This rank's fold models after their pseudo-label epochs (the models as they were where a round is off or not
+    possible); the labels go to pseudo_labels.csv in the work dir. With several ranks the teacher's predictions are
+    gathered from all of them and each rank trains its own fold models."""
+    models, n_models = folds.models, len(folds.results)
     if run.cfg.pseudo_epochs <= 0:
         return models
-    epochs = run.budget.pseudo_epochs(len(models))
-    if not models or epochs <= 0 or not test.ok.any():
-        log.info("test pseudo-labels skipped (%s)", "no fold model" if not models else
+    epochs = run.world.broadcast(run.budget.pseudo_epochs(n_models))
+    if not n_models or epochs <= 0 or not test.ok.any():
+        log.info("test pseudo-labels skipped (%s)", "no fold model" if not n_models else
                  "no time for an epoch" if epochs <= 0 else "no decodable test clip")
         return models
     t0, cfg = time.time(), run.cfg
     teacher = dataclasses.replace(cfg, class_balance=False)   # raw probabilities: the threshold applies to them
-    probs = predict_test(models, test, teacher, run.device, aug_passes=0)[test.ok]
+    probs = predict_test(models, test, teacher, run.device, aug_passes=0, world=run.world)[test.ok]
     labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance)
-    write_labels(run.work_dir / "pseudo_labels.csv", test, labels, d.classes)
+    if run.world.is_main:
+        write_labels(run.work_dir / "pseudo_labels.csv", test, labels, d.classes)
     log.info("test pseudo-labels: %d clips, %.2f labels per clip (top class + probability >= %.2f); %d epochs "
              "per fold model", len(labels), (labels >= 1).sum(1).mean(), cfg.pseudo_threshold, epochs)
     pseudo = labelled_test(test, labels)
-    out = []
-    for row, model in zip(folds.results, models):
-        out.append(train_on_pseudo(run, d, row, model, pseudo, epochs, len(models)))
+    row_of = {row["fold"]: row for row in folds.results}
+    out = [train_on_pseudo(run, d, row_of[k], model, pseudo, epochs, n_models)
+           for k, model in zip(folds.model_folds, models)]
+    for rows in run.world.gather({k: row_of[k] for k in folds.model_folds}):   # the ranks' rows, updated
+        for k, row in rows.items():
+            row_of[k].update(row)
     run.record(ROUND_STAGE, time.time() - t0)
     return out
 

@@ -158,12 +158,14 @@ def _timings_section(timings: list[dict] | None) -> list[str]:
 def _folds_section(folds: list[dict] | None) -> list[str]:
     if not folds:
         return ["No fold results were recorded."]
+    ranks = len({f.get("rank", 0) for f in folds}) > 1   # several ranks trained them: say which
     rows = [[f.get("fold", DASH), _num(f.get("best_lwlrap")), f.get("best_epoch", DASH),
-             f.get("epochs_run", DASH), _secs(f.get("seconds"))] for f in folds]
+             f.get("epochs_run", DASH), _secs(f.get("seconds"))] + ([f.get("rank", DASH)] if ranks else [])
+            for f in folds]
     best = np.array([float(f["best_lwlrap"]) for f in folds if f.get("best_lwlrap") is not None], dtype=float)
     if best.size:
-        rows.append(["**mean ± sd**", f"{best.mean():.4f} ± {best.std():.4f}", "", "", ""])
-    return _table(["fold", "best lwlrap", "best epoch", "epochs run", "time"], rows)
+        rows.append(["**mean ± sd**", f"{best.mean():.4f} ± {best.std():.4f}", "", "", ""] + ([""] if ranks else []))
+    return _table(["fold", "best lwlrap", "best epoch", "epochs run", "time"] + (["rank"] if ranks else []), rows)
 
 
 _SCORE_NAMES = [("oof_center", "centre crop"), ("oof_windows", "whole-clip windows"),

@@ -1,7 +1,9 @@
 """Throughput: what a training step and an inference window really cost on this machine.
 
 Measured on the real model (its input channels included) with random input of the crop size, on a few warmed-up
-batches, under the precision training and prediction use; the cost model (cost.py) prices the run from it.
+batches, under the precision training and prediction use; the cost model (cost.py) prices the run from it. With
+several ranks each measures its own device, then all time training steps together through DDP (each rank a share
+of the batch, as stage 1 trains): that rate prices stage 1.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from .config import Config
 from .model import build_model, to_device
 from .precision import amp_dtype, autocast, grad_scaler
+from .world import SINGLE, World
 
 
 @dataclass
@@ -20,14 +23,23 @@ class Throughput:
     train_s_per_clip: float     # forward + backward + optimiser step, per training crop
     infer_s_per_window: float   # forward pass, per inference window
     device: str
+    devices: int = 1            # devices of this speed the run has: stage 1 data-parallel, folds in rounds of them
+    ddp_train_s_per_clip: float = 0.0   # a data-parallel training step over all devices, per crop (0: not measured)
+
+    @property
+    def stage1_train_s_per_clip(self) -> float:
+        """Stage 1's training cost per crop: measured through DDP, else one device's shared by all."""
+        return self.ddp_train_s_per_clip or self.train_s_per_clip / self.devices
 
     def describe(self) -> str:
+        ddp = (f"; {self.devices} devices data-parallel: {1 / self.stage1_train_s_per_clip:.0f} clips/s"
+               if self.devices > 1 else "")
         return (f"{self.device}: training {1 / self.train_s_per_clip:.0f} clips/s, "
-                f"inference {1 / self.infer_s_per_window:.0f} windows/s")
+                f"inference {1 / self.infer_s_per_window:.0f} windows/s{ddp}")
 
 
 def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,
-                       runs: int = 4) -> Throughput:
+                       runs: int = 4, world: World = SINGLE) -> Throughput:
     """Time training steps and inference batches of the real model on random input of the crop size.
 
     The first run of each warms up and is not used, unless the next would take the measurement past
@@ -58,7 +70,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
         with torch.inference_mode(), autocast(device, dtype):
             model(x)
 
-    def timed(fn, share: float) -> float:
+    def timed(fn, share: float, limited: bool = True) -> float:
         times = []
         while len(times) < runs:
             t0 = time.perf_counter()
@@ -67,7 +79,7 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             spent[0] += times[-1]
-            if max_seconds and spent[0] + times[-1] > max_seconds * share:
+            if limited and max_seconds and spent[0] + times[-1] > max_seconds * share:
                 break
         return min(times[1:] or times)
 
@@ -75,4 +87,20 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     t_train = timed(train_step, 0.7) / bs
     model.eval()
     t_infer = timed(infer, 1.0) / bs
-    return Throughput(t_train, t_infer, str(device))
+    if world.size == 1:
+        return Throughput(t_train, t_infer, str(device))
+    # stage 1's step: all ranks at once through DDP, each on its share of the batch
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel(model.train(), device_ids=[device] if cuda else None)
+    share = max(bs // world.size, 1)
+
+    def ddp_step():
+        with autocast(device, dtype):
+            loss = loss_fn(ddp(x[:share]).float(), y[:share])
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    t_ddp = timed(ddp_step, 1.0, limited=False) / bs   # unlimited: every rank times as many steps, none waits
+    return Throughput(t_train, t_infer, str(device), world.size, world.broadcast(t_ddp))

@@ -30,6 +30,7 @@ from .augment import augment_policy
 from .callbacks import Deadline, EpochCheckpoint, EpochLog, EpochPlan, KeepBest, NanGuard, WeightAverage
 from .checkpoint import Resume, StageDir
 from .config import Config, StageSettings, top_up_size
+from .dataparallel import DataParallel, training_loader
 from .features import Clips, CropDataset, MelStore, aggregate_windows, store_stats
 from .losses import make_loss
 from .metrics import chance_lwlrap, lwlrap
@@ -37,6 +38,7 @@ from .model import build_model, input_mean, to_device
 from .precision import DeviceMixedPrecision, amp_dtype
 from .predict import predict_clips
 from .weights import model_from_state, model_meta, stage_recipe
+from .world import SINGLE, World, doing
 
 if TYPE_CHECKING:
     from .context import Run
@@ -99,6 +101,7 @@ class StageSpec:
     recipe: dict = field(default_factory=dict)  # what the saved weights must match to be reused (checkpoint.py)
     max_epochs: int = 0  # the most epochs a re-plan may give the stage while it trains (0: `epochs`, no re-plan)
     replan: Callable[[int, float], int] | None = None  # (epochs done, fastest epoch s) -> epochs (EpochPlan)
+    world: World = SINGLE  # the ranks that train this stage together (data-parallel); one for a fold
 
     @property
     def stage_dir(self) -> StageDir:
@@ -157,14 +160,16 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     valid_ds = valid.store.windows(valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
-        DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, num_workers=cfg.num_workers,
-                   device=device),
+        training_loader(train_ds, bs, spec.world, shuffle=True, drop_last=len(train_ds) > bs,
+                        num_workers=cfg.num_workers, device=device),
         DataLoader(valid_ds, bs=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers, device=device),
         device=device)
     keep = KeepBest(resume)
     cbs = [*augment_policy(cfg, spec.augment, input_mean(model)), NanGuard(), keep,
-           EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history)), EpochLog(spec.label),
-           Deadline(deadline), EpochPlan(spec.epochs, spec.replan)]
+           EpochCheckpoint(spec.stage_dir, keep, spec.epochs, list(resume.history), write=spec.world.is_main),
+           EpochLog(spec.label), Deadline(deadline), EpochPlan(spec.epochs, spec.replan)]
+    if spec.world.size > 1:
+        cbs.append(DataParallel(spec.world))
     if cfg.average_epochs > 0:
         cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
     learn = Learner(dls, model, loss_func=make_loss(spec.loss), wd=cfg.wd, cbs=cbs,
@@ -191,6 +196,7 @@ def fit_stage(model: torch.nn.Module, train: Clips | list[Clips], valid: Clips, 
     finished epoch with the interrupted run's schedule. `deadline`: a wall-clock time, a function returning one,
     or None (callbacks.Deadline).
     """
+    doing(spec.label)
     set_seed(spec.seed, reproducible=True)
     resume = spec.stage_dir.resume()
     epochs = resume.epochs or spec.epochs  # a resumed stage keeps the interrupted run's schedule
@@ -291,7 +297,7 @@ def train_stage1(run: Run, d: TrainingData) -> Stage1:
     spec = StageSpec.for_stage(run, cfg.noisy, STAGE1, run.work_dir / "stage1", epochs, cfg.seed + 1000)
     # its first epochs show the machine's real speed (a throughput measurement under contention reads low): the
     # budget re-plans stage 1's epochs from them, up to the requested number
-    spec = replace(spec, max_epochs=cfg.noisy.epochs, replan=budget.replan_stage1)
+    spec = replace(spec, max_epochs=cfg.noisy.epochs, replan=budget.replan_stage1, world=run.world)
     done = spec.stage_dir.finished()
     if done is not None:
         return Stage1(done[1])
@@ -305,10 +311,11 @@ def train_stage1(run: Run, d: TrainingData) -> Stage1:
     recent = res.epoch_seconds[-3:]   # the machine as it is now prices the folds
     budget.measured("noisy_epoch", sum(recent), len(recent))
     holdout = holdout_summary(res, noisy.table.targets[hold_idx])
-    if not res.usable:
+    if not run.world.broadcast(res.usable):
         log.warning("stage 1 produced no usable weights: stage 2 starts from scratch")
         return Stage1(None, holdout)
-    finish_stage(spec, model, res, model_meta(cfg, classes, stage="noisy"))
+    if run.world.is_main:
+        finish_stage(spec, model, res, model_meta(cfg, classes, stage="noisy"))
     return Stage1(model.state_dict(), holdout)
 
 
@@ -328,8 +335,10 @@ def holdout_summary(res: StageResult, truth: np.ndarray) -> dict:
 @dataclass
 class FoldsResult:
     folds: np.ndarray          # fold id per curated clip (-1 for clips that could not be decoded)
-    models: list               # one trained model per fold, in fold order
-    results: list              # dict per trained fold: fold, best_lwlrap, best_epoch, epochs_run, seconds, OOF scores
+    models: list               # this rank's trained fold models (every fold's with one rank), in fold order
+    model_folds: list          # the fold id of each of `models`
+    results: list              # dict per trained fold (all ranks'): fold, rank, best_lwlrap, best_epoch, epochs_run,
+    #                            seconds, OOF scores
     oof_center: np.ndarray     # OOF probabilities from one centred window (no TTA); NaN rows where not predicted
     oof_windows: np.ndarray    # OOF probabilities over whole-clip windows
     oof_tta: np.ndarray        # whole-clip windows plus augmented passes (equals oof_windows when there are none)
@@ -380,10 +389,10 @@ def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device, passe
 
 
 def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
-    """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions."""
-    oof = {name: np.full((len(d.curated.table), len(d.classes)), np.nan) for name in ("center", "windows", "tta")}
-    models, results, budget = [], [], run.budget
-    for k in range(run.cfg.folds):
+    """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions. With
+    several ranks each trains its share of the folds (fold k on rank k % N) and every rank gets all folds' rows."""
+    models, model_folds, mine, budget = [], [], [], run.budget
+    for k in run.world.mine(range(run.cfg.folds)):
         t0 = time.time()
         trained = train_fold(run, k, d, stage1)
         if trained is None:
@@ -393,15 +402,21 @@ def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
             continue
         model, meta = trained
         t_pred, valid = time.time(), d.fold(k)[1]
-        for name, probs in predict_oof(model, valid, run.cfg, run.device, budget.plan.tta_aug_passes).items():
-            oof[name][valid.indices] = probs
+        oof = predict_oof(model, valid, run.cfg, run.device, budget.plan.tta_aug_passes)
         budget.measured("oof_predict", time.time() - t_pred, 1)
         budget.fold_done(k, meta["epochs_run"])
-        rows = valid.indices
-        results.append(fold_summary(k, meta, valid.targets, oof["windows"][rows], oof["center"][rows]))
+        summary = dict(fold_summary(k, meta, valid.targets, oof["windows"], oof["center"]), rank=run.world.rank)
+        mine.append(dict(rows=valid.indices, summary=summary, **oof))
         run.record(fold_stage(k), time.time() - t0)
         models.append(model)
-    return FoldsResult(d.folds, models, results, oof["center"], oof["windows"], oof["tta"])
+        model_folds.append(k)
+    everyone = sorted((f for rank in run.world.gather(mine) for f in rank), key=lambda f: f["summary"]["fold"])
+    oof = {name: np.full((len(d.curated.table), len(d.classes)), np.nan) for name in ("center", "windows", "tta")}
+    for f in everyone:
+        for name in oof:
+            oof[name][f["rows"]] = f[name]
+    return FoldsResult(d.folds, models, model_folds, [f["summary"] for f in everyone], oof["center"],
+                       oof["windows"], oof["tta"])
 
 
 def fold_summary(k: int, meta: dict, truth: np.ndarray, windows: np.ndarray, center: np.ndarray) -> dict:
