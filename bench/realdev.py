@@ -196,7 +196,7 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{variant} / {family} / seed {seed} failed (exit {proc.returncode}); see {work}/stdout.txt")
-    trained = Path(key["weights"]) if mode else work  # a predict-only run has no OOF of its own: its weights' run
+    trained = Path(key["weights"]) if "weights" in key else work  # a predict-only run's OOF: its weights' run
     scores = json.loads((trained / "scores.json").read_text())
     stage1 = work / "stage1" / "history.csv"
     hold = pd.read_csv(stage1)["lwlrap"].tolist() if stage1.is_file() else []

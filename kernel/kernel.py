@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 980abc45a295). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 19c372f552d5). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -35,7 +35,7 @@
 #   src/fattag/throughput.py                   106 lines
 #   src/fattag/train.py                        427 lines
 #   src/fattag/weights.py                      157 lines
-#   src/fattag/world.py                        225 lines
+#   src/fattag/world.py                        228 lines
 #   src/run.py                                 164 lines
 
 import hashlib
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '980abc45a295'
+BUILD_HASH = '19c372f552d5'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -5210,6 +5210,7 @@ import atexit
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -5357,6 +5358,8 @@ def spawn(entry, argv, defaults, devices: int) -> int:
             pass
     except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as e:
         raise SystemExit(f"run.py: {first_failure(ctx.processes, status_dir, e)}") from None
+    finally:
+        shutil.rmtree(status_dir, ignore_errors=True)
     return 0
 
 

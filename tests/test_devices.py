@@ -1,6 +1,7 @@
 """Several ranks on the CPU (gloo): data-parallel stage 1, fold-parallel stage 2, faults, torchrun, the kernel."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -162,7 +163,10 @@ def test_two_ranks_train_every_fold_once_and_gather_every_prediction(one_and_two
     sub_one, sub_two = pd.read_csv(one / "submission.csv"), pd.read_csv(two / "submission.csv")
     assert list(sub_two.fname) == list(pd.read_csv(tiny_data / "sample_submission.csv").fname)
     np.testing.assert_allclose(sub_two.iloc[:, 1:].to_numpy(float), sub_one.iloc[:, 1:].to_numpy(float), atol=1e-4)
-    assert "fold 1 (rank 1)" in (two / "report.md").read_text()
+    report, config = (two / "report.md").read_text(), json.loads((two / "config.json").read_text())
+    assert "fold 1 (rank 1)" in report and "| fold | best lwlrap | best epoch | epochs run | time | rank |" in report
+    assert config["devices"] == 2 and config["plan"]["devices"] == 2
+    assert [f["rank"] for f in config["folds_run"]] == [0, 1]
 
 
 @pytest.mark.slow
@@ -204,3 +208,16 @@ def test_the_bundled_kernel_alone_runs_two_ranks(tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 1]" in proc.stderr
     assert len(pd.read_csv(alone / "out" / "submission.csv")) == len(pd.read_csv(tiny_data / "sample_submission.csv"))
+
+
+@pytest.mark.slow
+def test_predict_mode_in_two_ranks_writes_the_single_process_submission(one_and_two, tiny_data, tmp_path):
+    _, two, _ = one_and_two
+    subs = []
+    for ranks in ("1", "2"):
+        out = tmp_path / f"predict{ranks}"
+        proc = run_pipeline(["--data-dir", tiny_data, "--work-dir", out, "--mode", "predict", "--weights", two,
+                             "--devices", ranks], env_extra=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        subs.append((out / "submission.csv").read_bytes())
+    assert subs[0] == subs[1]   # each rank predicts its share of the fold models; rank 0 ensembles them in order

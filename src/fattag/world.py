@@ -19,6 +19,7 @@ import atexit
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -166,6 +167,8 @@ def spawn(entry, argv, defaults, devices: int) -> int:
             pass
     except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as e:
         raise SystemExit(f"run.py: {first_failure(ctx.processes, status_dir, e)}") from None
+    finally:
+        shutil.rmtree(status_dir, ignore_errors=True)
     return 0
 
 
