@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,8 +117,11 @@ def test_a_rank_that_dies_ends_the_run_with_one_line_naming_it():
 def test_torchrun_ranks_join_its_group_and_fastai_sees_one_process():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO / "src"), **ONE_THREAD)
+    with socket.socket() as s:   # a free port for torchrun's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29517", str(REPO / "tests" / "rank_jobs.py"), "gather_ranks"], env=env,
+                           str(port), str(REPO / "tests" / "rank_jobs.py"), "gather_ranks"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("GATHERED"))
