@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 19c372f552d5). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash bb7b747b79be). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -19,7 +19,7 @@
 #   src/fattag/context.py                      193 lines
 #   src/fattag/cost.py                         257 lines
 #   src/fattag/data.py                         242 lines
-#   src/fattag/dataparallel.py                  83 lines
+#   src/fattag/dataparallel.py                  85 lines
 #   src/fattag/demo.py                         592 lines
 #   src/fattag/features.py                     290 lines
 #   src/fattag/losses.py                        66 lines
@@ -32,8 +32,8 @@
 #   src/fattag/report.py                       412 lines
 #   src/fattag/select.py                        69 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/throughput.py                   106 lines
-#   src/fattag/train.py                        427 lines
+#   src/fattag/throughput.py                    98 lines
+#   src/fattag/train.py                        426 lines
 #   src/fattag/weights.py                      157 lines
 #   src/fattag/world.py                        228 lines
 #   src/run.py                                 164 lines
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '19c372f552d5'
+BUILD_HASH = 'bb7b747b79be'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -2209,13 +2209,15 @@ class RankShare(DataLoader):
 
 def training_loader(dataset, bs: int, world: World, **kwargs) -> DataLoader:
     """The training batches of one stage: all of them on one rank; with several, this rank's share of each batch
-    of `bs` crops (its own crop generator, so the ranks' crops do not repeat each other's offsets)."""
+    of `bs` crops (its own crop generator, so the ranks' crops do not repeat each other's offsets). The last short
+    batch is dropped when there is more than one batch."""
+    per_rank = max(bs // world.size, 1)
+    drop_last = len(dataset) // world.size > per_rank
     if world.size == 1:
-        return DataLoader(dataset, bs=bs, **kwargs)
+        return DataLoader(dataset, bs=bs, drop_last=drop_last, **kwargs)
     if hasattr(dataset, "rng"):
         dataset.rng = np.random.default_rng([int(dataset.rng.integers(2 ** 31)), world.rank])
-    kwargs["drop_last"] = len(dataset) // world.size > bs // world.size
-    return RankShare(dataset, world, bs=max(bs // world.size, 1), **kwargs)
+    return RankShare(dataset, world, bs=per_rank, drop_last=drop_last, **kwargs)
 
 
 class DataParallel(Callback):
@@ -4550,9 +4552,9 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     loss_fn = torch.nn.BCEWithLogitsLoss()
     spent = [0.0]
 
-    def train_step():
+    def train_step(net=model, n=bs):   # DDP's step below: the DDP-wrapped model on this rank's share of the batch
         with autocast(device, dtype):
-            loss = loss_fn(model(x).float(), y)
+            loss = loss_fn(net(x[:n]).float(), y[:n])
         opt.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -4585,16 +4587,8 @@ def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float |
     from torch.nn.parallel import DistributedDataParallel
     ddp = DistributedDataParallel(model.train(), device_ids=[device] if cuda else None)
     share = max(bs // world.size, 1)
-
-    def ddp_step():
-        with autocast(device, dtype):
-            loss = loss_fn(ddp(x[:share]).float(), y[:share])
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    t_ddp = timed(ddp_step, 1.0, limited=False) / bs   # unlimited: every rank times as many steps, none waits
+    # unlimited: every rank times as many steps, so none waits for another in the all-reduce
+    t_ddp = timed(lambda: train_step(ddp, share), 1.0, limited=False) / bs
     return Throughput(t_train, t_infer, str(device), world.size, world.broadcast(t_ddp))
 ''')
 
@@ -4761,8 +4755,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     valid_ds = valid.store.windows(valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
-        training_loader(train_ds, bs, spec.world, shuffle=True, drop_last=len(train_ds) > bs,
-                        num_workers=cfg.num_workers, device=device),
+        training_loader(train_ds, bs, spec.world, shuffle=True, num_workers=cfg.num_workers, device=device),
         DataLoader(valid_ds, bs=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers, device=device),
         device=device)
     keep = KeepBest(resume)
@@ -5274,7 +5267,7 @@ class World:
         return torch.device("cuda", index)
 
     def describe(self) -> str:
-        return "one process" if self.size == 1 else f"rank {self.rank} of {self.size}"
+        return f"rank {self.rank} of {self.size}"
 
 
 SINGLE = World()

@@ -55,24 +55,17 @@ def ddp_stage(argv, defaults=None) -> int:
     return 0
 
 
-def fail_on_rank1(argv, defaults=None) -> int:
-    """Rank 1 raises while rank 0 waits for it in a collective (it would wait for the group timeout)."""
+def rank1_fails(argv, defaults=None) -> int:
+    """Rank 1, during step argv[1], raises (argv[0] "raise") or is killed as the OOM killer would ("kill"), while
+    rank 0 waits for it in a collective (it would wait for the group timeout)."""
+    how, step = argv
     world = w.join(2)
-    w.doing("fold 1 (curated)")
+    w.doing(step)
     if world.rank == 1:
         time.sleep(1)
+        if how == "kill":
+            os.kill(os.getpid(), 9)
         raise ValueError("a planted failure")
-    world.barrier()
-    return 0
-
-
-def die_on_rank1(argv, defaults=None) -> int:
-    """Rank 1 is killed (as the kernel's OOM killer would) while rank 0 waits for it."""
-    world = w.join(2)
-    w.doing("stage 1 (noisy)")
-    if world.rank == 1:
-        time.sleep(1)
-        os.kill(os.getpid(), 9)
     world.barrier()
     return 0
 

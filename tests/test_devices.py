@@ -100,7 +100,7 @@ def test_ddp_ranks_hold_equal_weights_after_every_epoch(tmp_path, tiny_data):
 def test_a_rank_that_raises_ends_the_run_with_one_line_naming_it():
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
-        w.spawn(rank_jobs.fail_on_rank1, [], None, 2)
+        w.spawn(rank_jobs.rank1_fails, ["raise", "fold 1 (curated)"], None, 2)
     took = time.time() - t0
     assert "rank 1 failed during fold 1 (curated): ValueError: a planted failure" in str(e.value.code)
     assert took < 60, took
@@ -109,7 +109,7 @@ def test_a_rank_that_raises_ends_the_run_with_one_line_naming_it():
 def test_a_rank_that_dies_ends_the_run_with_one_line_naming_it():
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
-        w.spawn(rank_jobs.die_on_rank1, [], None, 2)
+        w.spawn(rank_jobs.rank1_fails, ["kill", "stage 1 (noisy)"], None, 2)
     assert "rank 1 died (signal SIGKILL) during stage 1 (noisy)" in str(e.value.code)
     assert time.time() - t0 < 60
 

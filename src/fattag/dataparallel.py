@@ -41,13 +41,15 @@ class RankShare(DataLoader):
 
 def training_loader(dataset, bs: int, world: World, **kwargs) -> DataLoader:
     """The training batches of one stage: all of them on one rank; with several, this rank's share of each batch
-    of `bs` crops (its own crop generator, so the ranks' crops do not repeat each other's offsets)."""
+    of `bs` crops (its own crop generator, so the ranks' crops do not repeat each other's offsets). The last short
+    batch is dropped when there is more than one batch."""
+    per_rank = max(bs // world.size, 1)
+    drop_last = len(dataset) // world.size > per_rank
     if world.size == 1:
-        return DataLoader(dataset, bs=bs, **kwargs)
+        return DataLoader(dataset, bs=bs, drop_last=drop_last, **kwargs)
     if hasattr(dataset, "rng"):
         dataset.rng = np.random.default_rng([int(dataset.rng.integers(2 ** 31)), world.rank])
-    kwargs["drop_last"] = len(dataset) // world.size > bs // world.size
-    return RankShare(dataset, world, bs=max(bs // world.size, 1), **kwargs)
+    return RankShare(dataset, world, bs=per_rank, drop_last=drop_last, **kwargs)
 
 
 class DataParallel(Callback):

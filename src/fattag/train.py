@@ -160,8 +160,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     valid_ds = valid.store.windows(valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
-        training_loader(train_ds, bs, spec.world, shuffle=True, drop_last=len(train_ds) > bs,
-                        num_workers=cfg.num_workers, device=device),
+        training_loader(train_ds, bs, spec.world, shuffle=True, num_workers=cfg.num_workers, device=device),
         DataLoader(valid_ds, bs=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers, device=device),
         device=device)
     keep = KeepBest(resume)

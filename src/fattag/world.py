@@ -83,7 +83,7 @@ class World:
         return torch.device("cuda", index)
 
     def describe(self) -> str:
-        return "one process" if self.size == 1 else f"rank {self.rank} of {self.size}"
+        return f"rank {self.rank} of {self.size}"
 
 
 SINGLE = World()
