@@ -18,7 +18,7 @@ from fattag.data import ClipTable
 from fattag.cost import Throughput, Workload, plan_run, stage_costs
 from fattag.features import Clips, CropDataset, MelStore
 from fattag.losses import HeadRouter, make_loss
-from fattag.model import FreqNorm, Temporal, TwoHeads, build_model, start_noisy_head
+from fattag.model import FreqNorm, Temporal, TwoHeads, build_model, warm_start
 from fattag.weights import MODEL_KEYS, stage_recipe
 
 
@@ -151,8 +151,11 @@ def test_noisy_head_gives_2c_logits_in_training_and_the_main_head_in_evaluation(
     model.eval()
     main = model(x)
     assert both.shape == (3, 8) and main.shape == (3, 4)
-    start_noisy_head(model)
+    stage1 = build_model(make_config("demo", sets=["noisy_head=true"]), 4).state_dict()
+    warm_start(model, stage1)
+    assert torch.equal(heads.main.weight, stage1["1.11.main.weight"])
     assert torch.equal(heads.noisy.weight, heads.main.weight) and torch.equal(heads.noisy.bias, heads.main.bias)
+    assert not torch.equal(heads.noisy.weight, stage1["1.11.noisy.weight"])
 
 
 def test_the_noisy_head_receives_the_gradient_of_noisy_clips_only():
@@ -178,6 +181,15 @@ def test_crops_carry_the_noisy_flag_of_their_set(toy_store):
     assert flags == [0.0, 0.0, 1.0, 1.0]
     assert torch.equal(ds[2][1][:-1], torch.from_numpy(toy_store.table.targets[2]))
     assert len(CropDataset([curated], 8)[0][1]) == toy_store.table.targets.shape[1]   # no flag without the head
+
+
+def test_only_the_noisy_top_up_of_stage_2_is_flagged_noisy(toy_store):
+    from fattag.splits import TrainingData
+    cfg = make_config("demo", sets=["folds=2", "curated.top_up=0.5", "noisy.top_up=0.5"])
+    d = TrainingData.make(["a", "b", "c"], toy_store, toy_store, cfg)
+    train, valid = d.fold_training(0, 0.5, seed=0)
+    assert [c.noisy_labels for c in train] == [False, True] and not valid.noisy_labels
+    assert not any(c.noisy_labels for c in d.curated_top_up(4, 0.5, seed=0))   # stage 1: all on the main head
 
 
 # ---------------------------------------------------------------- mean teacher

@@ -135,8 +135,10 @@ class TwoHeads(nn.Module):
         return torch.cat([self.main(x), self.noisy(x)], 1) if self.training else self.main(x)
 
 
-def start_noisy_head(model: nn.Module) -> None:
-    """The noisy head starts stage 2 as a copy of the main head that stage 1 trained (a no-op without one)."""
+def warm_start(model: nn.Module, state: dict) -> None:
+    """Stage 2 from stage 1's weights: a noisy head starts as a copy of the main head that stage 1 trained on every
+    clip (stage 1 scores all its clips on the main head), from where it takes over the noisy top-up's labels."""
+    model.load_state_dict(state)
     for m in model.modules():
         if isinstance(m, TwoHeads):
             m.noisy.load_state_dict(m.main.state_dict())
