@@ -148,8 +148,18 @@ def write_outputs(run, data, stores, stage1, folds, scores, probs) -> None:
     log.info("time plan vs actual:\n%s", run.timing_table())
     rows = folds.predicted
     write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
+                 test_audio=test_audio_use(run.cfg, folds.results),
                  dataset=dataset_summary(run, stores), folds=folds.results, stage1=stage1.holdout, budget_use=usage,
                  oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
+
+
+def test_audio_use(cfg, fold_rows: list[dict]) -> str:
+    """Whether this run trained on test audio, in words for the report (DCASE's rules forbid it; docs/kaggle.md)."""
+    rounds = sum("pseudo_epoch" in row for row in fold_rows)
+    if rounds:
+        return f"trained on: the pseudo-label round trained {rounds} fold model(s) on the test clips"
+    why = "train_on_test=false" if not cfg.train_on_test else "the pseudo-label round did not run"
+    return f"not trained on ({why})"
 
 
 def predict_only(run, data, weights_dir, prior) -> int:

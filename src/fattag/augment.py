@@ -12,6 +12,9 @@ relative to the clip's own level, so "-6 dB" means what it means for the test mi
 - FreqShift: the whole spectrum moved up or down by a few mel bands (a small pitch/formant shift): another
   speaker, another instrument sample bank.
 - TimeStretch: the crop played a little faster or slower: another tempo.
+- FreqMixStyle: each band's mean and spread over time taken partly from a partner clip, the clip's own normalised
+  content kept (Freq-MixStyle, Schmid et al. 2023): another microphone, room or sample bank colours a sound's
+  spectrum; this teaches the model to look past the colour.
 """
 from __future__ import annotations
 
@@ -123,6 +126,26 @@ def time_stretch(x: torch.Tensor, max_stretch: float) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def freq_mixstyle(x: torch.Tensor, y: torch.Tensor, p: float, alpha: float, lam: torch.Tensor | None = None,
+                  partner: torch.Tensor | None = None):
+    """With probability p per item: normalise each band of the crop by its own mean and standard deviation over time,
+    then give it lam * its own + (1 - lam) * the partner's statistics, lam ~ Beta(alpha, alpha) per item; labels
+    kept (the content is the item's own). `lam` and `partner` may be given (tests)."""
+    b = x.shape[0]
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)                                   # (B, 1, F, 1): per band, over time
+    std = (xf.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt()
+    if lam is None:
+        lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b,)).to(x.device)
+    if partner is None:
+        partner = partners(b, x.device)
+    chosen = torch.rand(b, device=x.device) < p
+    lam = torch.where(chosen, lam.float(), torch.ones_like(lam, dtype=torch.float32)).view(b, 1, 1, 1)
+    mixed_mean = lam * mean + (1 - lam) * mean[partner]
+    mixed_std = lam * std + (1 - lam) * std[partner]
+    return ((xf - mean) / std * mixed_std + mixed_mean).to(x.dtype), y
+
+
 class BatchAugment(Callback):
     """Base: `fn(x, y, *params) -> (x, y)` on each training batch, on the device. Subclasses name the function
     and their place in the order; validation batches are never touched (`run_valid = False`)."""
@@ -166,6 +189,11 @@ class TimeStretch(BatchAugment):
     order, fn = 66, staticmethod(lambda x, y, *p: (time_stretch(x, *p), y))
 
 
+class FreqMixStyle(BatchAugment):
+    """(p, alpha): per-band statistics mixed with a partner's, after mixing (a mixture is restyled as one clip)."""
+    order, fn = 67, staticmethod(freq_mixstyle)
+
+
 class SpecAugment(BatchAugment):
     """(n_time, time_width, n_freq, freq_width, fill): stripes filled with the model's input mean (a neutral value),
     after every mixing step: a stripe hides part of the mixture, as it would hide part of a clip."""
@@ -174,7 +202,8 @@ class SpecAugment(BatchAugment):
 
 def augment_policy(cfg: Config, stage: StageSettings, fill: float) -> list[Callback]:
     """The training-batch callbacks of a stage (`cfg.noisy`, `cfg.curated`, or whichever a step trains with), in the
-    order they act: mixing (mixup, union, concatenation), frequency shift, time stretch, then SpecAugment stripes;
+    order they act: mixing (mixup, union, concatenation), frequency shift, time stretch, Freq-MixStyle, then
+    SpecAugment stripes;
     `cfg` gives the settings both stages share (mixing gain, stripe widths)."""
     cbs: list[Callback] = []
     if stage.mixup > 0:
@@ -187,7 +216,21 @@ def augment_policy(cfg: Config, stage: StageSettings, fill: float) -> list[Callb
         cbs.append(FreqShift(stage.freq_shift))
     if stage.time_stretch > 0:
         cbs.append(TimeStretch(stage.time_stretch))
+    if stage.freq_mixstyle > 0:
+        cbs.append(FreqMixStyle(stage.freq_mixstyle, cfg.mixstyle_alpha))
     if stage.specaug:
-        cbs.append(SpecAugment(cfg.time_masks, int(cfg.crop_frames * cfg.time_mask_frac), cfg.freq_masks,
-                               int(cfg.n_mels * cfg.freq_mask_frac), fill))
+        cbs.append(SpecAugment(*stripes(cfg, fill)))
     return sorted(cbs, key=lambda cb: cb.order)
+
+
+def stripes(cfg: Config, fill: float) -> tuple:
+    """SpecAugment's parameters (spec_augment after x): stripe counts and widest widths from the settings."""
+    return (cfg.time_masks, int(cfg.crop_frames * cfg.time_mask_frac), cfg.freq_masks,
+            int(cfg.n_mels * cfg.freq_mask_frac), fill)
+
+
+def teacher_view(cfg: Config, fill: float):
+    """The mean teacher's view of a training batch (callbacks.MeanTeacher): the batch as mixed, before the student's
+    stripes, with SpecAugment stripes of its own."""
+    params = stripes(cfg, fill)
+    return lambda x: spec_augment(x, *params)

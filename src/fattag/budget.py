@@ -138,12 +138,12 @@ class Budget:
         """Epochs of the pseudo-label round for each of `n_models` fold models, decided when stage 2 is over: the
         plan's, fewer when they no longer fit before the plain test pass, more (up to the requested number) when
         time is left; 0 when not even one epoch fits."""
-        if n_models == 0 or self.requested.pseudo_epochs <= 0:
+        if n_models == 0 or self.requested.test_round_epochs <= 0:
             return 0
         if self.deadline is None:
-            return self.requested.pseudo_epochs
+            return self.requested.test_round_epochs
         planned, c = self.plan.epochs_pseudo, self.costs(0)
-        epochs = fit_pseudo(self.requested.pseudo_epochs,
+        epochs = fit_pseudo(self.requested.test_round_epochs,
                             lambda p: self.rounds(n_models) * (c["test_predict"] + pseudo_s(c, p)), self.remaining())
         if epochs != planned:
             self._note(f"pseudo-label round: {epochs} epochs per model (planned {planned}) fit the time left",

@@ -11,6 +11,8 @@ import time
 from typing import Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import TrackerCallback
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -111,6 +113,39 @@ class WeightAverage(StageCallback):
         if self.raw is not None:
             self.model.load_state_dict(self.raw)
             self.raw = None
+
+
+class MeanTeacher(StageCallback):
+    """Consistency with a mean teacher (Tarvainen & Valpola 2017; DCASE 2018 Task 4's winner): an exponential moving
+    average of the model scores its own augmented view of each training crop, and the loss gains `weight` times the
+    mean squared difference of the student's and the teacher's probabilities. The teacher's view is the batch after
+    mixing and before the student's SpecAugment (order 68), with stripes of its own (`view`); it needs no labels, so
+    the noisy clips' audio teaches beyond their labels. The teacher is not saved: a resumed stage starts a new one."""
+    order = 68
+
+    def __init__(self, weight: float, decay: float, view):
+        self.weight, self.decay, self.view, self.teacher, self.teacher_x = weight, decay, view, None, None
+
+    def before_fit(self):
+        self.teacher = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        self.teacher.eval()
+
+    def before_batch(self):
+        if self.training:
+            self.teacher_x = self.view(self.xb[0].clone())
+
+    def after_loss(self):
+        if not self.training or self.teacher_x is None:
+            return
+        with torch.no_grad():
+            target = torch.sigmoid(self.teacher(self.teacher_x).float())     # (B, C): the main head in eval mode
+        student = torch.sigmoid(self.pred[:, :target.shape[1]].float())
+        self.learn.loss_grad = self.loss_grad + self.weight * F.mse_loss(student, target)
+        self.learn.loss = self.loss_grad.clone()
+        self.teacher_x = None
+
+    def after_step(self):
+        self.teacher.update_parameters(self.model)
 
 
 class EpochCheckpoint(StageCallback):

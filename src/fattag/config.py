@@ -29,6 +29,8 @@ class StageSettings:
     concat_mix: float = 0.0       # share of items whose crop ends with a partner's frames, labels = the union
     freq_shift: int = 0           # largest shift of the spectrum, in mel bands, per item (0 = off)
     time_stretch: float = 0.0     # per item, crop tempo times a factor in [1/(1+s), 1+s] (0 = off)
+    freq_mixstyle: float = 0.0    # share of items whose per-band mean and std are mixed with a partner's (0 = off)
+    consistency: float = 0.0      # mean teacher: weight of the MSE to an averaged model's scores (0 = off)
 
 
 @dataclass
@@ -53,6 +55,10 @@ class Config:
     dropout: float = 0.2          # dropout before the classifier
     input_norm: str = "global"    # input channels: global (mean/std), band (median off), pcen; "+"-joined; both
     pool: str = "avg"             # avg: global average; freqmean_timemax: mean over frequency, mean + max over time
+    freq_norm: bool = False       # frequency-wise norm at each residual stage's input: x + instance norm over freq
+    freq_rf: int = 0              # the last this-many residual stages see 1 band at a time (3x3 convs -> 1x3)
+    temporal: str = "none"        # over the last feature map's frames before pooling: none, gru or attention
+    noisy_head: bool = False      # a second output head for noisy-labelled clips; the curated head predicts
 
     # --- training, both stages ---
     folds: int = 5                # curated folds K: one stage-2 model each
@@ -68,6 +74,9 @@ class Config:
     pseudo_epochs: int = 0        # test pseudo-labels: epochs of each fold model on its clips + the labelled test clips
     pseudo_threshold: float = 0.5  # a test clip's pseudo-labels: the ensemble's top class, plus classes scored >= this
     lr_pseudo: float = 1e-3       # peak learning rate of the pseudo-label epochs (stage 2's augmentation)
+    train_on_test: bool = True    # test clips may be trained on (the pseudo-label round); false: DCASE's rule
+    mixstyle_alpha: float = 0.3   # Freq-MixStyle: own share of the statistics ~ Beta(alpha, alpha)
+    teacher_decay: float = 0.99   # mean teacher: the averaged model's EMA decay per training batch
     mix_gain_db: float = 6.0      # partner level relative to the item, uniform in +-this (union and concat mixing)
     time_masks: int = 2           # SpecAugment time stripes per item
     time_mask_frac: float = 0.1   # widest time stripe, as a share of the crop
@@ -97,6 +106,14 @@ class Config:
                 raise ValueError(f"{stage}.top_up must be at least 0 and below 1, got {share!r}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"unknown amp {self.amp!r}: {', '.join(AMP_CHOICES)}")
+        if self.temporal not in TEMPORAL_CHOICES:
+            raise ValueError(f"unknown temporal {self.temporal!r}: {', '.join(TEMPORAL_CHOICES)}")
+
+    @property
+    def test_round_epochs(self) -> int:
+        """Epochs of the test pseudo-label round as the run will plan them: none when test audio is kept out of
+        training (`train_on_test` false), whatever `pseudo_epochs` asks."""
+        return self.pseudo_epochs if self.train_on_test else 0
 
     @property
     def crop_frames(self) -> int:
@@ -117,7 +134,8 @@ class Config:
         return out
 
 
-AMP_CHOICES = ("auto", "off", "fp16", "bf16")  # precision.amp_dtype says what each means on which device
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")
+TEMPORAL_CHOICES = ("none", "gru", "attention")  # model.Temporal  # precision.amp_dtype says what each means on which device
 
 
 # Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine.

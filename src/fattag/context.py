@@ -188,6 +188,10 @@ def open_run(args) -> Run:
     log.info("data %s%s | preset %s | work dir %s | device %s%s%s", data_dir, " (demo)" if is_demo else "", preset,
              work_dir, device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
              f" | {world.describe()}" if world.size > 1 else "")
+    if getattr(args, "mode", "train") == "train":   # DCASE's rules forbid training on test audio (docs/kaggle.md)
+        log.info("test audio: %s", "trained on in the pseudo-label round (train_on_test=true)"
+                 if cfg.test_round_epochs > 0 else "kept out of training (" + (
+                     "train_on_test=false)" if not cfg.train_on_test else "no pseudo-label round)"))
     if world.size > 1 and getattr(args, "devices", None) not in (None, world.size):
         log.warning("--devices %s ignored: torchrun started %d ranks", args.devices, world.size)
     return Run(cfg, preset, data_dir, work_dir, device, is_demo, explicit=parse_sets(args.sets), world=world)

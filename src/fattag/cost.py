@@ -87,7 +87,7 @@ class Plan:
     def requested(cls, cfg: Config) -> Plan:
         """The recipe as asked for, before anything is measured or cut."""
         return cls(cfg.noisy.epochs, cfg.curated.epochs, cfg.folds, cfg.tta_aug_passes, float("inf"),
-                   epochs_pseudo=cfg.pseudo_epochs)
+                   epochs_pseudo=cfg.test_round_epochs)
 
     @property
     def total_s(self) -> float:
@@ -129,10 +129,14 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     fold_train = fold_curated + top_up_size(fold_curated, cfg.curated.top_up, w.noisy_clips)
     stage1_train = w.noisy_train + top_up_size(w.noisy_train, cfg.noisy.top_up, w.curated)   # 0 without stage 1
     selecting = cfg.select_noisy and w.noisy_train > 0
+    # a mean teacher (StageSettings.consistency) scores every training crop once more: one inference window each
+    teacher1 = w.noisy_train > 0 and cfg.noisy.consistency > 0
+    teacher2 = cfg.curated.consistency > 0
     base = dict(
-        noisy_epoch=stage1_train * (tp.stage1_train_s_per_clip * OVERHEAD) + w.noisy_holdout_windows * infer,
-        fold_epoch=fold_train * train + per_fold_windows * infer,
-        pseudo_epoch=(fold_train + w.test_clips) * train + per_fold_windows * infer,
+        noisy_epoch=stage1_train * (tp.stage1_train_s_per_clip * OVERHEAD + teacher1 * infer / tp.devices)
+        + w.noisy_holdout_windows * infer,
+        fold_epoch=fold_train * (train + teacher2 * infer) + per_fold_windows * infer,
+        pseudo_epoch=(fold_train + w.test_clips) * (train + teacher2 * infer) + per_fold_windows * infer,
         teacher_predict=w.test_windows * infer,
         oof_predict=(w.curated / k + per_fold_windows * (1 + passes)) * infer,   # centre crop + windows (+ passes)
         test_predict=w.test_windows * (1 + passes) * infer,
@@ -230,10 +234,10 @@ def plan_run(cfg: Config, w: Workload, tp: Throughput, available_s: float | None
     """Fit the preset's epochs, TTA passes and folds into `available_s` seconds (None: no budget, no cuts)."""
     e1 = cfg.noisy.epochs if w.noisy_train else 0
     recipe = (e1, cfg.curated.epochs, cfg.folds, cfg.tta_aug_passes)
-    ep = fit_pseudo(cfg.pseudo_epochs, lambda p: recipe_total(cfg, w, tp, scale, p)(*recipe), available_s)
+    ep = fit_pseudo(cfg.test_round_epochs, lambda p: recipe_total(cfg, w, tp, scale, p)(*recipe), available_s)
     e1, e2, folds, passes, notes = fit_recipe(*recipe, recipe_total(cfg, w, tp, scale, ep), available_s)
-    if ep < cfg.pseudo_epochs:
-        notes.insert(0, f"pseudo-label round cut to fit the budget: {cfg.pseudo_epochs} -> {ep} epochs")
+    if ep < cfg.test_round_epochs:
+        notes.insert(0, f"pseudo-label round cut to fit the budget: {cfg.test_round_epochs} -> {ep} epochs")
     c = stage_costs(cfg, w, tp, passes, scale)
     stages = [(SELECT_STAGE, c["select"])] if c["select"] and e1 else []
     stages += [(STAGE1, e1 * c["noisy_epoch"])] if e1 else []
@@ -247,7 +251,7 @@ def replan_folds(cfg: Config, w: Workload, tp: Throughput, scale: dict, plan: Pl
                  available_s: float | None) -> Plan:
     """`plan` with folds k.. fitted into `available_s`, after test TTA for the `folds_done` folds already trained."""
     recipe = (0, cfg.curated.epochs, cfg.folds - k, cfg.tta_aug_passes)
-    ep = fit_pseudo(cfg.pseudo_epochs, lambda p: recipe_total(cfg, w, tp, scale, p, folds_done)(*recipe),
+    ep = fit_pseudo(cfg.test_round_epochs, lambda p: recipe_total(cfg, w, tp, scale, p, folds_done)(*recipe),
                     available_s)
     _, e2, n, passes, notes = fit_recipe(*recipe, recipe_total(cfg, w, tp, scale, ep, folds_done), available_s,
                                          min_folds=1 if k == 0 else 0)

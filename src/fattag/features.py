@@ -208,6 +208,7 @@ class Clips:
     """Some clips of a store, by index: what a stage trains or validates on."""
     store: MelStore
     indices: np.ndarray
+    noisy_labels: bool = False   # stage 2's noisy top-up: scored on the noisy head where the model has one
 
     def __post_init__(self):
         self.indices = np.asarray(self.indices, dtype=np.int64)
@@ -224,8 +225,9 @@ class CropDataset(torch.utils.data.Dataset):
     """One random crop per clip per epoch (seeded generator: same seed, same crops), over one or more sets of clips
     (e.g. a curated fold's training clips and some noisy clips)."""
 
-    def __init__(self, clips: Clips | list[Clips], crop_frames: int, seed: int = 0):
+    def __init__(self, clips: Clips | list[Clips], crop_frames: int, seed: int = 0, head_flag: bool = False):
         self.parts = [clips] if isinstance(clips, Clips) else list(clips)
+        self.head_flag = head_flag   # targets get one more column: 1 for noisy-labelled clips (losses.HeadRouter)
         self.ends = np.cumsum([len(c) for c in self.parts])
         self.length = crop_frames
         self.rng = np.random.default_rng(seed)
@@ -240,7 +242,10 @@ class CropDataset(torch.utils.data.Dataset):
         mel = clips.store.mels[j]
         start = int(self.rng.integers(0, max(mel.shape[1] - self.length, 0) + 1))
         x = torch.from_numpy(np.ascontiguousarray(crop(mel, self.length, start)))[None]
-        return x, torch.from_numpy(clips.store.table.targets[j])
+        y = clips.store.table.targets[j]
+        if self.head_flag:
+            y = np.append(y, np.float32(clips.noisy_labels)).astype(y.dtype)
+        return x, torch.from_numpy(y)
 
 
 class WindowDataset(torch.utils.data.Dataset):

@@ -54,7 +54,31 @@ class SoftBootstrap(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, soft)
 
 
-def make_loss(name: str) -> nn.Module:
+class HeadRouter(nn.Module):
+    """The loss of a model with a noisy head (model.TwoHeads): training logits are (B, 2C) and targets (B, C + 1),
+    the last column saying which items carry noisy labels (features.CropDataset); a noisy item is scored on the
+    noisy head's logits, any other on the main head's, so the main head receives no gradient from noisy labels.
+    Validation logits and targets are (B, C) and pass straight through."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits, target):
+        if logits.shape[1] == target.shape[1]:
+            return self.loss(logits, target)
+        c = target.shape[1] - 1
+        noisy = target[:, c:] >= 0.5                            # mixed items: noisy where the noisy part dominates
+        return self.loss(torch.where(noisy, logits[:, c:], logits[:, :c]), target[:, :c])
+
+
+def make_loss(name: str, noisy_head: bool = False) -> nn.Module:
+    """The loss `name`, routed between two heads when the model has a noisy head."""
+    loss = _base_loss(name)
+    return HeadRouter(loss) if noisy_head else loss
+
+
+def _base_loss(name: str) -> nn.Module:
     if name == "bce":
         return BCEWithLogitsLossFlat()
     if name == "focal":

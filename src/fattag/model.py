@@ -80,6 +80,80 @@ class FreqMeanTimeMax(nn.Module):
         return x.mean(-1) + x.amax(-1)
 
 
+class FreqNorm(nn.Module):
+    """Residual frequency-wise normalisation (Kim et al. 2021, DCASE 2021 Task 1A): `lam * x + FreqIN(x)`, where
+    FreqIN normalises each frequency row of each clip by its mean and spread over channels and time. A recording's
+    colour (a microphone's or a room's response) is a per-band offset; this takes most of it away while `lam * x`
+    keeps what the band itself says."""
+
+    def __init__(self, lam: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.lam, self.eps = lam, eps
+
+    def forward(self, x):                                       # (B, C, F, T)
+        mean = x.mean((1, 3), keepdim=True)
+        var = x.var((1, 3), keepdim=True, unbiased=False)
+        return self.lam * x + (x - mean) / (var + self.eps).sqrt()
+
+
+class Temporal(nn.Module):
+    """A sequence model over the last feature map's frames, before the clip pooling: the map is averaged over
+    frequency, each frame's channels go through a bidirectional GRU or one self-attention layer, and the result is
+    added back (a residual), shaped (B, C, 1, T) for the pooling that follows. The pooling alone sees each frame on
+    its own; this lets a frame's score depend on what came before and after (FAT2019 1st place's attention,
+    Paderborn's CRNN)."""
+
+    def __init__(self, kind: str, channels: int, heads: int = 4):
+        super().__init__()
+        self.kind = kind
+        if kind == "gru":
+            self.seq = nn.GRU(channels, channels // 2, batch_first=True, bidirectional=True)
+        elif kind == "attention":
+            self.seq = nn.MultiheadAttention(channels, heads if channels % heads == 0 else 1, batch_first=True)
+        else:
+            raise ValueError(f"unknown temporal {kind!r}: gru or attention")
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x):                                       # (B, C, F, T) -> (B, C, 1, T)
+        frames = x.mean(2).transpose(1, 2)                      # (B, T, C)
+        h = self.norm(frames)
+        h = self.seq(h)[0] if self.kind == "gru" else self.seq(h, h, h, need_weights=False)[0]
+        return (frames + h).transpose(1, 2).unsqueeze(2)
+
+
+class TwoHeads(nn.Module):
+    """The classifier with a second head for noisy-labelled clips (FAT2019 4th place): in training both heads'
+    logits side by side (B, 2C), which `losses.HeadRouter` routes by each item's noisy flag; in evaluation the main
+    (curated) head's alone, so validation and prediction see C classes."""
+
+    def __init__(self, main: nn.Linear):
+        super().__init__()
+        self.main = main
+        self.noisy = nn.Linear(main.in_features, main.out_features)
+
+    def forward(self, x):
+        return torch.cat([self.main(x), self.noisy(x)], 1) if self.training else self.main(x)
+
+
+def warm_start(model: nn.Module, state: dict) -> None:
+    """Stage 2 from stage 1's weights: a noisy head starts as a copy of the main head that stage 1 trained on every
+    clip (stage 1 scores all its clips on the main head), from where it takes over the noisy top-up's labels."""
+    model.load_state_dict(state)
+    for m in model.modules():
+        if isinstance(m, TwoHeads):
+            m.noisy.load_state_dict(m.main.state_dict())
+
+
+def restrict_freq_rf(stage: nn.Module) -> None:
+    """Every 3x3 convolution of a residual stage becomes 1x3 (one band, three frames): the stage adds nothing to the
+    receptive field along frequency (CP-ResNet, Koutini et al. 2019). Shapes and strides are unchanged."""
+    for parent in list(stage.modules()):
+        for name, conv in list(parent.named_children()):
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                setattr(parent, name, nn.Conv2d(conv.in_channels, conv.out_channels, (1, 3), conv.stride, (0, 1),
+                                                bias=conv.bias is not None, groups=conv.groups))
+
+
 def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:
     """`model` on `device`, in the memory layout that is fastest there: channels-last on the CPU (`channels_last`),
     where oneDNN's convolutions then run the pipeline's epochs 6-22 % and its predictions ~80 % faster
@@ -106,9 +180,22 @@ def build_model(cfg: Config, n_classes: int, mean: float = 0.0, std: float = 1.0
         body = ARCHS[cfg.arch](**kw)
     else:
         raise ValueError(f"unknown arch {cfg.arch!r}: {', '.join([*SMALL, *ARCHS])}")
+    stages = [i for i, m in enumerate(body) if isinstance(m, nn.Sequential) and isinstance(m[0], ResBlock)]
+    for i in stages[len(stages) - cfg.freq_rf:] if cfg.freq_rf > 0 else []:
+        restrict_freq_rf(body[i])
+    pool = next(i for i, m in enumerate(body) if isinstance(m, nn.AdaptiveAvgPool2d))
     if cfg.pool == "freqmean_timemax":  # fastai's head: AdaptiveAvgPool2d(1), Flatten, Dropout, Linear
-        pool = next(i for i, m in enumerate(body) if isinstance(m, nn.AdaptiveAvgPool2d))
         body[pool], body[pool + 1] = FreqMeanTimeMax(), nn.Identity()
     elif cfg.pool != "avg":
         raise ValueError(f"unknown pool {cfg.pool!r}: avg or freqmean_timemax")
-    return nn.Sequential(norm, body)
+    features = body[-1].in_features   # channels of the last stage, into the classifier
+    if cfg.noisy_head:
+        body[-1] = TwoHeads(body[-1])
+    if cfg.temporal == "none" and not cfg.freq_norm:
+        return nn.Sequential(norm, body)
+    layers = list(body)                # modules go in between: later indices first, so earlier ones stay put
+    if cfg.temporal != "none":
+        layers.insert(pool, Temporal(cfg.temporal, features))
+    for i in reversed(stages if cfg.freq_norm else []):
+        layers.insert(i, FreqNorm())
+    return nn.Sequential(norm, nn.Sequential(*layers))

@@ -57,7 +57,9 @@ def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelS
     off or not possible) and their rows updated; the labels go to pseudo_labels.csv in the work dir. With several
     ranks the teacher's predictions are gathered from all of them and each rank trains its own fold models."""
     models, n_models = folds.models, len(folds.results)
-    if run.cfg.pseudo_epochs <= 0:
+    if run.cfg.test_round_epochs <= 0:
+        if run.cfg.pseudo_epochs > 0:
+            log.info("test pseudo-labels off: train_on_test=false keeps the test audio out of training")
         return folds
     epochs = run.world.broadcast(run.budget.pseudo_epochs(n_models))
     if not n_models or epochs <= 0 or not test.ok.any():

@@ -77,11 +77,12 @@ class _Figures:
 
 # ---------------------------------------------------------------- sections
 
-def _header(mode: str, work_dir: Path, classes: list[str]) -> list[str]:
+def _header(mode: str, work_dir: Path, classes: list[str], test_audio: str | None = None) -> list[str]:
     title = "training run" if mode == "train" else "prediction run"
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     return [f"# fattag report: {title}", "",
-            f"Generated {when} in {_code(work_dir)}; {len(classes)} classes."]
+            f"Generated {when} in {_code(work_dir)}; {len(classes)} classes."
+            + (f" Test audio {test_audio}." if test_audio else "")]
 
 
 def _dataset_section(dataset: dict | None) -> list[str]:
@@ -372,7 +373,8 @@ def _run_section(title: str, build, *args) -> list[str]:
 def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timings: list[dict],
                  scores: dict | None = None, folds: list[dict] | None = None,
                  oof_truth=None, oof_probs=None, test_probs=None,
-                 loaded: list[str] | None = None, stage1: dict | None = None, budget_use: dict | None = None) -> Path:
+                 loaded: list[str] | None = None, stage1: dict | None = None, budget_use: dict | None = None,
+                 test_audio: str | None = None) -> Path:
     """Write `<work_dir>/report.md` (and its PNG figures beside it) and return its path.
 
     mode "train": dataset, time plan vs actual, per-fold lwlrap, OOF scores, training curves from
@@ -404,7 +406,7 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
                     ("Weights loaded", _loaded_section, loaded),
                     ("Time: plan vs actual", _timings_section, timings),
                     ("Test predictions", _predictions_section, classes, test_probs, figs)]
-    lines = _header(mode, work_dir, classes)
+    lines = _header(mode, work_dir, classes, test_audio)
     for title, build, *args in sections:
         lines += [""] + _run_section(title, build, *args)
     path = atomic_write_text(work_dir / REPORT_NAME, "\n".join(lines) + "\n")

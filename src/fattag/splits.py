@@ -71,8 +71,9 @@ class TrainingData:
         return [train, *self.noisy_top_up(len(train), share, seed)], valid
 
     def noisy_top_up(self, n_curated: int, share: float, seed: int) -> list[Clips]:
-        """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it."""
-        return top_up(self.noisy, self.noisy_pool, n_curated, share, seed)
+        """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it (marked as
+        noisy-labelled: a noisy head scores them)."""
+        return top_up(self.noisy, self.noisy_pool, n_curated, share, seed, noisy_labels=True)
 
     def curated_top_up(self, n_noisy: int, share: float, seed: int) -> list[Clips]:
         """Curated clips to add to stage 1's `n_noisy` training clips so that they are `share` of the items (at
@@ -81,11 +82,12 @@ class TrainingData:
         return top_up(self.curated, np.flatnonzero(self.curated.ok), n_noisy, share, seed)
 
 
-def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, seed: int) -> list[Clips]:
+def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, seed: int,
+           noisy_labels: bool = False) -> list[Clips]:
     """Clips of `pool` (indices into `store`) to add to a training set of `n_base` clips so that they are `share` of
     the items, capped at the whole pool; drawn without replacement, seeded. [] when there is nothing to add."""
     if share <= 0 or store is None or not len(pool):
         return []
     n = top_up_size(n_base, share, len(pool))
-    return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)))]
+    return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)), noisy_labels)]
 

@@ -26,8 +26,9 @@ from fastai.learner import Learner, Metric
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
-from .augment import augment_policy
-from .callbacks import Deadline, EpochCheckpoint, EpochLog, EpochPlan, KeepBest, NanGuard, WeightAverage
+from .augment import augment_policy, teacher_view
+from .callbacks import (Deadline, EpochCheckpoint, EpochLog, EpochPlan, KeepBest, MeanTeacher, NanGuard,
+                        WeightAverage)
 from .checkpoint import Resume, StageDir
 from .config import Config, StageSettings
 from .context import Run
@@ -114,7 +115,7 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
     """A fastai Learner on random training crops and whole-clip validation windows, with the stage's callbacks."""
     cfg, device = spec.cfg, torch.device(spec.device)
     to_device(model, device, cfg.channels_last)  # the device's fastest layout; fastai's move to the device keeps it
-    train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed)
+    train_ds = CropDataset(train, cfg.crop_frames, seed=spec.seed, head_flag=cfg.noisy_head)
     valid_ds = valid.store.windows(valid.indices, cfg.crop_frames, cfg.tta_step_frac)
     bs = min(cfg.batch_size, len(train_ds))
     dls = DataLoaders(
@@ -127,9 +128,11 @@ def stage_learner(model: torch.nn.Module, train: Clips | list[Clips], valid: Cli
            EpochLog(spec.label), Deadline(deadline), EpochPlan(spec.epochs, spec.replan)]
     if spec.world.size > 1:
         cbs.append(DataParallel(spec.world))
+    if spec.augment.consistency > 0:
+        cbs.append(MeanTeacher(spec.augment.consistency, cfg.teacher_decay, teacher_view(cfg, input_mean(model))))
     if cfg.average_epochs > 0:
         cbs.append(WeightAverage(cfg.average_epochs, (resume.last or {}).get("average")))
-    learn = Learner(dls, model, loss_func=make_loss(spec.loss), wd=cfg.wd, cbs=cbs,
+    learn = Learner(dls, model, loss_func=make_loss(spec.loss, cfg.noisy_head), wd=cfg.wd, cbs=cbs,
                     metrics=[ClipLwlrap(valid_ds.clip_of, valid.targets, cfg.tta_aggregate)])
     learn.logger = noop  # EpochLog writes the per-epoch lines
     if not sys.stderr.isatty():

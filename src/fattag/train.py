@@ -17,7 +17,7 @@ from .config import Config
 from .context import Run
 from .features import Clips
 from .metrics import chance_lwlrap, lwlrap
-from .model import build_model
+from .model import build_model, warm_start
 from .predict import predict_clips
 from .splits import TrainingData, holdout_split
 from .stage import StageResult, StageSpec, finish_stage, fit_stage
@@ -114,7 +114,7 @@ def train_fold(run: Run, k: int, d: TrainingData, init: dict | None) -> tuple[to
     set_seed(spec.seed, reproducible=True)
     model = build_model(cfg, len(d.classes), *d.stats)
     if init is not None:
-        model.load_state_dict(init)
+        warm_start(model, init)
     train, valid = d.fold_training(k, cfg.curated.top_up, spec.seed)
     res = fit_stage(model, train, valid, spec, budget.fold_deadline(k))
     budget.measured("fold_epoch", res.seconds, len(res.history))

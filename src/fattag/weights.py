@@ -23,17 +23,23 @@ from .model import build_model
 
 FEATURE_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "top_db",
                 "trim_silence", "trim_db", "crop_seconds")
-MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool")
+MODEL_KEYS = ("arch", "self_attention", "mish", "dropout", "input_norm", "pool", "freq_norm", "freq_rf", "temporal",
+              "noisy_head")
 INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ensemble", "class_balance", "batch_size")
 # Settings that do not change what a trained stage's weights are: the schedule's length (the budget plans it, and a
 # resumed stage keeps its own), the budget, workers, the CPU memory layout and mixed precision (float rounding only,
 # like the device itself), how test clips are predicted, and the pseudo-label round's settings (the round adds
 # ROUND_KEYS to its own recipe). Every other setting is part of a stage's recipe.
 NOT_RECIPE_KEYS = ("noisy.epochs", "curated.epochs", "pseudo_epochs", "pseudo_threshold", "lr_pseudo",
-                   "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last", "amp",
+                   "train_on_test", "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last", "amp",
                    *(k for k in INFERENCE_KEYS if k != "batch_size"))
 # What a saved pseudo-label round depends on besides the recipe: how the teacher predicts and the round's settings.
 ROUND_KEYS = ("class_balance", "tta_aggregate", "tta_step_frac", "fold_ensemble", "pseudo_threshold", "lr_pseudo")
+# Settings added after stages were first saved, and the value that means "off": left out of a recipe while off, so
+# that a stage saved before they existed is still the same recipe.
+ADDED = {"noisy.freq_mixstyle": 0.0, "curated.freq_mixstyle": 0.0, "noisy.consistency": 0.0,
+         "curated.consistency": 0.0, "mixstyle_alpha": 0.3, "teacher_decay": 0.99, "freq_norm": False, "freq_rf": 0,
+         "temporal": "none", "noisy_head": False}
 INFERENCE_FILE = "inference.json"
 log = logging.getLogger("fattag")
 
@@ -42,7 +48,7 @@ def stage_recipe(cfg: Config, data_dir, pseudo_round: bool = False) -> dict:
     """The settings a saved stage's weights depend on, by --set name, plus the data dir (and, for a pseudo-label
     round, the round's own settings)."""
     flat = cfg.flat_dict()
-    recipe = {k: v for k, v in flat.items() if k not in NOT_RECIPE_KEYS}
+    recipe = {k: v for k, v in flat.items() if k not in NOT_RECIPE_KEYS and ADDED.get(k, object()) != v}
     recipe["data_dir"] = str(data_dir)
     if pseudo_round:
         recipe["pseudo"] = {k: flat[k] for k in ROUND_KEYS}
