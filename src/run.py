@@ -28,9 +28,10 @@ from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
 from fattag.select import select_noisy  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.thresholds import oof_thresholds  # noqa: E402
 from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
-from fattag.weights import load_fold_models, prediction_config  # noqa: E402
+from fattag.weights import load_fold_models, prediction_config, save_thresholds, saved_thresholds  # noqa: E402
 from fattag.world import should_spawn, spawn  # noqa: E402
 
 log = logging.getLogger("fattag")
@@ -78,8 +79,10 @@ def main(argv=None, defaults: dict | None = None) -> int:
     run.share_plan()
     folds = train_folds(run, d, stage1.weights)
 
-    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes.
+    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes; the decision
+    #    threshold of each class, chosen on them.
     scores = score_oof(data.curated.targets, folds)
+    thresholds = oof_thresholds(data.classes, data.curated.targets, folds.oof_tta)
     if run.world.is_main:
         write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
@@ -89,10 +92,11 @@ def main(argv=None, defaults: dict | None = None) -> int:
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
     #    every test clip gets a row. inference.json and config.json record how it was done.
     predict_cfg = replace(cfg, tta_aug_passes=run.world.broadcast(run.budget.test_passes(len(folds.results))))
-    probs = predict_and_submit(run, predict_cfg, data, models, test, prior)
+    _, unbalanced = predict_and_submit(run, predict_cfg, data, models, test, prior)
     run.gather_timings()
     if not run.world.is_main:   # rank 0 writes the run's files
         return 0
+    save_thresholds(run.work_dir, thresholds)
     usage = run.budget.usage(run.started)
     if usage:
         log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
@@ -106,8 +110,8 @@ def main(argv=None, defaults: dict | None = None) -> int:
     rows = folds.predicted
     write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
                  dataset=dataset_summary(run, [curated, noisy, test]), folds=folds.results, stage1=stage1.holdout,
-                 budget_use=usage,
-                 oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
+                 budget_use=usage, thresholds=thresholds,
+                 oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=unbalanced)
     return 0
 
 
@@ -149,11 +153,12 @@ def predict_only(run, data, weights_dir, prior) -> int:
     run.save_config(cfg, weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
     test = build_shared_store(data.test, cfg, run.device, run.world, run.work_dir / "stores")
-    probs = predict_and_submit(run, cfg, data, run.world.mine(m for _, m, _ in models), test, prior)
+    _, unbalanced = predict_and_submit(run, cfg, data, run.world.mine(m for _, m, _ in models), test, prior)
     if not run.world.is_main:
         return 0
+    save_thresholds(run.work_dir, saved_thresholds([path for path, _, _ in models]))
     log.info("time:\n%s", run.timing_table())
-    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=probs,
+    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=unbalanced,
                  dataset=dataset_summary(run, [test]),
                  loaded=[f"{path} (fold {meta.get('fold')}, lwlrap {meta.get('score', float('nan')):.4f}, "
                          f"{meta['model']['arch']})" for path, _, meta in models])

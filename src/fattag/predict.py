@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -121,20 +122,26 @@ def balance_classes(probs: np.ndarray) -> np.ndarray:
     return ratio / max(float(ratio.max()), 1e-12)
 
 
-def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
+def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore,
+                       prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fold-ensembled whole-clip TTA on every test clip with `cfg`'s inference settings (written to
     inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
-    or where no model was trained in time). Returns the probabilities written."""
+    or where no model was trained in time). Returns the probabilities written and the ensemble's probabilities
+    before class balancing (NaN rows for clips that could not be decoded), which show the model's own bias."""
     t0 = time.time()
     if sum(run.world.gather(len(models))):
-        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes, run.world), test.ok,
-                             prior)
+        unbalanced = predict_test(models, test, replace(cfg, class_balance=False), run.device, cfg.tta_aug_passes,
+                                  run.world)
+        probs = unbalanced.copy()
+        if cfg.class_balance:
+            probs[test.ok] = balance_classes(unbalanced[test.ok])
+        probs = fill_missing(probs, test.ok, prior)
     else:
-        probs = np.tile(prior, (len(data.test), 1))
+        probs = unbalanced = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
     if run.world.is_main:
         write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          probs)
         save_inference(run.work_dir, cfg)
     run.record("predict test", time.time() - t0)
-    return probs
+    return probs, unbalanced
