@@ -78,7 +78,7 @@ def ddp_rates(argv, defaults=None) -> int:
 
 def time_two_ranks(preset: str, batch: int, amp: str, runs: int):
     """Throughput measured in 2 spawned ranks (per device, and the DDP step over both)."""
-    from fattag.throughput import Throughput
+    from fattag.cost import Throughput
     from fattag.world import spawn
     entry = importlib.import_module("gpu_check").ddp_rates   # by its module name: the spawned ranks import it
     with tempfile.TemporaryDirectory() as tmp:

@@ -88,8 +88,7 @@ def measure_prep(cfg, device, n: int, repeat: int) -> tuple[float, float]:
 
 def t4_plans(cfg, w, available: float, clips_s: float, infer_ratio: float, ddp_speedup: float) -> dict:
     """The preset fitted into `available` seconds on 1 and 2 T4s at the assumed rates (printed with them)."""
-    from fattag.cost import plan_run
-    from fattag.throughput import Throughput
+    from fattag.cost import Throughput, plan_run
     one = Throughput(1 / clips_s, 1 / (clips_s * infer_ratio), "T4 (assumed)")
     plans = {1: plan_run(cfg, w, one, available),
              2: plan_run(cfg, w, dataclasses.replace(one, devices=2, ddp_train_s_per_clip=1 / (clips_s * ddp_speedup)),
@@ -120,8 +119,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ddp-speedup", type=float, default=1.8, help="assumed stage-1 speed-up on two T4s (default 1.8)")
     p.add_argument("--prep-s", type=float, default=120.0, help="decode + log-mel seconds before training on Kaggle")
     a = p.parse_args(argv)
-    from fattag.cost import OVERHEAD, plan_run
-    from fattag.throughput import Throughput, measure_throughput
+    from fattag.cost import OVERHEAD, Throughput, plan_run
+    from fattag.throughput import measure_throughput
     from fattag.config import make_config
 
     device = pick_device(a.threads)

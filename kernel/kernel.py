@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 7d962c5255b4). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 4df5c0f54f8e). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -11,13 +11,13 @@
 #   src/fattag/__init__.py                       7 lines
 #   src/fattag/audio.py                        267 lines
 #   src/fattag/augment.py                      193 lines
-#   src/fattag/budget.py                       195 lines
+#   src/fattag/budget.py                       196 lines
 #   src/fattag/callbacks.py                    214 lines
 #   src/fattag/checkpoint.py                   137 lines
 #   src/fattag/cli.py                           70 lines
-#   src/fattag/config.py                       273 lines
+#   src/fattag/config.py                       267 lines
 #   src/fattag/context.py                      193 lines
-#   src/fattag/cost.py                         257 lines
+#   src/fattag/cost.py                         269 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/dataparallel.py                  85 lines
 #   src/fattag/demo.py                         592 lines
@@ -26,17 +26,21 @@
 #   src/fattag/metrics.py                       76 lines
 #   src/fattag/model.py                        114 lines
 #   src/fattag/precision.py                     77 lines
-#   src/fattag/predict.py                      140 lines
+#   src/fattag/predict.py                      160 lines
 #   src/fattag/progress.py                     180 lines
 #   src/fattag/pseudo.py                       116 lines
-#   src/fattag/report.py                       412 lines
-#   src/fattag/select.py                        69 lines
+#   src/fattag/report.py                       456 lines
+#   src/fattag/select.py                        76 lines
+#   src/fattag/splits.py                        91 lines
+#   src/fattag/stage.py                        184 lines
+#   src/fattag/stages.py                        51 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/throughput.py                    98 lines
-#   src/fattag/train.py                        426 lines
-#   src/fattag/weights.py                      157 lines
-#   src/fattag/world.py                        228 lines
-#   src/run.py                                 164 lines
+#   src/fattag/thresholds.py                    92 lines
+#   src/fattag/throughput.py                    78 lines
+#   src/fattag/train.py                        178 lines
+#   src/fattag/weights.py                      182 lines
+#   src/fattag/world.py                        230 lines
+#   src/run.py                                 185 lines
 
 import hashlib
 import importlib.abc
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '7d962c5255b4'
+BUILD_HASH = '4df5c0f54f8e'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -646,9 +650,10 @@ took, upward as well as downward: epochs and folds that were cut come back when 
 predicted, and go when they run slower. It never plans more than the requested recipe. Without a deadline every
 step gets the requested recipe and no deadline, so the steps never ask whether there is a budget.
 
-With N devices (`Throughput.devices`) each rank keeps its own Budget for the folds it trains (fold k on rank
-k % N, folds in rounds of N); rank 0's plan is shared after the throughput is measured and after stage 1, and
-the decisions taken when all ranks meet (pseudo-label epochs, test passes) are rank 0's.
+With N devices (`Throughput.devices`) each rank keeps its own Budget for the folds it trains, in rounds of N
+(which rank trains which fold, and in which round: stages.fold_rank, stages.fold_round); rank 0's plan is shared
+after the throughput is measured and after stage 1, and the decisions taken when all ranks meet (pseudo-label
+epochs, test passes) are rank 0's.
 """
 from __future__ import annotations
 
@@ -657,10 +662,9 @@ import time
 from dataclasses import replace
 
 from .config import Config
-from .cost import (MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, rounds,
-                   stage_costs)
-from .throughput import Throughput
-from .train import holdout_size
+from .cost import (MIN_EPOCHS_CURATED, Plan, Throughput, Workload, fit_pseudo, fold_s, plan_run, pseudo_s,
+                   replan_folds, stage_costs)
+from .stages import fold_round, holdout_size, round_start, rounds
 
 log = logging.getLogger("fattag")
 
@@ -750,7 +754,7 @@ class Budget:
         at most twice the epochs of the shortest fold trained so far, so that the ensemble's members stay
         comparable; the time that frees goes to the pseudo-label round and the test passes. With N devices the
         re-plan starts at fold k's round, the folds of earlier rounds counted as trained."""
-        start = k - k % self.tp.devices
+        start = round_start(k, self.tp.devices)
         done = self.folds_done if self.tp.devices == 1 else start   # the other ranks' folds are not known here
         self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, start, done,
                                  self.remaining())
@@ -792,11 +796,12 @@ class Budget:
 
     def pseudo_deadline(self, k: int, n_models: int) -> float | None:
         """Model k's pseudo-label epochs stop in time for the later models' one epoch each and the plain test pass
-        (with N devices: the later models of its rank, fold k being its (k // N)-th)."""
+        (with N devices: the later models of its rank, after fold k's round)."""
         if self.deadline is None:
             return None
         c, per_rank = self.costs(0), self.rounds(n_models)
-        return self.deadline - per_rank * c["test_predict"] - (per_rank - k // self.tp.devices - 1) * c["pseudo_epoch"]
+        later = per_rank - fold_round(k, self.tp.devices) - 1
+        return self.deadline - per_rank * c["test_predict"] - later * c["pseudo_epoch"]
 
     def usage(self, started: float) -> dict | None:
         """How the run used its budget (None without one): usable, used and unused seconds, why what is unused could
@@ -1213,9 +1218,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
         {presets}
 
         examples:
-          python src/run.py                                  # demo dataset, demo preset, CPU, a few minutes
+          python src/run.py                                  # demo dataset, demo preset, CPU
           python src/run.py --data-dir /data/fat2019 --preset kaggle-1h --work-dir runs/full
-          python src/run.py --data-dir /data/small --preset cpu  # real recordings, no GPU: under 10 minutes
+          python src/run.py --data-dir /data/small --preset cpu  # real recordings, no GPU
           python src/run.py --set curated.epochs=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
@@ -1388,13 +1393,7 @@ class Config:
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")  # precision.amp_dtype says what each means on which device
 
 
-def top_up_size(n_base: int, share: float, available: int) -> int:
-    """How many clips of the other set make them `share` of a training set of `n_base` clips, at most `available`:
-    what train.top_up draws and what the cost model prices, for both stages."""
-    return min(available, int(round(n_base * share / (1 - share))))
-
-
-# Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine in a few minutes.
+# Small, fast and CPU-friendly: the synthetic demo dataset on a 2-core machine.
 _DEMO = {
     "sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 250, "n_mels": 48,  # 64 frames/s
     "f_min": 20.0, "f_max": 8000.0, "crop_seconds": 2.0,
@@ -1428,8 +1427,8 @@ PRESETS: dict[str, dict] = {
 
 # One line per preset for --help: what it is for.
 PRESET_USE = {
-    "demo": "the synthetic demo data (a smoke test of the pipeline); ~1 min on 2 CPU cores",
-    "cpu": "real recordings without a GPU: ~1,500 clips / 1-2 h of audio in under 10 min on 2 cores",
+    "demo": "the synthetic demo data (a smoke test of the pipeline) on the CPU",
+    "cpu": "real recordings without a GPU: ~1,500 clips / 1-2 h of audio on 2 cores, inside a 9.5-min budget",
     "kaggle-1h": "FAT2019 on a Kaggle GPU: two stages, 5 folds and TTA inside the 1-hour kernel limit",
     "kaggle-9h": "a long Kaggle GPU session: xresnet34, more epochs, augmented TTA passes (8.5 h)",
 }
@@ -1752,16 +1751,12 @@ cost replaces the estimate after its first epoch (budget.replan_stage1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config, top_up_size
-from .features import MelStore
-from .pseudo import ROUND_STAGE
-from .select import SELECT_HOLDOUT, SELECT_STAGE
-from .throughput import Throughput
-from .train import STAGE1, fold_stage, holdout_size
+from .config import Config
+from .stages import ROUND_STAGE, SELECT_HOLDOUT, SELECT_STAGE, STAGE1, fold_stage, holdout_size, rounds, top_up_size
 
 OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
 MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
@@ -1781,8 +1776,29 @@ class Workload:
     noisy_clips: int = 0        # the noisy clips stage 2 tops its batches up from (training and holdout clips)
 
 
-def count_workload(cfg: Config, noisy: MelStore | None, curated: MelStore, test: MelStore) -> Workload:
-    """Clips and windows of each stage, from the decoded stores (noisy may be None)."""
+@dataclass
+class Throughput:
+    """This machine's speed, as throughput.measure_throughput times it on the real model."""
+    train_s_per_clip: float     # forward + backward + optimiser step, per training crop
+    infer_s_per_window: float   # forward pass, per inference window
+    device: str
+    devices: int = 1            # devices of this speed the run has: stage 1 data-parallel, folds in rounds of them
+    ddp_train_s_per_clip: float = 0.0   # a data-parallel training step over all devices, per crop (0: not measured)
+
+    @property
+    def stage1_train_s_per_clip(self) -> float:
+        """Stage 1's training cost per crop: measured through DDP, else one device's shared by all."""
+        return self.ddp_train_s_per_clip or self.train_s_per_clip / self.devices
+
+    def describe(self) -> str:
+        ddp = (f"; {self.devices} devices data-parallel: {1 / self.stage1_train_s_per_clip:.0f} clips/s"
+               if self.devices > 1 else "")
+        return (f"{self.device}: training {1 / self.train_s_per_clip:.0f} clips/s, "
+                f"inference {1 / self.infer_s_per_window:.0f} windows/s{ddp}")
+
+
+def count_workload(cfg: Config, noisy, curated, test) -> Workload:
+    """Clips and windows of each stage, from the decoded stores (features.MelStore; noisy may be None)."""
     def windows(store, idx):
         return len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac)) if len(idx) else 0
 
@@ -1843,7 +1859,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     """Seconds per unit of work, from the measured throughput (times `scale[kind]`, the measured/predicted ratio
     of work already done): a stage-1 epoch, a fold epoch, one fold's OOF predictions, one model's test TTA, and for
     the pseudo-label round one model's labelling pass over the test clips and one of its epochs. Both stages'
-    training sets include their top-up from the other set (`top_up_size`, as train.top_up draws it)."""
+    training sets include their top-up from the other set (`stages.top_up_size`, as splits.top_up draws it)."""
     k = cfg.folds
     infer = tp.infer_s_per_window * OVERHEAD
     train = tp.train_s_per_clip * OVERHEAD
@@ -1872,11 +1888,6 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
 
 def _geomean(values: list) -> float:
     return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
-
-
-def rounds(n: int, devices: int) -> int:
-    """Rounds it takes `devices` ranks to do `n` folds (or models) side by side."""
-    return -(-n // devices)
 
 
 def fold_s(c: dict, epochs: int, pseudo: int = 0) -> float:
@@ -3573,6 +3584,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -3646,9 +3658,11 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
 
 
 def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int,
-                 world: World = SINGLE) -> np.ndarray:
+                 world: World = SINGLE, folds: list | None = None) -> np.ndarray:
     """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded.
-    With several ranks, `models` are this rank's: every rank's predictions are gathered and ensembled alike."""
+    `folds`: the fold id of each of `models` (default: their positions), the order the ensemble takes them in. With
+    several ranks, `models` are this rank's: every rank's predictions are gathered and ensembled in fold order."""
+    folds = list(range(len(models))) if folds is None else folds
     idx = np.flatnonzero(store.ok)
     n_windows = len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac))
     per_fold = []
@@ -3662,7 +3676,7 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
                  len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
         full = np.full((len(store.mels), probs.shape[1]), np.nan)
         full[idx] = probs
-        per_fold.append((k * world.size + world.rank, full))   # fold order when fold k is on rank k % N
+        per_fold.append((folds[k], full))
     gathered = sorted((p for rank in world.gather(per_fold) for p in rank), key=lambda p: p[0])
     probs = ensemble([p for _, p in gathered], cfg.fold_ensemble)
     if cfg.class_balance:
@@ -3687,23 +3701,40 @@ def balance_classes(probs: np.ndarray) -> np.ndarray:
     return ratio / max(float(ratio.max()), 1e-12)
 
 
-def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, prior: np.ndarray) -> np.ndarray:
+def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, prior: np.ndarray,
+                       folds: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fold-ensembled whole-clip TTA on every test clip with `cfg`'s inference settings (written to
     inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
-    or where no model was trained in time). Returns the probabilities written."""
+    or where no model was trained in time). `folds`: the fold id of each of this rank's `models` (predict_test).
+    Returns the probabilities written and the ensemble's probabilities before class balancing (NaN rows for clips
+    that could not be decoded), which show the model's own bias."""
     t0 = time.time()
     if sum(run.world.gather(len(models))):
-        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes, run.world), test.ok,
-                             prior)
+        unbalanced = predict_test(models, test, replace(cfg, class_balance=False), run.device, cfg.tta_aug_passes,
+                                  run.world, folds)
+        probs = unbalanced.copy()
+        if cfg.class_balance:
+            probs[test.ok] = balance_classes(unbalanced[test.ok])
+        probs = fill_missing(probs, test.ok, prior)
     else:
-        probs = np.tile(prior, (len(data.test), 1))
+        probs = unbalanced = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
     if run.world.is_main:
         write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          probs)
         save_inference(run.work_dir, cfg)
     run.record("predict test", time.time() - t0)
-    return probs
+    return probs, unbalanced
+
+
+def submit_fold_models(run, data, folds, test: MelStore, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The test step of a training run: this rank's fold models (`folds`, train.FoldsResult, after the pseudo-label
+    round) predict every test clip with as many augmented passes as the time left allows (budget.test_passes for
+    all the trained folds; rank 0's decision on every rank), then submission.csv (predict_and_submit, whose two
+    results it returns)."""
+    passes = run.world.broadcast(run.budget.test_passes(len(folds.results)))
+    return predict_and_submit(run, replace(run.cfg, tta_aug_passes=passes), data, folds.models, test, prior,
+                              folds.model_folds)
 ''')
 
 _add('src/fattag/progress.py', r'''
@@ -3908,23 +3939,22 @@ import copy
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .checkpoint import atomic_write
+from .context import Run
 from .data import ClipTable
 from .features import Clips, MelStore
 from .predict import balance_classes, predict_test
-from .train import FoldsResult, StageSpec, TrainingData, finish_stage, fit_stage
+from .splits import TrainingData
+from .stage import StageSpec, finish_stage, fit_stage
+from .stages import ROUND_STAGE
+from .train import FoldsResult
 from .weights import model_meta, stage_recipe
 
-if TYPE_CHECKING:
-    from .context import Run
-
 log = logging.getLogger("fattag")
-ROUND_STAGE = "pseudo-label round"  # its name in plans and timing tables
 
 
 def pseudo_labels(probs: np.ndarray, threshold: float, balance: bool) -> np.ndarray:
@@ -3945,21 +3975,22 @@ def labelled_test(test: MelStore, labels: np.ndarray) -> Clips:
     return Clips(MelStore(table, test.mels, test.errors, test.seconds), ok)
 
 
-def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelStore) -> list:
-    """This rank's fold models after their pseudo-label epochs (the models as they were where a round is off or not
-    possible); the labels go to pseudo_labels.csv in the work dir. With several ranks the teacher's predictions are
-    gathered from all of them and each rank trains its own fold models."""
+def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelStore) -> FoldsResult:
+    """`folds` with this rank's fold models after their pseudo-label epochs (the models as they were where a round is
+    off or not possible) and their rows updated; the labels go to pseudo_labels.csv in the work dir. With several
+    ranks the teacher's predictions are gathered from all of them and each rank trains its own fold models."""
     models, n_models = folds.models, len(folds.results)
     if run.cfg.pseudo_epochs <= 0:
-        return models
+        return folds
     epochs = run.world.broadcast(run.budget.pseudo_epochs(n_models))
     if not n_models or epochs <= 0 or not test.ok.any():
         log.info("test pseudo-labels skipped (%s)", "no fold model" if not n_models else
                  "no time for an epoch" if epochs <= 0 else "no decodable test clip")
-        return models
+        return folds
     t0, cfg = time.time(), run.cfg
     teacher = dataclasses.replace(cfg, class_balance=False)   # raw probabilities: the threshold applies to them
-    probs = predict_test(models, test, teacher, run.device, aug_passes=0, world=run.world)[test.ok]
+    probs = predict_test(models, test, teacher, run.device, aug_passes=0, world=run.world,
+                         folds=folds.model_folds)[test.ok]
     labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance)
     if run.world.is_main:
         write_labels(run.work_dir / "pseudo_labels.csv", test, labels, d.classes)
@@ -3973,7 +4004,7 @@ def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelS
         for k, row in rows.items():
             row_of[k].update(row)
     run.record(ROUND_STAGE, time.time() - t0)
-    return out
+    return dataclasses.replace(folds, models=out)
 
 
 def train_on_pseudo(run: Run, d: TrainingData, row: dict, model, pseudo: Clips, epochs: int, n_models: int):
@@ -4032,6 +4063,7 @@ import pandas as pd
 from .checkpoint import atomic_write, atomic_write_text
 from .metrics import per_class_lwlrap
 from .progress import fmt_seconds
+from .thresholds import MIN_POSITIVES, threshold_scores
 
 __all__ = ["write_report"]
 
@@ -4317,19 +4349,35 @@ def _per_class_section(classes: list[str], oof_truth, oof_probs, figs: _Figures)
     return lines
 
 
+def class_means(probs: np.ndarray, truth=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each class's mean test probability and, given the training clips' targets, its label frequency among them."""
+    freq = None
+    if truth is not None:
+        truth = np.asarray(truth)
+        if truth.ndim == 2 and truth.shape[1] == probs.shape[1] and len(truth):
+            freq = (truth > 0).mean(axis=0)
+    return probs.mean(axis=0), freq
+
+
 def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_truth=None) -> list[str]:
     if test_probs is None:
         return ["No test predictions were passed."]
     probs, problem = _check_probs("test probabilities", test_probs, len(classes))
     if problem:
         return [problem]
-    finite = np.isfinite(probs)
-    if not finite.all():
-        return [f"test probabilities contain {int((~finite).sum())} non-finite value(s); section skipped."]
+    predicted = np.isfinite(probs).all(axis=1)   # a clip that could not be decoded has no probabilities
+    if not predicted.any():
+        return ["No test clip was predicted (none could be decoded); section skipped."]
+    left_out = int((~predicted).sum())
+    probs = probs[predicted]
     top = probs.max(axis=1)
     top1 = np.bincount(probs.argmax(axis=1), minlength=len(classes))
     common = np.argsort(-top1, kind="stable")[:5]
-    lines = [f"{len(probs)} test clips. Highest class probability per clip: median {np.median(top):.3f}, "
+    lines = [f"{len(probs)} test clips"
+             + (f" ({left_out} that could not be decoded left out)" if left_out else "")
+             + ", the fold ensemble's probabilities before any class balancing (the model's own view; a balanced "
+               "submission ranks them divided by each class's mean). "
+             f"Highest class probability per clip: median {np.median(top):.3f}, "
              f"{(top < 0.5).mean():.1%} of clips below 0.5. Expected labels per clip (row sum): "
              f"{probs.sum(axis=1).mean():.2f}. Range of all probabilities: [{probs.min():.3g}, {probs.max():.3g}].",
              "",
@@ -4345,17 +4393,17 @@ def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_tru
     lines += figs.save(fig, "report_test_max_prob.png",
                        "histogram over test clips of the highest predicted class probability of each clip.")
 
-    mean = probs.mean(axis=0)
+    mean, freq = class_means(probs, oof_truth)
     order = np.argsort(-mean, kind="stable")
     k = len(classes)
     fig, ax = figs.plt.subplots(figsize=(8, min(max(3.0, 0.2 * k + 1.5), 30)))
     ax.barh(np.arange(k), mean[order], color="C0")
-    title, prior_note = "Mean test probability per class", ""
-    truth = None if oof_truth is None else np.asarray(oof_truth)
-    if truth is not None and truth.ndim == 2 and truth.shape[1] == k and len(truth):
-        ax.plot((truth > 0).mean(axis=0)[order], np.arange(k), "o", color="C3", markersize=3)
-        title += "\n(red dots: label frequency in the OOF training clips)"
-        prior_note = " Red dots: how often each class is a label of the OOF training clips, for comparison."
+    title, prior_note = "Mean test probability per class (before class balancing)", ""
+    if freq is not None:
+        ax.plot(freq[order], np.arange(k), "o", color="C3", markersize=3)
+        title += "\n(red dots: label frequency in the training clips)"
+        prior_note = (" Red dots: how often each class is a label of the training clips: a bar far beyond its dot is "
+                      "a class the model favours.")
     ax.set_yticks(np.arange(k))
     ax.set_yticklabels([classes[i] for i in order], fontsize=7 if k > 30 else 9)
     ax.set_ylim(k - 0.5, -0.5)  # highest at the top, no empty margins
@@ -4363,9 +4411,32 @@ def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_tru
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     lines += [""] + figs.save(fig, "report_test_class_mean.png",
-                              "mean predicted probability of each class over the test clips, highest first."
-                              + prior_note)
-    return lines
+                              "mean predicted probability of each class over the test clips (before class "
+                              "balancing), highest first." + prior_note)
+    header = ["class", "mean test probability"] + (["label frequency (training clips)"] if freq is not None else [])
+    rows = [[_code(classes[i]), f"{mean[i]:.4f}"] + ([f"{freq[i]:.4f}"] if freq is not None else []) for i in order]
+    return lines + ["", "The figure's values:", ""] + _table(header, rows)
+
+
+def _thresholds_section(classes: list[str], thresholds: dict | None, oof_truth, oof_probs) -> list[str]:
+    """The decision thresholds the run chose and what they do on the OOF clips: precision, recall, F1 per class."""
+    if not thresholds or oof_truth is None or oof_probs is None:
+        return ["No decision thresholds were chosen (no out-of-fold predictions)."]
+    probs, problem = _check_probs("OOF probabilities", oof_probs, len(classes), oof_truth)
+    if problem:
+        return [problem]
+    cut = np.array([thresholds[c] for c in classes])
+    table = threshold_scores(oof_truth, probs, cut)
+    rows = [[_code(c) + (" (pooled)" if table["positives"][i] < MIN_POSITIVES else ""), f"{cut[i]:.3f}",
+             int(table["positives"][i]), _num(table["precision"][i], ".3f"), _num(table["recall"][i], ".3f"),
+             _num(table["f1"][i], ".3f")] for i, c in enumerate(classes)]
+    rows.append(["**all (micro)**", "", int(table["positives"].iloc[-1]), _num(table["precision"].iloc[-1], ".3f"),
+                 _num(table["recall"].iloc[-1], ".3f"), _num(table["f1"].iloc[-1], ".3f")])
+    return [f"A clip carries a class when its probability is at least the class's threshold: the one with the best "
+            f"F1 on the OOF clips, or, for a class with fewer than {MIN_POSITIVES} positive OOF clips (pooled), the "
+            f"one with the best F1 over every class's pairs together. Saved in inference.json; the tag mode's "
+            f"labels use them. On the OOF clips they were chosen on (so a little optimistic):", ""] + \
+        _table(["class", "threshold", "OOF positives", "precision", "recall", "F1"], rows)
 
 
 # ---------------------------------------------------------------- assembly
@@ -4383,11 +4454,14 @@ def _run_section(title: str, build, *args) -> list[str]:
 def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timings: list[dict],
                  scores: dict | None = None, folds: list[dict] | None = None,
                  oof_truth=None, oof_probs=None, test_probs=None,
-                 loaded: list[str] | None = None, stage1: dict | None = None, budget_use: dict | None = None) -> Path:
+                 loaded: list[str] | None = None, stage1: dict | None = None, budget_use: dict | None = None,
+                 thresholds: dict | None = None) -> Path:
     """Write `<work_dir>/report.md` (and its PNG figures beside it) and return its path.
 
     mode "train": dataset, time plan vs actual, per-fold lwlrap, OOF scores, training curves from
-    `stage1/history.csv` and `fold{k}/history.csv`, per-class OOF lwlrap and the test predictions.
+    `stage1/history.csv` and `fold{k}/history.csv`, per-class OOF lwlrap, the decision thresholds (`thresholds`,
+    {class: threshold}) with their OOF precision and recall, and the test predictions (`test_probs`: before class
+    balancing).
     mode "predict": dataset, the weight files loaded, timings and the test predictions.
     """
     if mode not in ("train", "predict"):
@@ -4409,6 +4483,7 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
                     ("Out-of-fold lwlrap", _scores_section, scores),
                     ("Training curves", _curves_section, work_dir, figs),
                     ("Per-class lwlrap", _per_class_section, classes, oof_truth, oof_probs, figs),
+                    ("Decision thresholds", _thresholds_section, classes, thresholds, oof_truth, oof_probs),
                     ("Test predictions", _predictions_section, classes, test_probs, figs, oof_truth)]
     else:
         sections = [("Dataset", _dataset_section, dataset),
@@ -4429,7 +4504,7 @@ _add('src/fattag/select.py', r'''
 About a third of a FAT-style noisy set is mislabelled. One extra pass, before stage 1: a scorer model is trained on
 the curated clips (a small curated holdout watches it), every noisy clip is predicted whole (all windows), and a
 clip is kept when each of its n labels is among the scorer's top n + margin classes. Stage 1 then learns from the
-kept clips only, and stage 2 may top its batches up with them (`noisy_share_curated`). The 1st place of FAT2019
+kept clips only, and stage 2 may top its batches up with them (`curated.top_up`). The 1st place of FAT2019
 kept 1,745 of 19,815 noisy clips this way; the 3rd and 6th used selected noisy clips too.
 
 The scorer has seen every curated clip, so the choice of noisy clips depends a little on each fold's validation
@@ -4439,23 +4514,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .checkpoint import atomic_write
+from .context import Run
 from .features import Clips
 from .model import build_model
 from .predict import predict_clips
-from .train import StageSpec, TrainingData, fit_stage, holdout_split
-
-if TYPE_CHECKING:
-    from .context import Run
+from .splits import TrainingData, holdout_split
+from .stage import StageSpec, fit_stage
+from .stages import SELECT_HOLDOUT, SELECT_STAGE
 
 log = logging.getLogger("fattag")
-SELECT_STAGE = "select noisy clips"   # its name in plans and timing tables
-SELECT_HOLDOUT = 0.1                  # share of the curated clips that watch the scorer
 
 
 def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
@@ -4464,6 +4536,16 @@ def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
     n = labels.sum(1, keepdims=True)
     worst = np.where(labels > 0, rank, -1).max(1)    # the rank of the clip's lowest-ranked label
     return (n[:, 0] > 0) & (worst < n[:, 0] + margin)
+
+
+def select_noisy_pool(run: Run, d: TrainingData) -> None:
+    """The selection as a step of the run, where it is asked for and stage 1 has epochs planned: the noisy clips
+    training may use (`d.noisy_pool`) become the kept ones (rank 0's choice, on every rank), and the budget prices
+    stage 1 on them."""
+    if not (run.cfg.select_noisy and run.budget.plan.epochs_noisy and len(d.noisy_pool)):
+        return
+    d.noisy_pool = run.world.broadcast(select_noisy(run, d))
+    run.budget.noisy_kept(len(d.noisy_pool))
 
 
 def select_noisy(run: Run, d: TrainingData) -> np.ndarray:
@@ -4495,234 +4577,21 @@ def select_noisy(run: Run, d: TrainingData) -> np.ndarray:
     return kept
 ''')
 
-_add('src/fattag/submission.py', r'''
-"""submission.csv: validated against sample_submission.csv, written atomically, a row for every test clip."""
-from __future__ import annotations
+_add('src/fattag/splits.py', r'''
+"""The splits training draws from: the curated folds, holdouts, and the clips each stage tops its set up with.
 
-import logging
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-
-from .checkpoint import atomic_write
-
-log = logging.getLogger("fattag")
-
-
-class SubmissionError(ValueError):
-    pass
-
-
-def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame) -> None:
-    """The header must equal sample_submission's, rows in its order, every value a probability in [0, 1]."""
-    if list(sub.columns) != list(sample.columns):
-        raise SubmissionError(f"columns differ from sample_submission.csv: got {list(sub.columns)[:4]}..., "
-                              f"expected {list(sample.columns)[:4]}... ({len(sample.columns)} columns)")
-    if len(sub) != len(sample) or list(sub["fname"]) != list(sample["fname"]):
-        raise SubmissionError(f"rows differ from sample_submission.csv ({len(sub)} vs {len(sample)} rows, "
-                              "or another order)")
-    values = sub.iloc[:, 1:].to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
-        raise SubmissionError(f"{int((~np.isfinite(values)).sum())} non-finite values")
-    if values.min() < 0 or values.max() > 1:
-        raise SubmissionError(f"values outside [0, 1]: min {values.min()}, max {values.max()}")
-
-
-def fill_missing(probs: np.ndarray, ok: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """Rows of clips that could not be decoded (or not predicted) get the class prior: a row, never a hole."""
-    out = np.array(probs, dtype=np.float64, copy=True)
-    bad = ~ok | ~np.isfinite(out).all(1)
-    out[bad] = prior[None, :]
-    if bad.any():
-        log.warning("%d test clips could not be predicted: they get the class prior", int(bad.sum()))
-    return out
-
-
-def class_prior(targets: np.ndarray) -> np.ndarray:
-    """Share of clips carrying each class: the best guess for a clip we cannot hear."""
-    if targets is None or len(targets) == 0:
-        raise ValueError("no training targets to derive a prior from")
-    return np.clip(targets.mean(0), 1e-4, 1.0)
-
-
-def write_submission(path, sample_submission, fnames: list[str], classes: list[str], probs: np.ndarray) -> Path:
-    """Validate, then write to a temporary file and rename: a partial submission.csv never remains."""
-    path = Path(path)
-    sample = pd.read_csv(sample_submission)
-    sub = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=classes)
-    sub.insert(0, "fname", list(fnames))
-    validate_submission(sub, sample)
-    atomic_write(path, lambda tmp: sub.to_csv(tmp, index=False, float_format="%.6f"))
-    log.info("wrote %s (%d clips x %d classes)", path, len(sub), len(classes))
-    return path
-
-
-def write_oof(path, fnames: list[str], classes: list[str], probs: np.ndarray) -> Path:
-    """Out-of-fold probabilities in submission layout, for the clips that were predicted (finite rows)."""
-    path = Path(path)
-    rows = np.isfinite(probs).all(1)
-    df = pd.DataFrame(probs[rows], columns=classes)
-    df.insert(0, "fname", [f for f, r in zip(fnames, rows) if r])
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6f"))
-    return path
-''')
-
-_add('src/fattag/throughput.py', r'''
-"""Throughput: what a training step and an inference window really cost on this machine.
-
-Measured on the real model (its input channels included) with random input of the crop size, on a few warmed-up
-batches, under the precision training and prediction use; the cost model (cost.py) prices the run from it. With
-several ranks each measures its own device, then all time training steps together through DDP (each rank a share
-of the batch, as stage 1 trains): that rate prices stage 1.
+`TrainingData` holds the decoded sets, the fold id of every curated clip and the noisy clips training may use; the
+steps (train.py, select.py, pseudo.py) take their training and validation clips from it.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .config import Config
-from .model import build_model, to_device
-from .precision import amp_dtype, autocast, grad_scaler
-from .world import SINGLE, World
-
-
-@dataclass
-class Throughput:
-    train_s_per_clip: float     # forward + backward + optimiser step, per training crop
-    infer_s_per_window: float   # forward pass, per inference window
-    device: str
-    devices: int = 1            # devices of this speed the run has: stage 1 data-parallel, folds in rounds of them
-    ddp_train_s_per_clip: float = 0.0   # a data-parallel training step over all devices, per crop (0: not measured)
-
-    @property
-    def stage1_train_s_per_clip(self) -> float:
-        """Stage 1's training cost per crop: measured through DDP, else one device's shared by all."""
-        return self.ddp_train_s_per_clip or self.train_s_per_clip / self.devices
-
-    def describe(self) -> str:
-        ddp = (f"; {self.devices} devices data-parallel: {1 / self.stage1_train_s_per_clip:.0f} clips/s"
-               if self.devices > 1 else "")
-        return (f"{self.device}: training {1 / self.train_s_per_clip:.0f} clips/s, "
-                f"inference {1 / self.infer_s_per_window:.0f} windows/s{ddp}")
-
-
-def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,
-                       runs: int = 4, world: World = SINGLE) -> Throughput:
-    """Time training steps and inference batches of the real model on random input of the crop size.
-
-    The first run of each warms up and is not used, unless the next would take the measurement past
-    `max_seconds` (a small share of the budget: a slow CPU step is then measured once, and the stages' measured
-    times correct the estimate later).
-    """
-    device = torch.device(device)
-    model = to_device(build_model(cfg, n_classes), device, cfg.channels_last)
-    bs = cfg.batch_size
-    x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
-    y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cuda = device.type == "cuda"
-    dtype = amp_dtype(cfg, device)  # as training and prediction run (stage_learner, predict_clips)
-    scaler = grad_scaler(device, dtype)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    spent = [0.0]
-
-    def train_step(net=model, n=bs):   # DDP's step below: the DDP-wrapped model on this rank's share of the batch
-        with autocast(device, dtype):
-            loss = loss_fn(net(x[:n]).float(), y[:n])
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    def infer():
-        with torch.inference_mode(), autocast(device, dtype):
-            model(x)
-
-    def timed(fn, share: float, limited: bool = True) -> float:
-        times = []
-        while len(times) < runs:
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            spent[0] += times[-1]
-            if limited and max_seconds and spent[0] + times[-1] > max_seconds * share:
-                break
-        return min(times[1:] or times)
-
-    model.train()
-    t_train = timed(train_step, 0.7) / bs
-    model.eval()
-    t_infer = timed(infer, 1.0) / bs
-    if world.size == 1:
-        return Throughput(t_train, t_infer, str(device))
-    # stage 1's step: all ranks at once through DDP, each on its share of the batch
-    from torch.nn.parallel import DistributedDataParallel
-    ddp = DistributedDataParallel(model.train(), device_ids=[device] if cuda else None)
-    share = max(bs // world.size, 1)
-    # unlimited: every rank times as many steps, so none waits for another in the all-reduce
-    t_ddp = timed(lambda: train_step(ddp, share), 1.0, limited=False) / bs
-    return Throughput(t_train, t_infer, str(device), world.size, world.broadcast(t_ddp))
-''')
-
-_add('src/fattag/train.py', r'''
-"""Training: the two stages as specs of one loop, and the K curated folds.
-
-Stage 1 learns from the large noisy set; stage 2 fine-tunes fold k of the curated set from the stage-1 weights.
-Both are `fit_stage(model, train, valid, spec, deadline)`: a fastai Learner with one-cycle on random crops, the
-stage's augmentation callbacks, and the callbacks of `callbacks.py` (NaN guard, best epoch by exact whole-clip
-lwlrap, per-epoch checkpoint for resume, log line, deadline). Stage 1 and stage 2 differ only in their StageSpec,
-made from their StageSettings (`cfg.noisy`, `cfg.curated`); the epochs and deadlines come from the run's Budget.
-"""
-from __future__ import annotations
-
-import logging
-import sys
-import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable
-
-import numpy as np
-import pandas as pd
-import torch
-from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
-from fastai.learner import Learner, Metric
-from fastai.torch_core import set_seed
-from fastcore.basics import noop
-
-from .augment import augment_policy
-from .callbacks import Deadline, EpochCheckpoint, EpochLog, EpochPlan, KeepBest, NanGuard, WeightAverage
-from .checkpoint import Resume, StageDir
-from .config import Config, StageSettings, top_up_size
-from .dataparallel import DataParallel, training_loader
-from .features import Clips, CropDataset, MelStore, aggregate_windows, store_stats
-from .losses import make_loss
-from .metrics import chance_lwlrap, lwlrap
-from .model import build_model, input_mean, to_device
-from .precision import DeviceMixedPrecision, amp_dtype
-from .predict import predict_clips
-from .weights import model_from_state, model_meta, stage_recipe
-from .world import SINGLE, World, doing
-
-if TYPE_CHECKING:
-    from .context import Run
-
-log = logging.getLogger("fattag")
-HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "lwlrap"]
-STAGE1 = "stage 1 (noisy)"   # its name in logs, plans and timing tables
-
-
-def fold_stage(k: int) -> str:
-    """Stage 2 on fold k, as plans and timing tables name it."""
-    return f"fold {k}"
+from .features import Clips, MelStore, store_stats
+from .stages import holdout_size, top_up_size
 
 
 def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -4743,10 +4612,6 @@ def make_folds(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-def holdout_size(n: int, share: float) -> int:
-    """Clips of n that a holdout of `share` takes: at least one (none of none); the cost model counts as many."""
-    return max(1, int(round(n * share))) if n else 0
-
 
 def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random (train, holdout) split of the given clip indices; the holdout has at least one clip."""
@@ -4755,7 +4620,102 @@ def holdout_split(indices: np.ndarray, share: float, seed: int) -> tuple[np.ndar
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-# ---------------------------------------------------------------- one stage
+
+@dataclass
+class TrainingData:
+    """What both stages train from: the decoded sets, the class vocabulary, the curated folds."""
+    classes: list[str]
+    curated: MelStore
+    noisy: MelStore | None
+    folds: np.ndarray            # fold id per curated clip (-1: could not be decoded)
+    stats: tuple[float, float]   # mean and std of the curated log-mels: the model's input normalisation
+    noisy_pool: np.ndarray       # the noisy clips training may use: every decodable one, or those selection kept
+
+    @classmethod
+    def make(cls, classes: list[str], curated: MelStore, noisy: MelStore | None, cfg: Config) -> TrainingData:
+        ok = np.flatnonzero(curated.ok)
+        folds = np.full(len(curated.table), -1, dtype=np.int64)
+        folds[ok] = make_folds(curated.table.targets[ok], cfg.folds, cfg.seed)
+        pool = np.flatnonzero(noisy.ok) if noisy is not None else np.zeros(0, dtype=np.int64)
+        return cls(list(classes), curated, noisy, folds, store_stats(curated, seed=cfg.seed), pool)
+
+    def fold(self, k: int) -> tuple[Clips, Clips]:
+        """(training clips, validation clips) of fold k: every decodable curated clip is in exactly one of them."""
+        return (Clips(self.curated, np.flatnonzero((self.folds >= 0) & (self.folds != k))),
+                Clips(self.curated, np.flatnonzero(self.folds == k)))
+
+    def fold_training(self, k: int, share: float, seed: int) -> tuple[list[Clips], Clips]:
+        """Stage 2's (training sets, validation clips) of fold k: the other folds' clips, topped up with noisy clips
+        so that they are `share` of the training items."""
+        train, valid = self.fold(k)
+        return [train, *self.noisy_top_up(len(train), share, seed)], valid
+
+    def noisy_top_up(self, n_curated: int, share: float, seed: int) -> list[Clips]:
+        """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it."""
+        return top_up(self.noisy, self.noisy_pool, n_curated, share, seed)
+
+    def curated_top_up(self, n_noisy: int, share: float, seed: int) -> list[Clips]:
+        """Curated clips to add to stage 1's `n_noisy` training clips so that they are `share` of the items (at
+        most every decodable curated clip). Stage 1 then hears every fold's clean clips, so stage 2's fold scores
+        and the OOF predictions over-promise (realdev everyday: OOF 1.000)."""
+        return top_up(self.curated, np.flatnonzero(self.curated.ok), n_noisy, share, seed)
+
+
+def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, seed: int) -> list[Clips]:
+    """Clips of `pool` (indices into `store`) to add to a training set of `n_base` clips so that they are `share` of
+    the items, capped at the whole pool; drawn without replacement, seeded. [] when there is nothing to add."""
+    if share <= 0 or store is None or not len(pool):
+        return []
+    n = top_up_size(n_base, share, len(pool))
+    return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)))]
+
+''')
+
+_add('src/fattag/stage.py', r'''
+"""One training stage: a fastai Learner on random crops with the stage's callbacks, fitted and saved.
+
+Stage 1, each fold of stage 2, the selection scorer and the pseudo-label round are all `fit_stage(model, train,
+valid, spec, deadline)`: one-cycle on random crops, the stage's augmentation callbacks, and the callbacks of
+`callbacks.py` (NaN guard, best epoch by exact whole-clip lwlrap, per-epoch checkpoint for resume, log line,
+deadline, epoch plan). They differ only in their StageSpec, made from their StageSettings (`cfg.noisy`,
+`cfg.curated`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner, Metric
+from fastai.torch_core import set_seed
+from fastcore.basics import noop
+
+from .augment import augment_policy
+from .callbacks import Deadline, EpochCheckpoint, EpochLog, EpochPlan, KeepBest, NanGuard, WeightAverage
+from .checkpoint import Resume, StageDir
+from .config import Config, StageSettings
+from .context import Run
+from .dataparallel import DataParallel, training_loader
+from .features import Clips, CropDataset, aggregate_windows
+from .losses import make_loss
+from .metrics import lwlrap
+from .model import input_mean, to_device
+from .precision import DeviceMixedPrecision, amp_dtype
+from .weights import stage_recipe
+from .world import SINGLE, World, doing
+
+log = logging.getLogger("fattag")
+HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "lwlrap"]
 
 
 @dataclass
@@ -4896,57 +4856,339 @@ def finish_stage(spec: StageSpec, model: torch.nn.Module, res: StageResult, meta
             "epochs_run": len(res.history), "epochs_planned": res.epochs_planned}
     spec.stage_dir.finish(model, meta, res.history)
 
+''')
 
-# ---------------------------------------------------------------- the two stages
+_add('src/fattag/stages.py', r'''
+"""What the steps and the cost model agree on: the stages' names, the sizes both count, which rank trains a fold.
 
+The steps (train.py, select.py, pseudo.py) record their timings under these names and the plan (cost.py) prices
+its rows under the same ones, so that the timing table sets plan against actual; a holdout or a top-up is as large
+in the plan as in training. Nothing here imports the rest of the project.
+"""
+from __future__ import annotations
 
-@dataclass
-class TrainingData:
-    """What both stages train from: the decoded sets, the class vocabulary, the curated folds."""
-    classes: list[str]
-    curated: MelStore
-    noisy: MelStore | None
-    folds: np.ndarray            # fold id per curated clip (-1: could not be decoded)
-    stats: tuple[float, float]   # mean and std of the curated log-mels: the model's input normalisation
-    noisy_pool: np.ndarray       # the noisy clips training may use: every decodable one, or those selection kept
-
-    @classmethod
-    def make(cls, classes: list[str], curated: MelStore, noisy: MelStore | None, cfg: Config) -> TrainingData:
-        ok = np.flatnonzero(curated.ok)
-        folds = np.full(len(curated.table), -1, dtype=np.int64)
-        folds[ok] = make_folds(curated.table.targets[ok], cfg.folds, cfg.seed)
-        pool = np.flatnonzero(noisy.ok) if noisy is not None else np.zeros(0, dtype=np.int64)
-        return cls(list(classes), curated, noisy, folds, store_stats(curated, seed=cfg.seed), pool)
-
-    def fold(self, k: int) -> tuple[Clips, Clips]:
-        """(training clips, validation clips) of fold k: every decodable curated clip is in exactly one of them."""
-        return (Clips(self.curated, np.flatnonzero((self.folds >= 0) & (self.folds != k))),
-                Clips(self.curated, np.flatnonzero(self.folds == k)))
-
-    def fold_training(self, k: int, share: float, seed: int) -> tuple[list[Clips], Clips]:
-        """Stage 2's (training sets, validation clips) of fold k: the other folds' clips, topped up with noisy clips
-        so that they are `share` of the training items."""
-        train, valid = self.fold(k)
-        return [train, *self.noisy_top_up(len(train), share, seed)], valid
-
-    def noisy_top_up(self, n_curated: int, share: float, seed: int) -> list[Clips]:
-        """Noisy clips to add to a stage-2 training set of `n_curated` clips so that they are `share` of it."""
-        return top_up(self.noisy, self.noisy_pool, n_curated, share, seed)
-
-    def curated_top_up(self, n_noisy: int, share: float, seed: int) -> list[Clips]:
-        """Curated clips to add to stage 1's `n_noisy` training clips so that they are `share` of the items (at
-        most every decodable curated clip). Stage 1 then hears every fold's clean clips, so stage 2's fold scores
-        and the OOF predictions over-promise (realdev everyday: OOF 1.000)."""
-        return top_up(self.curated, np.flatnonzero(self.curated.ok), n_noisy, share, seed)
+STAGE1 = "stage 1 (noisy)"            # stage 1 on the noisy set
+SELECT_STAGE = "select noisy clips"   # noisy-clip selection, before stage 1
+ROUND_STAGE = "pseudo-label round"    # the test pseudo-label round, after stage 2
+SELECT_HOLDOUT = 0.1                  # share of the curated clips that watch the selection's scorer
 
 
-def top_up(store: MelStore | None, pool: np.ndarray, n_base: int, share: float, seed: int) -> list[Clips]:
-    """Clips of `pool` (indices into `store`) to add to a training set of `n_base` clips so that they are `share` of
-    the items, capped at the whole pool; drawn without replacement, seeded. [] when there is nothing to add."""
-    if share <= 0 or store is None or not len(pool):
-        return []
-    n = top_up_size(n_base, share, len(pool))
-    return [Clips(store, np.sort(np.random.default_rng(seed).choice(pool, n, replace=False)))]
+def fold_stage(k: int) -> str:
+    """Stage 2 on fold k."""
+    return f"fold {k}"
+
+
+def holdout_size(n: int, share: float) -> int:
+    """Clips of n that a holdout of `share` takes: at least one (none of none)."""
+    return max(1, int(round(n * share))) if n else 0
+
+
+def top_up_size(n_base: int, share: float, available: int) -> int:
+    """How many clips of the other set make them `share` of a training set of `n_base` clips, at most `available`
+    (both stages top up: stage 1 with curated clips, stage 2 with noisy ones)."""
+    return min(available, int(round(n_base * share / (1 - share))))
+
+
+# ---------------------------------------------------------------- folds over the ranks
+
+
+def fold_rank(k: int, devices: int) -> int:
+    """The rank that trains fold k: the folds are dealt out round-robin."""
+    return k % devices
+
+
+def fold_round(k: int, devices: int) -> int:
+    """The round fold k trains in: the ranks train `devices` folds side by side, round after round."""
+    return k // devices
+
+
+def round_start(k: int, devices: int) -> int:
+    """The first fold of fold k's round: the folds before it trained in earlier rounds."""
+    return fold_round(k, devices) * devices
+
+
+def rounds(n: int, devices: int) -> int:
+    """Rounds it takes `devices` ranks to do `n` folds (or models) side by side."""
+    return -(-n // devices)
+''')
+
+_add('src/fattag/submission.py', r'''
+"""submission.csv: validated against sample_submission.csv, written atomically, a row for every test clip."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .checkpoint import atomic_write
+
+log = logging.getLogger("fattag")
+
+
+class SubmissionError(ValueError):
+    pass
+
+
+def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame) -> None:
+    """The header must equal sample_submission's, rows in its order, every value a probability in [0, 1]."""
+    if list(sub.columns) != list(sample.columns):
+        raise SubmissionError(f"columns differ from sample_submission.csv: got {list(sub.columns)[:4]}..., "
+                              f"expected {list(sample.columns)[:4]}... ({len(sample.columns)} columns)")
+    if len(sub) != len(sample) or list(sub["fname"]) != list(sample["fname"]):
+        raise SubmissionError(f"rows differ from sample_submission.csv ({len(sub)} vs {len(sample)} rows, "
+                              "or another order)")
+    values = sub.iloc[:, 1:].to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise SubmissionError(f"{int((~np.isfinite(values)).sum())} non-finite values")
+    if values.min() < 0 or values.max() > 1:
+        raise SubmissionError(f"values outside [0, 1]: min {values.min()}, max {values.max()}")
+
+
+def fill_missing(probs: np.ndarray, ok: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Rows of clips that could not be decoded (or not predicted) get the class prior: a row, never a hole."""
+    out = np.array(probs, dtype=np.float64, copy=True)
+    bad = ~ok | ~np.isfinite(out).all(1)
+    out[bad] = prior[None, :]
+    if bad.any():
+        log.warning("%d test clips could not be predicted: they get the class prior", int(bad.sum()))
+    return out
+
+
+def class_prior(targets: np.ndarray) -> np.ndarray:
+    """Share of clips carrying each class: the best guess for a clip we cannot hear."""
+    if targets is None or len(targets) == 0:
+        raise ValueError("no training targets to derive a prior from")
+    return np.clip(targets.mean(0), 1e-4, 1.0)
+
+
+def write_submission(path, sample_submission, fnames: list[str], classes: list[str], probs: np.ndarray) -> Path:
+    """Validate, then write to a temporary file and rename: a partial submission.csv never remains."""
+    path = Path(path)
+    sample = pd.read_csv(sample_submission)
+    sub = pd.DataFrame(np.clip(probs, 0.0, 1.0), columns=classes)
+    sub.insert(0, "fname", list(fnames))
+    validate_submission(sub, sample)
+    atomic_write(path, lambda tmp: sub.to_csv(tmp, index=False, float_format="%.6f"))
+    log.info("wrote %s (%d clips x %d classes)", path, len(sub), len(classes))
+    return path
+
+
+def write_oof(path, fnames: list[str], classes: list[str], probs: np.ndarray) -> Path:
+    """Out-of-fold probabilities in submission layout, for the clips that were predicted (finite rows)."""
+    path = Path(path)
+    rows = np.isfinite(probs).all(1)
+    df = pd.DataFrame(probs[rows], columns=classes)
+    df.insert(0, "fname", [f for f, r in zip(fnames, rows) if r])
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6f"))
+    return path
+''')
+
+_add('src/fattag/thresholds.py', r'''
+"""Decision thresholds: when a class's probability means "this clip carries it", chosen on out-of-fold predictions.
+
+A ranking metric (lwlrap) needs no threshold, but a user asking "which sounds are in this file" does. Each class
+gets the threshold that maximises its F1 on the training run's out-of-fold predictions (every clip scored by the
+fold model that did not train on it). A class with fewer than MIN_POSITIVES positive OOF clips says too little to
+place its own threshold: it gets the one that maximises F1 over every class's (clip, class) pairs pooled (micro-F1).
+The thresholds are saved with the weights (weights.save_thresholds) and used by the tag mode's `labels` column.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("fattag")
+
+MIN_POSITIVES = 5        # fewer positive OOF clips than this: the class gets the pooled threshold
+DEFAULT_THRESHOLD = 0.5  # for weights saved without thresholds (runs older than them)
+
+
+def f1_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold t that maximises F1 of `scores >= t` against `truth` (1-D, 1 = positive).
+
+    Cuts fall between distinct scores: t is midway between the lowest score labelled and the next lower one (the
+    lowest score itself when every item is labelled), so a score tied with another is never split. Among cuts of
+    equal F1 the highest wins (fewer labels). No positive at all: DEFAULT_THRESHOLD."""
+    truth, scores = np.asarray(truth).ravel() > 0, np.asarray(scores, dtype=np.float64).ravel()
+    positives = int(truth.sum())
+    if positives == 0:
+        return DEFAULT_THRESHOLD
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], np.cumsum(truth[order])
+    labelled = np.arange(1, len(ranked) + 1)
+    f1 = 2 * hits / (labelled + positives)
+    cut = np.append(ranked[:-1] > ranked[1:], True)   # the last item of each run of equal scores
+    best = int(np.flatnonzero(cut)[np.argmax(f1[cut])])
+    return float(ranked[best] if best == len(ranked) - 1 else (ranked[best] + ranked[best + 1]) / 2)
+
+
+def choose_thresholds(truth: np.ndarray, probs: np.ndarray, min_positives: int = MIN_POSITIVES) -> np.ndarray:
+    """Per class (columns of `truth` and `probs`, one row per OOF clip): its F1-optimal threshold, or the pooled
+    micro-F1 threshold for a class with fewer than `min_positives` positives."""
+    truth, probs = np.asarray(truth) > 0, np.asarray(probs, dtype=np.float64)
+    pooled = f1_threshold(truth, probs)
+    return np.array([f1_threshold(truth[:, c], probs[:, c]) if truth[:, c].sum() >= min_positives else pooled
+                     for c in range(truth.shape[1])])
+
+
+def oof_thresholds(classes: list[str], targets: np.ndarray, oof: np.ndarray) -> dict | None:
+    """{class: threshold} chosen on the OOF rows that were predicted (finite rows of `oof`); None when none were."""
+    rows = np.isfinite(oof).all(1)
+    if not rows.any():
+        return None
+    thresholds = choose_thresholds(targets[rows], oof[rows])
+    pooled = int(((targets[rows] > 0).sum(0) < MIN_POSITIVES).sum())
+    log.info("decision thresholds (F1-optimal on %d OOF clips): median %.3f, range %.3f-%.3f; %d class(es) with "
+             "fewer than %d positives take the pooled one", int(rows.sum()), np.median(thresholds), thresholds.min(),
+             thresholds.max(), pooled, MIN_POSITIVES)
+    return {c: round(float(t), 6) for c, t in zip(classes, thresholds)}
+
+
+def threshold_scores(truth: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> pd.DataFrame:
+    """Per class, labelling `probs >= thresholds`: positives, precision, recall and F1 against `truth` (NaN where
+    a ratio has nothing to count), plus a last row `all` over every (clip, class) pair (micro-averaged)."""
+    truth, said = np.asarray(truth) > 0, np.asarray(probs) >= np.asarray(thresholds)[None, :]
+    tp, fp, fn = (truth & said).sum(0), (~truth & said).sum(0), (truth & ~said).sum(0)
+    tp, fp, fn = (np.append(x, x.sum()).astype(np.float64) for x in (tp, fp, fn))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame(dict(positives=(tp + fn).astype(int), precision=tp / (tp + fp), recall=tp / (tp + fn),
+                                 f1=2 * tp / (2 * tp + fp + fn)))
+
+
+def thresholds_for(classes: list[str], saved: dict | None, source: str = "the weights") -> np.ndarray:
+    """The saved {class: threshold} in `classes`' order; DEFAULT_THRESHOLD, with one warning line, for weights
+    saved without them (or without some class)."""
+    saved = saved or {}
+    missing = [c for c in classes if c not in saved]
+    if missing:
+        log.warning("%s carry no decision threshold for %d of %d classes (a run older than them): labelling at "
+                    "probability >= %.2f there", source, len(missing), len(classes), DEFAULT_THRESHOLD)
+    return np.array([float(saved.get(c, DEFAULT_THRESHOLD)) for c in classes])
+
+
+def label_text(probs: np.ndarray, classes: list[str], thresholds: np.ndarray) -> str:
+    """The labels one clip carries, each with its probability, highest first: "Piano:0.91;Flute:0.62" ("" if none)."""
+    order = np.argsort(-np.asarray(probs), kind="stable")
+    return ";".join(f"{classes[c]}:{probs[c]:.2f}" for c in order if probs[c] >= thresholds[c])
+
+
+__all__ = ["DEFAULT_THRESHOLD", "MIN_POSITIVES", "choose_thresholds", "f1_threshold", "label_text",
+           "oof_thresholds", "threshold_scores", "thresholds_for"]
+''')
+
+_add('src/fattag/throughput.py', r'''
+"""Throughput: what a training step and an inference window really cost on this machine.
+
+Measured on the real model (its input channels included) with random input of the crop size, on a few warmed-up
+batches, under the precision training and prediction use; the cost model (cost.py) prices the run from the
+`cost.Throughput` it returns. With several ranks each measures its own device, then all time training steps
+together through DDP (each rank a share of the batch, as stage 1 trains): that rate prices stage 1.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import Config
+from .cost import Throughput
+from .model import build_model, to_device
+from .precision import amp_dtype, autocast, grad_scaler
+from .world import SINGLE, World
+
+
+def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,
+                       runs: int = 4, world: World = SINGLE) -> Throughput:
+    """Time training steps and inference batches of the real model on random input of the crop size.
+
+    The first run of each warms up and is not used, unless the next would take the measurement past
+    `max_seconds` (a small share of the budget: a slow CPU step is then measured once, and the stages' measured
+    times correct the estimate later).
+    """
+    device = torch.device(device)
+    model = to_device(build_model(cfg, n_classes), device, cfg.channels_last)
+    bs = cfg.batch_size
+    x = torch.randn(bs, 1, cfg.n_mels, cfg.crop_frames, device=device).half()
+    y = (torch.rand(bs, n_classes, device=device) < 0.05).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cuda = device.type == "cuda"
+    dtype = amp_dtype(cfg, device)  # as training and prediction run (stage_learner, predict_clips)
+    scaler = grad_scaler(device, dtype)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    spent = [0.0]
+
+    def train_step(net=model, n=bs):   # DDP's step below: the DDP-wrapped model on this rank's share of the batch
+        with autocast(device, dtype):
+            loss = loss_fn(net(x[:n]).float(), y[:n])
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def infer():
+        with torch.inference_mode(), autocast(device, dtype):
+            model(x)
+
+    def timed(fn, share: float, limited: bool = True) -> float:
+        times = []
+        while len(times) < runs:
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            spent[0] += times[-1]
+            if limited and max_seconds and spent[0] + times[-1] > max_seconds * share:
+                break
+        return min(times[1:] or times)
+
+    model.train()
+    t_train = timed(train_step, 0.7) / bs
+    model.eval()
+    t_infer = timed(infer, 1.0) / bs
+    if world.size == 1:
+        return Throughput(t_train, t_infer, str(device))
+    # stage 1's step: all ranks at once through DDP, each on its share of the batch
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel(model.train(), device_ids=[device] if cuda else None)
+    share = max(bs // world.size, 1)
+    # unlimited: every rank times as many steps, so none waits for another in the all-reduce
+    t_ddp = timed(lambda: train_step(ddp, share), 1.0, limited=False) / bs
+    return Throughput(t_train, t_infer, str(device), world.size, world.broadcast(t_ddp))
+''')
+
+_add('src/fattag/train.py', r'''
+"""The training steps of a run: stage 1 on the noisy set, then stage 2 on each curated fold with its OOF predictions.
+
+Stage 1 learns from the large noisy set; stage 2 fine-tunes fold k of the curated set from the stage-1 weights.
+Each trains one stage (stage.py) on its clips (splits.py); the epochs and deadlines come from the run's Budget.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from fastai.torch_core import set_seed
+
+from .config import Config
+from .context import Run
+from .features import Clips
+from .metrics import chance_lwlrap, lwlrap
+from .model import build_model
+from .predict import predict_clips
+from .splits import TrainingData, holdout_split
+from .stage import StageResult, StageSpec, finish_stage, fit_stage
+from .stages import STAGE1, fold_stage
+from .weights import model_from_state, model_meta
+
+log = logging.getLogger("fattag")
 
 
 @dataclass
@@ -5061,7 +5303,9 @@ def predict_oof(model: torch.nn.Module, clips: Clips, cfg: Config, device, passe
 
 def train_folds(run: Run, d: TrainingData, stage1: dict | None) -> FoldsResult:
     """Stage 2 on as many curated folds as the budget allows, each followed by its out-of-fold predictions. With
-    several ranks each trains its share of the folds (fold k on rank k % N) and every rank gets all folds' rows."""
+    several ranks all start from rank 0's plan, each trains its share of the folds (`World.mine`) and every rank
+    gets all folds' rows."""
+    run.share_plan()
     models, model_folds, mine, budget = [], [], [], run.budget
     for k in run.world.mine(range(run.cfg.folds)):
         t0 = time.time()
@@ -5107,7 +5351,8 @@ predict-only run gets its models and the settings to predict with.
 - A checkpoint's *metadata* (`model_meta`) is what prediction needs to rebuild the model and refuse a mismatched
   dataset: the classes, the feature and the model settings.
 - The *inference settings* a run predicted the test set with go once to `inference.json` in its work dir, beside
-  the fold folders (`save_inference`); a predict-only run from those weights starts from them.
+  the fold folders (`save_inference`); a predict-only run from those weights starts from them. The run's decision
+  thresholds per class (thresholds.py) go in the same file, under "thresholds" (`save_thresholds`).
 """
 from __future__ import annotations
 
@@ -5136,6 +5381,7 @@ NOT_RECIPE_KEYS = ("noisy.epochs", "curated.epochs", "pseudo_epochs", "pseudo_th
 # What a saved pseudo-label round depends on besides the recipe: how the teacher predicts and the round's settings.
 ROUND_KEYS = ("class_balance", "tta_aggregate", "tta_step_frac", "fold_ensemble", "pseudo_threshold", "lr_pseudo")
 INFERENCE_FILE = "inference.json"
+THRESHOLDS_KEY = "thresholds"   # inference.json's entry for the decision thresholds, {class: threshold}
 log = logging.getLogger("fattag")
 
 
@@ -5211,13 +5457,36 @@ def save_inference(work_dir, cfg: Config) -> None:
     atomic_write_text(Path(work_dir) / INFERENCE_FILE, json.dumps(inference_settings(cfg), indent=2) + "\n")
 
 
-def saved_inference(paths: list[Path], metas: list[dict]) -> dict:
-    """The inference settings that the training run of these fold checkpoints used: its inference.json (in the
-    folder holding the fold folders), else the settings older checkpoints carried in their metadata."""
+def save_thresholds(work_dir, thresholds: dict | None) -> None:
+    """The decision thresholds ({class: threshold}) added to the work dir's inference.json (nothing when None)."""
+    if thresholds is None:
+        return
+    path = Path(work_dir) / INFERENCE_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_text(path, json.dumps({**saved, THRESHOLDS_KEY: thresholds}, indent=2) + "\n")
+
+
+def inference_file(paths: list[Path]) -> Path | None:
+    """The inference.json of the training run of these fold checkpoints: in the folder holding the fold folders."""
     for path in paths:
         folds_dir = next((p.parent for p in Path(path).parents if p.name.startswith("fold")), None)
         if folds_dir is not None and (folds_dir / INFERENCE_FILE).is_file():
-            return json.loads((folds_dir / INFERENCE_FILE).read_text())
+            return folds_dir / INFERENCE_FILE
+    return None
+
+
+def saved_thresholds(paths: list[Path]) -> dict | None:
+    """The decision thresholds the training run of these fold checkpoints saved, or None (a run older than them)."""
+    found = inference_file(paths)
+    return json.loads(found.read_text()).get(THRESHOLDS_KEY) if found is not None else None
+
+
+def saved_inference(paths: list[Path], metas: list[dict]) -> dict:
+    """The inference settings that the training run of these fold checkpoints used: its inference.json (in the
+    folder holding the fold folders), else the settings older checkpoints carried in their metadata."""
+    found = inference_file(paths)
+    if found is not None:
+        return {k: v for k, v in json.loads(found.read_text()).items() if k != THRESHOLDS_KEY}
     legacy = [upgrade_settings(m.get("inference", {})) for m in metas]
     used = sorted({k for group in legacy for k in group if k in REMOVED})
     if used:
@@ -5291,6 +5560,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .stages import fold_rank
+
 log = logging.getLogger("fattag")
 GROUP_TIMEOUT_S = 3600   # longer than any step one rank does alone (rank 0 decoding FAT2019's stores)
 GRACE_S = 5              # a failed run's other ranks get this long to stop on their own before they are ended
@@ -5310,8 +5581,8 @@ class World:
         return self.rank == 0
 
     def mine(self, items) -> list:
-        """This rank's share of `items` (round-robin: fold k on rank k % size)."""
-        return list(items)[self.rank::self.size]
+        """This rank's share of `items`: the k-th item where fold k trains (stages.fold_rank)."""
+        return [item for k, item in enumerate(items) if fold_rank(k, self.size) == self.rank]
 
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
@@ -5501,7 +5772,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -5515,14 +5785,16 @@ from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_shared_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 from fattag.precision import check_device  # noqa: E402
-from fattag.predict import predict_and_submit  # noqa: E402
+from fattag.predict import predict_and_submit, submit_fold_models  # noqa: E402
 from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
-from fattag.select import select_noisy  # noqa: E402
+from fattag.select import select_noisy_pool  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.thresholds import oof_thresholds  # noqa: E402
 from fattag.throughput import measure_throughput  # noqa: E402
-from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
-from fattag.weights import load_fold_models, prediction_config  # noqa: E402
+from fattag.splits import TrainingData  # noqa: E402
+from fattag.train import train_folds, train_stage1  # noqa: E402
+from fattag.weights import load_fold_models, prediction_config, save_thresholds, saved_thresholds  # noqa: E402
 from fattag.world import should_spawn, spawn  # noqa: E402
 
 log = logging.getLogger("fattag")
@@ -5535,7 +5807,6 @@ def main(argv=None, defaults: dict | None = None) -> int:
         check_before_spawn(args)
         return spawn(main, argv, defaults, devices_asked(args))
     run = open_run(args)
-    cfg = run.cfg
     data = load_dataset(run.data_dir)
     log.info(data.summary())
     prior = class_prior(data.curated.targets)
@@ -5543,19 +5814,12 @@ def main(argv=None, defaults: dict | None = None) -> int:
     # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
     #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores (with several ranks:
     #    built once by rank 0, shared by all).
-    if run.world.is_main and not (run.work_dir / "submission.csv").exists():
-        write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
-                         np.tile(prior, (len(data.test), 1)))
+    write_prior_submission(run, data, prior)
     check_device(run.device)
     if args.mode == "predict":
         return predict_only(run, data, args.weights, prior)
-    t0 = time.time()
-    test, curated = (build_shared_store(t, cfg, run.device, run.world, run.work_dir / "stores")
-                     for t in (data.test, data.curated))
-    noisy = (build_shared_store(data.noisy, cfg, run.device, run.world, run.work_dir / "stores")
-             if data.noisy is not None and cfg.noisy.epochs > 0 else None)
-    run.record("decode + log-mel", time.time() - t0)
-    d = TrainingData.make(data.classes, curated, noisy, cfg)
+    test, curated, noisy = build_stores(run, data)
+    d = TrainingData.make(data.classes, curated, noisy, run.cfg)
 
     # 2. Plan epochs, folds and TTA passes to fit the time budget, from measured throughput.
     plan_budget(run, len(data.classes), noisy, curated, test)
@@ -5563,44 +5827,44 @@ def main(argv=None, defaults: dict | None = None) -> int:
     # 3. Stage 1 on the noisy set (one shared model, data-parallel over the ranks; optionally only the noisy clips
     #    a curated-trained scorer agrees with), 4. stage 2 on each curated fold (N ranks: N folds at a time),
     #    warm-started from it.
-    if cfg.select_noisy and run.budget.plan.epochs_noisy and len(d.noisy_pool):
-        d.noisy_pool = run.world.broadcast(select_noisy(run, d))
-        run.budget.noisy_kept(len(d.noisy_pool))
+    select_noisy_pool(run, d)
     stage1 = train_stage1(run, d)
-    run.share_plan()
     folds = train_folds(run, d, stage1.weights)
 
-    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes.
-    scores = score_oof(data.curated.targets, folds)
-    if run.world.is_main:
-        write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
+    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes; oof.csv; the
+    #    decision threshold of each class, chosen on them.
+    scores = score_oof(run, data, folds)
+    thresholds = oof_thresholds(data.classes, data.curated.targets, folds.oof_tta)
 
     # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
-    models = pseudo_label_round(run, d, folds, test)
+    folds = pseudo_label_round(run, d, folds, test)
 
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
-    #    every test clip gets a row. inference.json and config.json record how it was done.
-    predict_cfg = replace(cfg, tta_aug_passes=run.world.broadcast(run.budget.test_passes(len(folds.results))))
-    probs = predict_and_submit(run, predict_cfg, data, models, test, prior)
-    run.gather_timings()
-    if not run.world.is_main:   # rank 0 writes the run's files
-        return 0
-    usage = run.budget.usage(run.started)
-    if usage:
-        log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
-                 usage["usable_s"], usage["unused_s"], 100 * usage["unused_share"], usage["why"])
-    run.save_config(folds_run=folds.results, budget_use=usage, timings=run.timings)
-    (run.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
-                                                              stage1_holdout=stage1.holdout), indent=2) + "\n")
-    log.info("time plan vs actual:\n%s", run.timing_table())
+    #    every test clip gets a row. inference.json records how it was done.
+    _, unbalanced = submit_fold_models(run, data, folds, test, prior)
 
-    # 8. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
-    rows = folds.predicted
-    write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
-                 dataset=dataset_summary(run, [curated, noisy, test]), folds=folds.results, stage1=stage1.holdout,
-                 budget_use=usage,
-                 oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
+    # 8. What the run did: config.json, scores.json, the decision thresholds (in inference.json), the time plan
+    #    against actual, and the run report (dataset, fold scores, curves, per-class lwlrap, thresholds, predictions).
+    write_outputs(run, data, [curated, noisy, test], stage1, folds, scores, thresholds, unbalanced)
     return 0
+
+
+def write_prior_submission(run, data, prior) -> None:
+    """submission.csv from the class prior, unless the run (resumed) already has one: rank 0 writes it."""
+    if run.world.is_main and not (run.work_dir / "submission.csv").exists():
+        write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
+                         np.tile(prior, (len(data.test), 1)))
+
+
+def build_stores(run, data) -> tuple:
+    """The log-mel stores (test, curated, noisy): no noisy store without a noisy set or stage-1 epochs."""
+    t0, cfg = time.time(), run.cfg
+    test, curated = (build_shared_store(t, cfg, run.device, run.world, run.work_dir / "stores")
+                     for t in (data.test, data.curated))
+    noisy = (build_shared_store(data.noisy, cfg, run.device, run.world, run.work_dir / "stores")
+             if data.noisy is not None and cfg.noisy.epochs > 0 else None)
+    run.record("decode + log-mel", time.time() - t0)
+    return test, curated, noisy
 
 
 def dataset_summary(run, stores) -> dict:
@@ -5614,15 +5878,17 @@ def plan_budget(run, n_classes, noisy, curated, test) -> None:
     tp = measure_throughput(run.cfg, n_classes, run.device, max_seconds=remaining and remaining * MEASURE_SHARE,
                             world=run.world)
     run.record("measure throughput", time.time() - t0)
-    plan = run.budget.start(count_workload(run.cfg, noisy, curated, test), tp)
+    run.budget.start(count_workload(run.cfg, noisy, curated, test), tp)
     run.share_plan()   # every rank measured its own device; rank 0's figures plan the run
-    plan = run.budget.plan
     run.save_config()
-    log.info("measured %s\n%s", tp.describe(), plan.table())
+    log.info("measured %s\n%s", tp.describe(), run.budget.plan.table())
 
 
-def score_oof(targets, folds) -> dict:
-    rows = folds.predicted
+def score_oof(run, data, folds) -> dict:
+    """The OOF lwlrap of each kind of prediction over the clips the fold models predicted; rank 0 writes oof.csv."""
+    targets, rows = data.curated.targets, folds.predicted
+    if run.world.is_main:
+        write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
     if not rows.any():
         return {}
     scores = {name: lwlrap(targets[rows], probs[rows]) for name, probs in
@@ -5630,6 +5896,29 @@ def score_oof(targets, folds) -> dict:
     log.info("OOF lwlrap over %d clips: centre crop %.4f | whole-clip windows %.4f | + augmented passes %.4f",
              int(rows.sum()), scores["oof_center"], scores["oof_windows"], scores["oof_tta"])
     return scores
+
+
+def write_outputs(run, data, stores, stage1, folds, scores, thresholds, test_probs) -> None:
+    """Rank 0's record of the training run (every rank's stage timings gathered first): how it used its budget,
+    config.json, scores.json, the decision thresholds beside the inference settings, the time plan against actual,
+    report.md (`test_probs`: before class balancing)."""
+    run.gather_timings()
+    if not run.world.is_main:
+        return
+    save_thresholds(run.work_dir, thresholds)
+    usage = run.budget.usage(run.started)
+    if usage:
+        log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
+                 usage["usable_s"], usage["unused_s"], 100 * usage["unused_share"], usage["why"])
+    run.save_config(folds_run=folds.results, budget_use=usage, timings=run.timings)
+    (run.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
+                                                              stage1_holdout=stage1.holdout), indent=2) + "\n")
+    log.info("time plan vs actual:\n%s", run.timing_table())
+    rows = folds.predicted
+    write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
+                 dataset=dataset_summary(run, stores), folds=folds.results, stage1=stage1.holdout, budget_use=usage,
+                 thresholds=thresholds, oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows],
+                 test_probs=test_probs)
 
 
 def predict_only(run, data, weights_dir, prior) -> int:
@@ -5641,11 +5930,14 @@ def predict_only(run, data, weights_dir, prior) -> int:
     run.save_config(cfg, weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
     test = build_shared_store(data.test, cfg, run.device, run.world, run.work_dir / "stores")
-    probs = predict_and_submit(run, cfg, data, run.world.mine(m for _, m, _ in models), test, prior)
+    mine = run.world.mine([(meta.get("fold", k), model) for k, (_, model, meta) in enumerate(models)])
+    _, unbalanced = predict_and_submit(run, cfg, data, [model for _, model in mine], test, prior,
+                                       [k for k, _ in mine])
     if not run.world.is_main:
         return 0
+    save_thresholds(run.work_dir, saved_thresholds([path for path, _, _ in models]))
     log.info("time:\n%s", run.timing_table())
-    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=probs,
+    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=unbalanced,
                  dataset=dataset_summary(run, [test]),
                  loaded=[f"{path} (fold {meta.get('fold')}, lwlrap {meta.get('score', float('nan')):.4f}, "
                          f"{meta['model']['arch']})" for path, _, meta in models])

@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -23,14 +22,15 @@ from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_shared_store  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 from fattag.precision import check_device  # noqa: E402
-from fattag.predict import predict_and_submit  # noqa: E402
+from fattag.predict import predict_and_submit, submit_fold_models  # noqa: E402
 from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
-from fattag.select import select_noisy  # noqa: E402
+from fattag.select import select_noisy_pool  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
 from fattag.thresholds import oof_thresholds  # noqa: E402
 from fattag.throughput import measure_throughput  # noqa: E402
-from fattag.train import TrainingData, train_folds, train_stage1  # noqa: E402
+from fattag.splits import TrainingData  # noqa: E402
+from fattag.train import train_folds, train_stage1  # noqa: E402
 from fattag.weights import load_fold_models, prediction_config, save_thresholds, saved_thresholds  # noqa: E402
 from fattag.world import should_spawn, spawn  # noqa: E402
 
@@ -44,7 +44,6 @@ def main(argv=None, defaults: dict | None = None) -> int:
         check_before_spawn(args)
         return spawn(main, argv, defaults, devices_asked(args))
     run = open_run(args)
-    cfg = run.cfg
     data = load_dataset(run.data_dir)
     log.info(data.summary())
     prior = class_prior(data.curated.targets)
@@ -52,19 +51,12 @@ def main(argv=None, defaults: dict | None = None) -> int:
     # 1. A prior-based submission at once, so a valid file exists whatever happens next (a resumed run keeps the
     #    one it has); a clear stop on a GPU this torch cannot run on; then the log-mel stores (with several ranks:
     #    built once by rank 0, shared by all).
-    if run.world.is_main and not (run.work_dir / "submission.csv").exists():
-        write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
-                         np.tile(prior, (len(data.test), 1)))
+    write_prior_submission(run, data, prior)
     check_device(run.device)
     if args.mode == "predict":
         return predict_only(run, data, args.weights, prior)
-    t0 = time.time()
-    test, curated = (build_shared_store(t, cfg, run.device, run.world, run.work_dir / "stores")
-                     for t in (data.test, data.curated))
-    noisy = (build_shared_store(data.noisy, cfg, run.device, run.world, run.work_dir / "stores")
-             if data.noisy is not None and cfg.noisy.epochs > 0 else None)
-    run.record("decode + log-mel", time.time() - t0)
-    d = TrainingData.make(data.classes, curated, noisy, cfg)
+    test, curated, noisy = build_stores(run, data)
+    d = TrainingData.make(data.classes, curated, noisy, run.cfg)
 
     # 2. Plan epochs, folds and TTA passes to fit the time budget, from measured throughput.
     plan_budget(run, len(data.classes), noisy, curated, test)
@@ -72,47 +64,44 @@ def main(argv=None, defaults: dict | None = None) -> int:
     # 3. Stage 1 on the noisy set (one shared model, data-parallel over the ranks; optionally only the noisy clips
     #    a curated-trained scorer agrees with), 4. stage 2 on each curated fold (N ranks: N folds at a time),
     #    warm-started from it.
-    if cfg.select_noisy and run.budget.plan.epochs_noisy and len(d.noisy_pool):
-        d.noisy_pool = run.world.broadcast(select_noisy(run, d))
-        run.budget.noisy_kept(len(d.noisy_pool))
+    select_noisy_pool(run, d)
     stage1 = train_stage1(run, d)
-    run.share_plan()
     folds = train_folds(run, d, stage1.weights)
 
-    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes; the decision
-    #    threshold of each class, chosen on them.
-    scores = score_oof(data.curated.targets, folds)
+    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes; oof.csv; the
+    #    decision threshold of each class, chosen on them.
+    scores = score_oof(run, data, folds)
     thresholds = oof_thresholds(data.classes, data.curated.targets, folds.oof_tta)
-    if run.world.is_main:
-        write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
 
     # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
-    models = pseudo_label_round(run, d, folds, test)
+    folds = pseudo_label_round(run, d, folds, test)
 
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
-    #    every test clip gets a row. inference.json and config.json record how it was done.
-    predict_cfg = replace(cfg, tta_aug_passes=run.world.broadcast(run.budget.test_passes(len(folds.results))))
-    _, unbalanced = predict_and_submit(run, predict_cfg, data, models, test, prior)
-    run.gather_timings()
-    if not run.world.is_main:   # rank 0 writes the run's files
-        return 0
-    save_thresholds(run.work_dir, thresholds)
-    usage = run.budget.usage(run.started)
-    if usage:
-        log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
-                 usage["usable_s"], usage["unused_s"], 100 * usage["unused_share"], usage["why"])
-    run.save_config(folds_run=folds.results, budget_use=usage, timings=run.timings)
-    (run.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
-                                                              stage1_holdout=stage1.holdout), indent=2) + "\n")
-    log.info("time plan vs actual:\n%s", run.timing_table())
+    #    every test clip gets a row. inference.json records how it was done.
+    _, unbalanced = submit_fold_models(run, data, folds, test, prior)
 
-    # 8. The run report: dataset, time plan vs actual, fold scores, curves, per-class lwlrap, predictions.
-    rows = folds.predicted
-    write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
-                 dataset=dataset_summary(run, [curated, noisy, test]), folds=folds.results, stage1=stage1.holdout,
-                 budget_use=usage, thresholds=thresholds,
-                 oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=unbalanced)
+    # 8. What the run did: config.json, scores.json, the decision thresholds (in inference.json), the time plan
+    #    against actual, and the run report (dataset, fold scores, curves, per-class lwlrap, thresholds, predictions).
+    write_outputs(run, data, [curated, noisy, test], stage1, folds, scores, thresholds, unbalanced)
     return 0
+
+
+def write_prior_submission(run, data, prior) -> None:
+    """submission.csv from the class prior, unless the run (resumed) already has one: rank 0 writes it."""
+    if run.world.is_main and not (run.work_dir / "submission.csv").exists():
+        write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
+                         np.tile(prior, (len(data.test), 1)))
+
+
+def build_stores(run, data) -> tuple:
+    """The log-mel stores (test, curated, noisy): no noisy store without a noisy set or stage-1 epochs."""
+    t0, cfg = time.time(), run.cfg
+    test, curated = (build_shared_store(t, cfg, run.device, run.world, run.work_dir / "stores")
+                     for t in (data.test, data.curated))
+    noisy = (build_shared_store(data.noisy, cfg, run.device, run.world, run.work_dir / "stores")
+             if data.noisy is not None and cfg.noisy.epochs > 0 else None)
+    run.record("decode + log-mel", time.time() - t0)
+    return test, curated, noisy
 
 
 def dataset_summary(run, stores) -> dict:
@@ -126,15 +115,17 @@ def plan_budget(run, n_classes, noisy, curated, test) -> None:
     tp = measure_throughput(run.cfg, n_classes, run.device, max_seconds=remaining and remaining * MEASURE_SHARE,
                             world=run.world)
     run.record("measure throughput", time.time() - t0)
-    plan = run.budget.start(count_workload(run.cfg, noisy, curated, test), tp)
+    run.budget.start(count_workload(run.cfg, noisy, curated, test), tp)
     run.share_plan()   # every rank measured its own device; rank 0's figures plan the run
-    plan = run.budget.plan
     run.save_config()
-    log.info("measured %s\n%s", tp.describe(), plan.table())
+    log.info("measured %s\n%s", tp.describe(), run.budget.plan.table())
 
 
-def score_oof(targets, folds) -> dict:
-    rows = folds.predicted
+def score_oof(run, data, folds) -> dict:
+    """The OOF lwlrap of each kind of prediction over the clips the fold models predicted; rank 0 writes oof.csv."""
+    targets, rows = data.curated.targets, folds.predicted
+    if run.world.is_main:
+        write_oof(run.work_dir / "oof.csv", data.curated.fnames, data.classes, folds.oof_tta)
     if not rows.any():
         return {}
     scores = {name: lwlrap(targets[rows], probs[rows]) for name, probs in
@@ -142,6 +133,29 @@ def score_oof(targets, folds) -> dict:
     log.info("OOF lwlrap over %d clips: centre crop %.4f | whole-clip windows %.4f | + augmented passes %.4f",
              int(rows.sum()), scores["oof_center"], scores["oof_windows"], scores["oof_tta"])
     return scores
+
+
+def write_outputs(run, data, stores, stage1, folds, scores, thresholds, test_probs) -> None:
+    """Rank 0's record of the training run (every rank's stage timings gathered first): how it used its budget,
+    config.json, scores.json, the decision thresholds beside the inference settings, the time plan against actual,
+    report.md (`test_probs`: before class balancing)."""
+    run.gather_timings()
+    if not run.world.is_main:
+        return
+    save_thresholds(run.work_dir, thresholds)
+    usage = run.budget.usage(run.started)
+    if usage:
+        log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
+                 usage["usable_s"], usage["unused_s"], 100 * usage["unused_share"], usage["why"])
+    run.save_config(folds_run=folds.results, budget_use=usage, timings=run.timings)
+    (run.work_dir / "scores.json").write_text(json.dumps(dict(scores, folds=folds.results,
+                                                              stage1_holdout=stage1.holdout), indent=2) + "\n")
+    log.info("time plan vs actual:\n%s", run.timing_table())
+    rows = folds.predicted
+    write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
+                 dataset=dataset_summary(run, stores), folds=folds.results, stage1=stage1.holdout, budget_use=usage,
+                 thresholds=thresholds, oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows],
+                 test_probs=test_probs)
 
 
 def predict_only(run, data, weights_dir, prior) -> int:
@@ -153,7 +167,9 @@ def predict_only(run, data, weights_dir, prior) -> int:
     run.save_config(cfg, weights=str(weights_dir))
     log.info("loaded %d fold models from %s", len(models), weights_dir)
     test = build_shared_store(data.test, cfg, run.device, run.world, run.work_dir / "stores")
-    _, unbalanced = predict_and_submit(run, cfg, data, run.world.mine(m for _, m, _ in models), test, prior)
+    mine = run.world.mine([(meta.get("fold", k), model) for k, (_, model, meta) in enumerate(models)])
+    _, unbalanced = predict_and_submit(run, cfg, data, [model for _, model in mine], test, prior,
+                                       [k for k, _ in mine])
     if not run.world.is_main:
         return 0
     save_thresholds(run.work_dir, saved_thresholds([path for path, _, _ in models]))

@@ -64,7 +64,7 @@ def fit_fresh_model(cfg, n_classes, store, device, out_dir, epochs, lr, n_valid,
     import torch
     from fattag.features import Clips
     from fattag.model import build_model
-    from fattag.train import StageSpec, fit_stage
+    from fattag.stage import StageSpec, fit_stage
     idx = np.flatnonzero(store.ok)
     torch.manual_seed(0)
     model = build_model(cfg, n_classes, -40.0, 20.0)

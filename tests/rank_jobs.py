@@ -33,7 +33,7 @@ def ddp_stage(argv, defaults=None) -> int:
     from fattag.data import load_dataset
     from fattag.features import Clips, build_store, store_stats
     from fattag.model import build_model
-    from fattag.train import StageSpec, stage_learner
+    from fattag.stage import StageSpec, stage_learner
 
     data_dir, out = argv
     world = w.join(2)

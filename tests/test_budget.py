@@ -18,13 +18,12 @@ from fastai.callback.core import Callback
 from conftest import REPO, RUN, TINY, run_pipeline
 from fattag.budget import Budget
 from fattag.config import make_config, parse_duration, with_settings
-from fattag.cost import MIN_EPOCHS_CURATED, Plan, Workload, count_workload, plan_run, stage_costs
+from fattag.cost import MIN_EPOCHS_CURATED, Plan, Throughput, Workload, count_workload, plan_run, stage_costs
 from fattag.data import ClipTable, load_dataset
 from fattag.features import Clips, MelStore, build_store, window_starts
 from fattag.model import build_model
 from fattag.submission import validate_submission
-from fattag.throughput import Throughput
-from fattag.train import StageSpec, fit_stage
+from fattag.stage import StageSpec, fit_stage
 
 FAT2019 = Workload(noisy_train=18800, noisy_holdout_windows=4000, curated=4970, curated_windows=15000,
                    test_windows=15000, noisy_clips=19790)
@@ -162,7 +161,7 @@ def test_a_nan_loss_is_survived(tiny_data, tmp_path):
     model = build_model(cfg, len(data.classes), -40.0, 20.0)
     idx = np.arange(len(data.curated))
     spec = StageSpec("nan test", cfg.curated, tmp_path, epochs=3, lr=1e-3, loss="bce", seed=0, cfg=cfg)
-    with patch("fattag.train.augment_policy", lambda cfg, stage, fill: [ForceNaN()]):
+    with patch("fattag.stage.augment_policy", lambda cfg, stage, fill: [ForceNaN()]):
         res = fit_stage(model, Clips(store, idx[6:]), Clips(store, idx[:6]), spec)
     assert res.nan_epochs == 1 and res.best_epoch == 1
     assert len(res.history) == 1  # the NaN epoch is discarded, and training stopped there
@@ -335,7 +334,8 @@ def test_a_run_carries_its_budget_and_records_the_plan_with_its_settings(tmp_pat
 
 
 def test_two_devices_share_stage_1_and_run_the_folds_in_rounds():
-    from fattag.cost import recipe_total, rounds
+    from fattag.cost import recipe_total
+    from fattag.stages import rounds
     cfg = make_config("kaggle-1h")
     one, two = Throughput(1 / 300, 1 / 1200, "t4"), Throughput(1 / 300, 1 / 1200, "t4", devices=2)
     c1, c2 = stage_costs(cfg, FAT2019, one, 0), stage_costs(cfg, FAT2019, two, 0)

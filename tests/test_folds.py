@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fattag.train import make_folds
+from fattag.splits import make_folds
 
 
 def fat_like_labels(seed: int, n_classes: int = 80, n_clips: int = 2000, multi_share: float = 0.2) -> np.ndarray:

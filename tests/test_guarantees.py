@@ -13,15 +13,16 @@ from fastai.callback.core import CancelFitException
 
 import fattag.budget as budget_mod
 import fattag.callbacks as callbacks
+import fattag.stage as stage
 import fattag.train as train
 from fattag.budget import Budget
 from fattag.callbacks import Deadline, EpochPlan
 from fattag.config import make_config
 from fattag.context import Run
-from fattag.cost import Workload, stage_costs
+from fattag.cost import Throughput, Workload, stage_costs
 from fattag.model import build_model
+from fattag.splits import TrainingData
 from fattag.submission import class_prior, fill_missing
-from fattag.throughput import Throughput
 
 WORK = Workload(noisy_train=950, noisy_holdout_windows=150, curated=500, curated_windows=1500, test_windows=1500,
                 test_clips=500, noisy_clips=1000)
@@ -39,14 +40,14 @@ class Clock:
 
 def test_each_fold_starts_from_the_stage1_weights_and_from_scratch_without_them(stores, tmp_path, monkeypatch):
     cfg, data, curated, _ = stores
-    d = train.TrainingData.make(data.classes, curated, None, cfg)
+    d = TrainingData.make(data.classes, curated, None, cfg)
     torch.manual_seed(123)
     stage1 = build_model(cfg, len(data.classes), *d.stats).state_dict()
     started = {}
 
     def record_start(model, trn, val, spec, deadline=None):   # the weights each fold's training starts from
         started[spec.out_dir] = {k: v.clone() for k, v in model.state_dict().items()}
-        return train.StageResult(pd.DataFrame([[1, 0.5, 0.5, 0.5]], columns=train.HISTORY_COLUMNS), 0.5, 1, 0.1, 1)
+        return stage.StageResult(pd.DataFrame([[1, 0.5, 0.5, 0.5]], columns=stage.HISTORY_COLUMNS), 0.5, 1, 0.1, 1)
 
     monkeypatch.setattr(train, "fit_stage", record_start)
     run = Run(cfg, "demo", tmp_path, tmp_path / "warm", torch.device("cpu"))

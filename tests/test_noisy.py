@@ -5,13 +5,15 @@ import pytest
 import torch
 
 import fattag.select as select
+import fattag.stage as stage
 import fattag.train as train
 from fattag.config import make_config, with_settings
 from fattag.context import Run
 from fattag.data import ClipTable
 from fattag.features import Clips, CropDataset, MelStore
 from fattag.metrics import chance_lwlrap
-from fattag.train import StageResult, TrainingData
+from fattag.splits import TrainingData
+from fattag.stage import StageResult
 
 
 def test_agreeing_keeps_clips_whose_labels_rank_in_the_top_n_plus_margin():
@@ -96,7 +98,7 @@ def test_stage1_trains_on_the_noisy_clips_plus_the_curated_share(tmp_path, monke
 
     def fake_fit(model, parts, valid, spec, deadline=None):
         seen.append((list(parts), valid, spec))
-        return StageResult(pd.DataFrame(columns=train.HISTORY_COLUMNS), 0.5, 1, 0.1, spec.epochs)
+        return StageResult(pd.DataFrame(columns=stage.HISTORY_COLUMNS), 0.5, 1, 0.1, spec.epochs)
 
     monkeypatch.setattr(train, "fit_stage", fake_fit)
     monkeypatch.setattr(train, "finish_stage", lambda *a, **k: None)

@@ -6,11 +6,11 @@ import pytest
 
 from fattag.budget import Budget
 from fattag.config import make_config
-from fattag.cost import Workload, plan_run, stage_costs
+from fattag.cost import Throughput, Workload, plan_run, stage_costs
 from fattag.data import ClipTable
 from fattag.features import MelStore
-from fattag.pseudo import ROUND_STAGE, labelled_test, pseudo_labels
-from fattag.throughput import Throughput
+from fattag.pseudo import labelled_test, pseudo_labels
+from fattag.stages import ROUND_STAGE
 
 WORKLOAD = Workload(noisy_train=950, noisy_holdout_windows=150, curated=500, curated_windows=1500,
                     test_windows=1000, test_clips=300, noisy_clips=1000)

@@ -7,12 +7,15 @@ import torch
 from fastai.callback.core import Callback
 
 from conftest import TRAIN_SETS
+import fattag.stage as stage
 import fattag.train as train
-from fattag.config import make_config, top_up_size
+from fattag.config import make_config
 from fattag.context import Run
 from fattag.features import Clips
 from fattag.model import build_model
 from fattag.predict import predict_clips
+from fattag.splits import TrainingData
+from fattag.stages import top_up_size
 from fattag.weights import stage_recipe
 
 
@@ -36,7 +39,7 @@ def test_no_out_of_fold_prediction_comes_from_a_model_that_saw_the_clip(stores, 
 
     monkeypatch.setattr(train, "fit_stage", spy)
     s = make_run(cfg, tmp_path)
-    d = train.TrainingData.make(data.classes, curated, noisy, cfg)
+    d = TrainingData.make(data.classes, curated, noisy, cfg)
     stage1 = train.train_stage1(s, d)
     assert stage1.weights is not None and len(stage1.holdout["per_epoch"]) == 1
     result = train.train_folds(s, d, stage1.weights)
@@ -80,11 +83,11 @@ class ScriptedScores(Callback):
 def test_the_best_epoch_is_kept_not_the_last(stores, tmp_path, monkeypatch):
     cfg, data, curated, _ = stores
     scripted = ScriptedScores([0.5, 0.9, 0.7])
-    monkeypatch.setattr(train, "augment_policy", lambda cfg, stage, fill: [scripted])
+    monkeypatch.setattr(stage, "augment_policy", lambda cfg, stage, fill: [scripted])
     model = build_model(cfg, len(data.classes), -40.0, 20.0)
     idx = np.flatnonzero(curated.ok)
-    spec = train.StageSpec("best test", cfg.curated, tmp_path, epochs=3, lr=1e-3, loss="bce", seed=0, cfg=cfg)
-    res = train.fit_stage(model, Clips(curated, idx[6:]), Clips(curated, idx[:6]), spec)
+    spec = stage.StageSpec("best test", cfg.curated, tmp_path, epochs=3, lr=1e-3, loss="bce", seed=0, cfg=cfg)
+    res = stage.fit_stage(model, Clips(curated, idx[6:]), Clips(curated, idx[:6]), spec)
     assert res.best_epoch == 2 and res.best_score == pytest.approx(0.9)
     assert res.history["lwlrap"].tolist() == pytest.approx([0.5, 0.9, 0.7])
     for k, v in model.state_dict().items():
@@ -95,8 +98,8 @@ def test_the_best_epoch_is_kept_not_the_last(stores, tmp_path, monkeypatch):
 def test_stage_specs_differ_only_by_their_stage_values():
     cfg = make_config("demo", sets=["noisy.lr=0.01", "curated.lr=0.002", "noisy.loss=lsoft", "curated.mixup=0.3"])
     s = make_run(cfg, Path("/tmp"))
-    noisy = train.StageSpec.for_stage(s, cfg.noisy, "s1", "/tmp/a", 5, 1)
-    curated = train.StageSpec.for_stage(s, cfg.curated, "f0", "/tmp/b", 7, 2)
+    noisy = stage.StageSpec.for_stage(s, cfg.noisy, "s1", "/tmp/a", 5, 1)
+    curated = stage.StageSpec.for_stage(s, cfg.curated, "f0", "/tmp/b", 7, 2)
     assert (noisy.lr, noisy.loss, noisy.epochs, noisy.seed, noisy.label) == (0.01, "lsoft", 5, 1, "s1")
     assert (curated.lr, curated.loss, curated.epochs, curated.seed) == (0.002, "bce", 7, 2)
     assert noisy.augment is cfg.noisy and curated.augment is cfg.curated and curated.augment.mixup == 0.3
@@ -122,12 +125,12 @@ def test_weight_averaging_scores_and_keeps_the_averaged_weights(stores, tmp_path
     cfg, data, curated, _ = stores
     cfg = make_config("demo", sets=[*TRAIN_SETS, "average_epochs=1"])
     scripted, rec = ScriptedScores([0.2, 0.3, 0.9]), RecordWeights()
-    monkeypatch.setattr(train, "augment_policy", lambda cfg, stage, fill: [scripted, rec])
+    monkeypatch.setattr(stage, "augment_policy", lambda cfg, stage, fill: [scripted, rec])
     torch.manual_seed(0)
     model = build_model(cfg, len(data.classes), -40.0, 20.0)
     idx = np.flatnonzero(curated.ok)
-    spec = train.StageSpec("ema test", cfg.curated, tmp_path, epochs=3, lr=3e-3, loss="bce", seed=0, cfg=cfg)
-    res = train.fit_stage(model, Clips(curated, idx[6:]), Clips(curated, idx[:6]), spec)
+    spec = stage.StageSpec("ema test", cfg.curated, tmp_path, epochs=3, lr=3e-3, loss="bce", seed=0, cfg=cfg)
+    res = stage.fit_stage(model, Clips(curated, idx[6:]), Clips(curated, idx[:6]), spec)
     assert res.best_epoch == 3
     key = "1.0.0.weight"
     assert not torch.equal(rec.raw[2][key], rec.averaged[2][key]), "training goes on from the raw weights"

@@ -6,9 +6,10 @@ took, upward as well as downward: epochs and folds that were cut come back when 
 predicted, and go when they run slower. It never plans more than the requested recipe. Without a deadline every
 step gets the requested recipe and no deadline, so the steps never ask whether there is a budget.
 
-With N devices (`Throughput.devices`) each rank keeps its own Budget for the folds it trains (fold k on rank
-k % N, folds in rounds of N); rank 0's plan is shared after the throughput is measured and after stage 1, and
-the decisions taken when all ranks meet (pseudo-label epochs, test passes) are rank 0's.
+With N devices (`Throughput.devices`) each rank keeps its own Budget for the folds it trains, in rounds of N
+(which rank trains which fold, and in which round: stages.fold_rank, stages.fold_round); rank 0's plan is shared
+after the throughput is measured and after stage 1, and the decisions taken when all ranks meet (pseudo-label
+epochs, test passes) are rank 0's.
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ import time
 from dataclasses import replace
 
 from .config import Config
-from .cost import (MIN_EPOCHS_CURATED, Plan, Workload, fit_pseudo, fold_s, plan_run, pseudo_s, replan_folds, rounds,
-                   stage_costs)
-from .throughput import Throughput
-from .train import holdout_size
+from .cost import (MIN_EPOCHS_CURATED, Plan, Throughput, Workload, fit_pseudo, fold_s, plan_run, pseudo_s,
+                   replan_folds, stage_costs)
+from .stages import fold_round, holdout_size, round_start, rounds
 
 log = logging.getLogger("fattag")
 
@@ -110,7 +110,7 @@ class Budget:
         at most twice the epochs of the shortest fold trained so far, so that the ensemble's members stay
         comparable; the time that frees goes to the pseudo-label round and the test passes. With N devices the
         re-plan starts at fold k's round, the folds of earlier rounds counted as trained."""
-        start = k - k % self.tp.devices
+        start = round_start(k, self.tp.devices)
         done = self.folds_done if self.tp.devices == 1 else start   # the other ranks' folds are not known here
         self.plan = replan_folds(self.requested, self.workload, self.tp, self.scale, self.plan, start, done,
                                  self.remaining())
@@ -152,11 +152,12 @@ class Budget:
 
     def pseudo_deadline(self, k: int, n_models: int) -> float | None:
         """Model k's pseudo-label epochs stop in time for the later models' one epoch each and the plain test pass
-        (with N devices: the later models of its rank, fold k being its (k // N)-th)."""
+        (with N devices: the later models of its rank, after fold k's round)."""
         if self.deadline is None:
             return None
         c, per_rank = self.costs(0), self.rounds(n_models)
-        return self.deadline - per_rank * c["test_predict"] - (per_rank - k // self.tp.devices - 1) * c["pseudo_epoch"]
+        later = per_rank - fold_round(k, self.tp.devices) - 1
+        return self.deadline - per_rank * c["test_predict"] - later * c["pseudo_epoch"]
 
     def usage(self, started: float) -> dict | None:
         """How the run used its budget (None without one): usable, used and unused seconds, why what is unused could

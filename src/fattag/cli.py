@@ -18,9 +18,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
         {presets}
 
         examples:
-          python src/run.py                                  # demo dataset, demo preset, CPU, a few minutes
+          python src/run.py                                  # demo dataset, demo preset, CPU
           python src/run.py --data-dir /data/fat2019 --preset kaggle-1h --work-dir runs/full
-          python src/run.py --data-dir /data/small --preset cpu  # real recordings, no GPU: under 10 minutes
+          python src/run.py --data-dir /data/small --preset cpu  # real recordings, no GPU
           python src/run.py --set curated.epochs=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict

@@ -12,16 +12,12 @@ cost replaces the estimate after its first epoch (budget.replan_stage1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config, top_up_size
-from .features import MelStore
-from .pseudo import ROUND_STAGE
-from .select import SELECT_HOLDOUT, SELECT_STAGE
-from .throughput import Throughput
-from .train import STAGE1, fold_stage, holdout_size
+from .config import Config
+from .stages import ROUND_STAGE, SELECT_HOLDOUT, SELECT_STAGE, STAGE1, fold_stage, holdout_size, rounds, top_up_size
 
 OVERHEAD = 1.15          # data loading, callbacks and logging on top of the measured model time
 MIN_EPOCHS_CURATED = 3   # fewer than this and a fold model is little better than stage 1 alone
@@ -41,8 +37,29 @@ class Workload:
     noisy_clips: int = 0        # the noisy clips stage 2 tops its batches up from (training and holdout clips)
 
 
-def count_workload(cfg: Config, noisy: MelStore | None, curated: MelStore, test: MelStore) -> Workload:
-    """Clips and windows of each stage, from the decoded stores (noisy may be None)."""
+@dataclass
+class Throughput:
+    """This machine's speed, as throughput.measure_throughput times it on the real model."""
+    train_s_per_clip: float     # forward + backward + optimiser step, per training crop
+    infer_s_per_window: float   # forward pass, per inference window
+    device: str
+    devices: int = 1            # devices of this speed the run has: stage 1 data-parallel, folds in rounds of them
+    ddp_train_s_per_clip: float = 0.0   # a data-parallel training step over all devices, per crop (0: not measured)
+
+    @property
+    def stage1_train_s_per_clip(self) -> float:
+        """Stage 1's training cost per crop: measured through DDP, else one device's shared by all."""
+        return self.ddp_train_s_per_clip or self.train_s_per_clip / self.devices
+
+    def describe(self) -> str:
+        ddp = (f"; {self.devices} devices data-parallel: {1 / self.stage1_train_s_per_clip:.0f} clips/s"
+               if self.devices > 1 else "")
+        return (f"{self.device}: training {1 / self.train_s_per_clip:.0f} clips/s, "
+                f"inference {1 / self.infer_s_per_window:.0f} windows/s{ddp}")
+
+
+def count_workload(cfg: Config, noisy, curated, test) -> Workload:
+    """Clips and windows of each stage, from the decoded stores (features.MelStore; noisy may be None)."""
     def windows(store, idx):
         return len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac)) if len(idx) else 0
 
@@ -103,7 +120,7 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
     """Seconds per unit of work, from the measured throughput (times `scale[kind]`, the measured/predicted ratio
     of work already done): a stage-1 epoch, a fold epoch, one fold's OOF predictions, one model's test TTA, and for
     the pseudo-label round one model's labelling pass over the test clips and one of its epochs. Both stages'
-    training sets include their top-up from the other set (`top_up_size`, as train.top_up draws it)."""
+    training sets include their top-up from the other set (`stages.top_up_size`, as splits.top_up draws it)."""
     k = cfg.folds
     infer = tp.infer_s_per_window * OVERHEAD
     train = tp.train_s_per_clip * OVERHEAD
@@ -132,11 +149,6 @@ def stage_costs(cfg: Config, w: Workload, tp: Throughput, passes: int, scale: di
 
 def _geomean(values: list) -> float:
     return float(np.exp(np.mean(np.log(np.clip(values, 1e-3, 1e3)))))
-
-
-def rounds(n: int, devices: int) -> int:
-    """Rounds it takes `devices` ranks to do `n` folds (or models) side by side."""
-    return -(-n // devices)
 
 
 def fold_s(c: dict, epochs: int, pseudo: int = 0) -> float:

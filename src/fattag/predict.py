@@ -81,9 +81,11 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
 
 
 def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int,
-                 world: World = SINGLE) -> np.ndarray:
+                 world: World = SINGLE, folds: list | None = None) -> np.ndarray:
     """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded.
-    With several ranks, `models` are this rank's: every rank's predictions are gathered and ensembled alike."""
+    `folds`: the fold id of each of `models` (default: their positions), the order the ensemble takes them in. With
+    several ranks, `models` are this rank's: every rank's predictions are gathered and ensembled in fold order."""
+    folds = list(range(len(models))) if folds is None else folds
     idx = np.flatnonzero(store.ok)
     n_windows = len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac))
     per_fold = []
@@ -97,7 +99,7 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
                  len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
         full = np.full((len(store.mels), probs.shape[1]), np.nan)
         full[idx] = probs
-        per_fold.append((k * world.size + world.rank, full))   # fold order when fold k is on rank k % N
+        per_fold.append((folds[k], full))
     gathered = sorted((p for rank in world.gather(per_fold) for p in rank), key=lambda p: p[0])
     probs = ensemble([p for _, p in gathered], cfg.fold_ensemble)
     if cfg.class_balance:
@@ -122,16 +124,17 @@ def balance_classes(probs: np.ndarray) -> np.ndarray:
     return ratio / max(float(ratio.max()), 1e-12)
 
 
-def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore,
-                       prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, prior: np.ndarray,
+                       folds: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fold-ensembled whole-clip TTA on every test clip with `cfg`'s inference settings (written to
     inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
-    or where no model was trained in time). Returns the probabilities written and the ensemble's probabilities
-    before class balancing (NaN rows for clips that could not be decoded), which show the model's own bias."""
+    or where no model was trained in time). `folds`: the fold id of each of this rank's `models` (predict_test).
+    Returns the probabilities written and the ensemble's probabilities before class balancing (NaN rows for clips
+    that could not be decoded), which show the model's own bias."""
     t0 = time.time()
     if sum(run.world.gather(len(models))):
         unbalanced = predict_test(models, test, replace(cfg, class_balance=False), run.device, cfg.tta_aug_passes,
-                                  run.world)
+                                  run.world, folds)
         probs = unbalanced.copy()
         if cfg.class_balance:
             probs[test.ok] = balance_classes(unbalanced[test.ok])
@@ -145,3 +148,13 @@ def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore,
         save_inference(run.work_dir, cfg)
     run.record("predict test", time.time() - t0)
     return probs, unbalanced
+
+
+def submit_fold_models(run, data, folds, test: MelStore, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The test step of a training run: this rank's fold models (`folds`, train.FoldsResult, after the pseudo-label
+    round) predict every test clip with as many augmented passes as the time left allows (budget.test_passes for
+    all the trained folds; rank 0's decision on every rank), then submission.csv (predict_and_submit, whose two
+    results it returns)."""
+    passes = run.world.broadcast(run.budget.test_passes(len(folds.results)))
+    return predict_and_submit(run, replace(run.cfg, tta_aug_passes=passes), data, folds.models, test, prior,
+                              folds.model_folds)

@@ -16,23 +16,22 @@ import copy
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .checkpoint import atomic_write
+from .context import Run
 from .data import ClipTable
 from .features import Clips, MelStore
 from .predict import balance_classes, predict_test
-from .train import FoldsResult, StageSpec, TrainingData, finish_stage, fit_stage
+from .splits import TrainingData
+from .stage import StageSpec, finish_stage, fit_stage
+from .stages import ROUND_STAGE
+from .train import FoldsResult
 from .weights import model_meta, stage_recipe
 
-if TYPE_CHECKING:
-    from .context import Run
-
 log = logging.getLogger("fattag")
-ROUND_STAGE = "pseudo-label round"  # its name in plans and timing tables
 
 
 def pseudo_labels(probs: np.ndarray, threshold: float, balance: bool) -> np.ndarray:
@@ -53,21 +52,22 @@ def labelled_test(test: MelStore, labels: np.ndarray) -> Clips:
     return Clips(MelStore(table, test.mels, test.errors, test.seconds), ok)
 
 
-def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelStore) -> list:
-    """This rank's fold models after their pseudo-label epochs (the models as they were where a round is off or not
-    possible); the labels go to pseudo_labels.csv in the work dir. With several ranks the teacher's predictions are
-    gathered from all of them and each rank trains its own fold models."""
+def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelStore) -> FoldsResult:
+    """`folds` with this rank's fold models after their pseudo-label epochs (the models as they were where a round is
+    off or not possible) and their rows updated; the labels go to pseudo_labels.csv in the work dir. With several
+    ranks the teacher's predictions are gathered from all of them and each rank trains its own fold models."""
     models, n_models = folds.models, len(folds.results)
     if run.cfg.pseudo_epochs <= 0:
-        return models
+        return folds
     epochs = run.world.broadcast(run.budget.pseudo_epochs(n_models))
     if not n_models or epochs <= 0 or not test.ok.any():
         log.info("test pseudo-labels skipped (%s)", "no fold model" if not n_models else
                  "no time for an epoch" if epochs <= 0 else "no decodable test clip")
-        return models
+        return folds
     t0, cfg = time.time(), run.cfg
     teacher = dataclasses.replace(cfg, class_balance=False)   # raw probabilities: the threshold applies to them
-    probs = predict_test(models, test, teacher, run.device, aug_passes=0, world=run.world)[test.ok]
+    probs = predict_test(models, test, teacher, run.device, aug_passes=0, world=run.world,
+                         folds=folds.model_folds)[test.ok]
     labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance)
     if run.world.is_main:
         write_labels(run.work_dir / "pseudo_labels.csv", test, labels, d.classes)
@@ -81,7 +81,7 @@ def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelS
         for k, row in rows.items():
             row_of[k].update(row)
     run.record(ROUND_STAGE, time.time() - t0)
-    return out
+    return dataclasses.replace(folds, models=out)
 
 
 def train_on_pseudo(run: Run, d: TrainingData, row: dict, model, pseudo: Clips, epochs: int, n_models: int):

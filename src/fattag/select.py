@@ -3,7 +3,7 @@
 About a third of a FAT-style noisy set is mislabelled. One extra pass, before stage 1: a scorer model is trained on
 the curated clips (a small curated holdout watches it), every noisy clip is predicted whole (all windows), and a
 clip is kept when each of its n labels is among the scorer's top n + margin classes. Stage 1 then learns from the
-kept clips only, and stage 2 may top its batches up with them (`noisy_share_curated`). The 1st place of FAT2019
+kept clips only, and stage 2 may top its batches up with them (`curated.top_up`). The 1st place of FAT2019
 kept 1,745 of 19,815 noisy clips this way; the 3rd and 6th used selected noisy clips too.
 
 The scorer has seen every curated clip, so the choice of noisy clips depends a little on each fold's validation
@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .checkpoint import atomic_write
+from .context import Run
 from .features import Clips
 from .model import build_model
 from .predict import predict_clips
-from .train import StageSpec, TrainingData, fit_stage, holdout_split
-
-if TYPE_CHECKING:
-    from .context import Run
+from .splits import TrainingData, holdout_split
+from .stage import StageSpec, fit_stage
+from .stages import SELECT_HOLDOUT, SELECT_STAGE
 
 log = logging.getLogger("fattag")
-SELECT_STAGE = "select noisy clips"   # its name in plans and timing tables
-SELECT_HOLDOUT = 0.1                  # share of the curated clips that watch the scorer
 
 
 def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
@@ -38,6 +35,16 @@ def agreeing(probs: np.ndarray, labels: np.ndarray, margin: int) -> np.ndarray:
     n = labels.sum(1, keepdims=True)
     worst = np.where(labels > 0, rank, -1).max(1)    # the rank of the clip's lowest-ranked label
     return (n[:, 0] > 0) & (worst < n[:, 0] + margin)
+
+
+def select_noisy_pool(run: Run, d: TrainingData) -> None:
+    """The selection as a step of the run, where it is asked for and stage 1 has epochs planned: the noisy clips
+    training may use (`d.noisy_pool`) become the kept ones (rank 0's choice, on every rank), and the budget prices
+    stage 1 on them."""
+    if not (run.cfg.select_noisy and run.budget.plan.epochs_noisy and len(d.noisy_pool)):
+        return
+    d.noisy_pool = run.world.broadcast(select_noisy(run, d))
+    run.budget.noisy_kept(len(d.noisy_pool))
 
 
 def select_noisy(run: Run, d: TrainingData) -> np.ndarray:

@@ -1,41 +1,21 @@
 """Throughput: what a training step and an inference window really cost on this machine.
 
 Measured on the real model (its input channels included) with random input of the crop size, on a few warmed-up
-batches, under the precision training and prediction use; the cost model (cost.py) prices the run from it. With
-several ranks each measures its own device, then all time training steps together through DDP (each rank a share
-of the batch, as stage 1 trains): that rate prices stage 1.
+batches, under the precision training and prediction use; the cost model (cost.py) prices the run from the
+`cost.Throughput` it returns. With several ranks each measures its own device, then all time training steps
+together through DDP (each rank a share of the batch, as stage 1 trains): that rate prices stage 1.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from .config import Config
+from .cost import Throughput
 from .model import build_model, to_device
 from .precision import amp_dtype, autocast, grad_scaler
 from .world import SINGLE, World
-
-
-@dataclass
-class Throughput:
-    train_s_per_clip: float     # forward + backward + optimiser step, per training crop
-    infer_s_per_window: float   # forward pass, per inference window
-    device: str
-    devices: int = 1            # devices of this speed the run has: stage 1 data-parallel, folds in rounds of them
-    ddp_train_s_per_clip: float = 0.0   # a data-parallel training step over all devices, per crop (0: not measured)
-
-    @property
-    def stage1_train_s_per_clip(self) -> float:
-        """Stage 1's training cost per crop: measured through DDP, else one device's shared by all."""
-        return self.ddp_train_s_per_clip or self.train_s_per_clip / self.devices
-
-    def describe(self) -> str:
-        ddp = (f"; {self.devices} devices data-parallel: {1 / self.stage1_train_s_per_clip:.0f} clips/s"
-               if self.devices > 1 else "")
-        return (f"{self.device}: training {1 / self.train_s_per_clip:.0f} clips/s, "
-                f"inference {1 / self.infer_s_per_window:.0f} windows/s{ddp}")
 
 
 def measure_throughput(cfg: Config, n_classes: int, device, max_seconds: float | None = None,

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .stages import fold_rank
+
 log = logging.getLogger("fattag")
 GROUP_TIMEOUT_S = 3600   # longer than any step one rank does alone (rank 0 decoding FAT2019's stores)
 GRACE_S = 5              # a failed run's other ranks get this long to stop on their own before they are ended
@@ -49,8 +51,8 @@ class World:
         return self.rank == 0
 
     def mine(self, items) -> list:
-        """This rank's share of `items` (round-robin: fold k on rank k % size)."""
-        return list(items)[self.rank::self.size]
+        """This rank's share of `items`: the k-th item where fold k trains (stages.fold_rank)."""
+        return [item for k, item in enumerate(items) if fold_rank(k, self.size) == self.rank]
 
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
