@@ -141,18 +141,11 @@ def test_class_balance_removes_a_class_that_is_scored_high_everywhere():
     assert np.array_equal(predict.balance_classes(few), few)  # too few clips to estimate the means: unchanged
 
 
-def test_predict_test_balances_only_when_asked(cfg, store, monkeypatch):
-    models = [model_for(cfg, 0)]
-    plain = predict.predict_test(models, store, cfg, "cpu", 0)
-    monkeypatch.setattr(predict, "BALANCE_MIN_CLIPS", 1)
-    balanced = predict.predict_test(models, store, make_config("demo", sets=["class_balance=true"]), "cpu", 0)
-    ratio = plain / plain.mean(0)
-    assert np.allclose(balanced, ratio / ratio.max()) and not np.allclose(balanced, plain)
-
-
-def test_predict_and_submit_hands_back_the_probabilities_before_class_balancing(cfg, store, tmp_path, monkeypatch):
-    """With class balancing on, submission.csv holds the balanced scores (as predict_test gives them) and the second
-    result is the fold ensemble's probabilities before balancing: what the report's class means are drawn from."""
+def test_predict_and_submit_balances_the_submission_and_hands_back_the_probabilities_before(cfg, store, tmp_path,
+                                                                                            monkeypatch):
+    """predict_test gives the fold ensemble as it is, whatever class_balance says; with class balancing on,
+    submission.csv holds the balanced scores and the second result the probabilities before balancing: what the
+    report's class means are drawn from and what the tag mode gives."""
     from types import SimpleNamespace
 
     import pandas as pd
@@ -164,11 +157,16 @@ def test_predict_and_submit_hands_back_the_probabilities_before_class_balancing(
     data = SimpleNamespace(sample_submission=tmp_path / "s.csv", test=store.table, classes=classes)
     balanced_cfg = make_config("demo", sets=["class_balance=true"])
     models = [model_for(cfg, 0), model_for(cfg, 1)]
+    plain = predict.predict_test(models, store, cfg, "cpu", 0)
+    np.testing.assert_array_equal(predict.predict_test(models, store, balanced_cfg, "cpu", 0), plain)
     run = Run(balanced_cfg, "demo", tmp_path, tmp_path, torch.device("cpu"))
     probs, unbalanced = predict.predict_and_submit(run, balanced_cfg, data, models, store, np.full(4, 0.25))
-    np.testing.assert_allclose(probs, predict.predict_test(models, store, balanced_cfg, "cpu", 0), rtol=1e-6)
-    np.testing.assert_allclose(unbalanced, predict.predict_test(models, store, cfg, "cpu", 0), rtol=1e-6)
+    ratio = plain / plain.mean(0)
+    np.testing.assert_allclose(probs, ratio / ratio.max(), rtol=1e-6)
+    np.testing.assert_allclose(unbalanced, plain, rtol=1e-6)
     assert not np.allclose(probs.mean(0), unbalanced.mean(0), atol=1e-3)
+    sub = pd.read_csv(tmp_path / "submission.csv")
+    np.testing.assert_allclose(sub[classes].to_numpy(), probs, atol=1e-6)
 
 
 def test_cpu_layout_is_channels_last_and_predicts_the_same(cfg, store):
