@@ -41,7 +41,7 @@ MODES = ("train", "predict")
 
 # Top-level imports the bundle may use: what the Kaggle image has, besides the standard library.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "torchaudio", "fastai", "fastcore", "fastprogress",
-                                 "numpy", "pandas", "tqdm", "matplotlib"})
+                                 "numpy", "pandas", "tqdm", "matplotlib", "soundfile"})
 PACKAGE = "fattag"
 ENTRY = "src/run.py"
 KERNEL_FILE = "kernel.py"

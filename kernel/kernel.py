@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 714ed973d47c). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash b19771cf20b1). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -9,7 +9,7 @@
 #
 # Embedded files:
 #   src/fattag/__init__.py                       7 lines
-#   src/fattag/audio.py                        190 lines
+#   src/fattag/audio.py                        267 lines
 #   src/fattag/augment.py                      236 lines
 #   src/fattag/budget.py                       196 lines
 #   src/fattag/callbacks.py                    249 lines
@@ -21,25 +21,26 @@
 #   src/fattag/data.py                         242 lines
 #   src/fattag/dataparallel.py                  85 lines
 #   src/fattag/demo.py                         592 lines
-#   src/fattag/features.py                     295 lines
+#   src/fattag/features.py                     306 lines
 #   src/fattag/losses.py                        90 lines
 #   src/fattag/metrics.py                       76 lines
 #   src/fattag/model.py                        201 lines
 #   src/fattag/precision.py                     77 lines
-#   src/fattag/predict.py                      154 lines
+#   src/fattag/predict.py                      159 lines
 #   src/fattag/progress.py                     180 lines
-#   src/fattag/pseudo.py                       118 lines
-#   src/fattag/report.py                       414 lines
+#   src/fattag/pseudo.py                       117 lines
+#   src/fattag/report.py                       457 lines
 #   src/fattag/select.py                        76 lines
 #   src/fattag/splits.py                        93 lines
 #   src/fattag/stage.py                        187 lines
 #   src/fattag/stages.py                        51 lines
 #   src/fattag/submission.py                    70 lines
+#   src/fattag/thresholds.py                    92 lines
 #   src/fattag/throughput.py                    78 lines
 #   src/fattag/train.py                        178 lines
-#   src/fattag/weights.py                      163 lines
+#   src/fattag/weights.py                      188 lines
 #   src/fattag/world.py                        230 lines
-#   src/run.py                                 187 lines
+#   src/run.py                                 195 lines
 
 import hashlib
 import importlib.abc
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '714ed973d47c'
+BUILD_HASH = 'b19771cf20b1'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -175,12 +176,15 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 ''')
 
 _add('src/fattag/audio.py', r'''
-"""WAV input/output with the standard library and numpy, plus resampling and silence trimming.
+"""Audio input: WAV with the standard library and numpy, every other format through soundfile (libsndfile); WAV
+output, resampling and silence trimming.
 
 The RIFF parser is our own because the stdlib `wave` module reads neither IEEE float nor
 WAVE_FORMAT_EXTENSIBLE files, and `torchaudio.load` depends on backends (torchcodec/ffmpeg) whose
 presence differs between machines. Every sample format is decoded with `np.frombuffer`, never a
 Python loop per sample, so decoding keeps up with disk reads on the ~100 h of FAT2019 audio.
+FLAC, OGG/Vorbis, MP3, AIFF and the rest go through `soundfile`, imported only when such a file is read, so that
+WAV-only data needs nothing beyond numpy.
 """
 from __future__ import annotations
 
@@ -198,6 +202,11 @@ _WRITE_FORMATS = {  # fmt -> (format tag, bytes per sample)
     "pcm8": (_PCM, 1), "pcm16": (_PCM, 2), "pcm24": (_PCM, 3), "pcm32": (_PCM, 4), "float32": (_FLOAT, 4),
 }
 TRIM_FRAME = 512  # samples per RMS frame in trim_silence (~12 ms at 44.1 kHz)
+WAV_SUFFIXES = (".wav", ".wave")  # read by read_wav; any other file goes to soundfile
+# File name endings taken as audio when a folder is searched (tag mode): WAV and what libsndfile reads.
+AUDIO_SUFFIXES = (*WAV_SUFFIXES, ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd",
+                  ".caf", ".w64", ".rf64")
+NEEDS_SOUNDFILE = "reading {suffix} files needs the soundfile package (pip install soundfile)"
 
 
 class AudioError(ValueError):
@@ -249,13 +258,8 @@ def _decode(tag: int, width: int, data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i4").astype(np.float32) / 2147483648.0
 
 
-def read_wav(path) -> tuple[np.ndarray, int]:
-    """Read a WAV file as float32 mono (channels averaged) in [-1, 1]; return (wave, sample_rate).
-
-    Unknown chunks are skipped. A data chunk cut short (truncated download) yields the whole frames
-    that are present; a file with no whole frame raises AudioError, as does anything else unreadable.
-    """
-    path = Path(path)
+def _wav_parts(path: Path) -> tuple[tuple[int, int, int, int], bytes]:
+    """The `fmt ` fields and the whole frames of the data chunk of a WAV file; AudioError when unreadable."""
     try:
         buf = path.read_bytes()
     except FileNotFoundError:
@@ -284,14 +288,81 @@ def read_wav(path) -> tuple[np.ndarray, int]:
     if data is None:
         raise AudioError(path, "no data chunk")
 
-    tag, channels, rate, width = fmt
+    _tag, channels, _rate, width = fmt
     frames = len(data) // (width * channels)
     if frames == 0:
         raise AudioError(path, "has no audio (0 frames)")
-    wave = _decode(tag, width, data[:frames * width * channels])
+    return fmt, data[:frames * width * channels]
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """Read a WAV file as float32 mono (channels averaged) in [-1, 1]; return (wave, sample_rate).
+
+    Unknown chunks are skipped. A data chunk cut short (truncated download) yields the whole frames
+    that are present; a file with no whole frame raises AudioError, as does anything else unreadable.
+    """
+    (tag, channels, rate, width), data = _wav_parts(Path(path))
+    wave = _decode(tag, width, data)
     if channels > 1:
-        wave = wave.reshape(frames, channels).mean(axis=1, dtype=np.float32)
+        wave = wave.reshape(-1, channels).mean(axis=1, dtype=np.float32)
     return np.ascontiguousarray(wave, dtype=np.float32), rate
+
+
+def _soundfile(path: Path):
+    """The soundfile module, or AudioError naming the package when it is not installed."""
+    try:
+        import soundfile
+    except (ImportError, OSError):   # OSError: the module is there but its libsndfile is not
+        raise AudioError(path, NEEDS_SOUNDFILE.format(suffix=path.suffix or "such")) from None
+    return soundfile
+
+
+def _check_file(path: Path) -> None:
+    """The reasons read_wav gives for a missing or empty file, for the files soundfile reads."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise AudioError(path, "file not found") from None
+    except OSError as e:
+        raise AudioError(path, f"cannot read file ({e.strerror or e})") from None
+    if size == 0:
+        raise AudioError(path, "file is empty")
+
+
+def read_soundfile(path) -> tuple[np.ndarray, int]:
+    """Read any format libsndfile knows (FLAC, OGG/Vorbis, MP3, AIFF, ...) as float32 mono in [-1, 1]."""
+    path = Path(path)
+    _check_file(path)
+    soundfile = _soundfile(path)
+    try:
+        wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile's errors differ between versions; all mean unreadable
+        raise AudioError(path, f"cannot decode ({str(e).strip() or type(e).__name__})") from None
+    if len(wave) == 0:
+        raise AudioError(path, "has no audio (0 frames)")
+    wave = wave.mean(axis=1, dtype=np.float32) if wave.shape[1] > 1 else wave[:, 0]
+    return np.ascontiguousarray(np.clip(wave, -1.0, 1.0), dtype=np.float32), int(rate)
+
+
+def read_audio(path) -> tuple[np.ndarray, int]:
+    """Any audio file as float32 mono in [-1, 1] and its sample rate: WAV by read_wav, the rest by soundfile."""
+    path = Path(path)
+    return read_wav(path) if path.suffix.lower() in WAV_SUFFIXES else read_soundfile(path)
+
+
+def audio_frames(path) -> tuple[int, int]:
+    """(frames, sample rate) of an audio file from its header, without decoding it: a file's duration."""
+    path = Path(path)
+    if path.suffix.lower() in WAV_SUFFIXES:
+        (_tag, channels, rate, width), data = _wav_parts(path)
+        return len(data) // (width * channels), rate
+    _check_file(path)
+    soundfile = _soundfile(path)
+    try:
+        info = soundfile.info(str(path))
+    except Exception as e:  # noqa: BLE001 - as in read_soundfile
+        raise AudioError(path, f"cannot decode ({str(e).strip() or type(e).__name__})") from None
+    return int(info.frames), int(info.samplerate)
 
 
 def write_wav(path, wave, sample_rate: int, fmt: str = "pcm16") -> None:
@@ -355,16 +426,23 @@ def trim_silence(wave: np.ndarray, top_db: float, frame: int = TRIM_FRAME) -> np
     return wave if (begin, end) == (0, n) else wave[begin:end].copy()
 
 
-def load_clip(path, sample_rate: int, trim: bool = False, trim_db: float = 60.0) -> np.ndarray:
-    """Read a clip at `sample_rate` (optionally silence-trimmed). Any length >= 1; padding happens later."""
-    wave, sr = read_wav(path)
+def prepare_wave(wave: np.ndarray, sr: int, sample_rate: int, trim: bool = False,
+                 trim_db: float = 60.0) -> np.ndarray:
+    """A decoded mono wave at `sample_rate`, optionally silence-trimmed: what every clip goes through after reading."""
     wave = resample(wave, sr, sample_rate)
     if trim:
         wave = trim_silence(wave, trim_db)
     return wave
 
 
-__all__ = ["AudioError", "TRIM_FRAME", "load_clip", "read_wav", "resample", "trim_silence", "write_wav"]
+def load_clip(path, sample_rate: int, trim: bool = False, trim_db: float = 60.0) -> np.ndarray:
+    """Read a clip (any format read_audio reads) at `sample_rate`, optionally silence-trimmed. Any length >= 1;
+    padding happens later."""
+    return prepare_wave(*read_audio(path), sample_rate, trim, trim_db)
+
+
+__all__ = ["AUDIO_SUFFIXES", "AudioError", "TRIM_FRAME", "audio_frames", "load_clip", "prepare_wave", "read_audio",
+           "read_soundfile", "read_wav", "resample", "trim_silence", "write_wav"]
 ''')
 
 _add('src/fattag/augment.py', r'''
@@ -3051,22 +3129,33 @@ class MelStore:
                     skipped=len(self.errors), skipped_files=[f"{f}: {why}" for f, why in self.errors])
 
 
+class ClipMel:
+    """A decoded clip -> the float16 log-mel a store keeps (taken on `device`), a clip shorter than one crop tiled
+    first: the one way every clip, in training and at inference, becomes its features."""
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.logmel = LogMel(cfg).to(self.device)
+        self.min_samples = max(int(round(cfg.crop_seconds * cfg.sample_rate)), cfg.n_fft)
+
+    @torch.inference_mode()
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(tile_to_length(wave, self.min_samples)).to(self.device)
+        return self.logmel(x[None])[0].to(torch.float16).cpu().numpy()
+
+
 def build_store(table: ClipTable, cfg: Config, device: torch.device | str = "cpu", progress: bool = True) -> MelStore:
     """Decode every clip (threads), take its log-mel on `device`, keep it as float16 on the host."""
-    device = torch.device(device)
-    logmel = LogMel(cfg).to(device)
-    min_samples = max(int(round(cfg.crop_seconds * cfg.sample_rate)), cfg.n_fft)
+    clip_mel = ClipMel(cfg, device)
     mels: list = [None] * len(table)
     errors, seconds, t0 = [], 0.0, time.time()
-    with torch.inference_mode():
-        for i, wave, err in iter_decoded(table, cfg.sample_rate, trim=cfg.trim_silence, trim_db=cfg.trim_db,
-                                         progress=progress, desc=f"decode {table.name}"):
-            if wave is None:
-                errors.append((table.fnames[i], err))
-                continue
-            seconds += len(wave) / cfg.sample_rate
-            x = torch.from_numpy(tile_to_length(wave, min_samples)).to(device)
-            mels[i] = logmel(x[None])[0].to(torch.float16).cpu().numpy()
+    for i, wave, err in iter_decoded(table, cfg.sample_rate, trim=cfg.trim_silence, trim_db=cfg.trim_db,
+                                     progress=progress, desc=f"decode {table.name}"):
+        if wave is None:
+            errors.append((table.fnames[i], err))
+            continue
+        seconds += len(wave) / cfg.sample_rate
+        mels[i] = clip_mel(wave)
     store = MelStore(table, mels, errors, seconds)
     release_free_heap()
     if errors:
@@ -3800,10 +3889,12 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
 
 
 def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int,
-                 world: World = SINGLE, folds: list | None = None) -> np.ndarray:
-    """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded.
-    `folds`: the fold id of each of `models` (default: their positions), the order the ensemble takes them in. With
-    several ranks, `models` are this rank's: every rank's predictions are gathered and ensembled in fold order."""
+                 world: World = SINGLE, folds: list | None = None, desc: str | None = "predict test") -> np.ndarray:
+    """Fold-ensembled whole-clip probabilities for every clip of `store`; NaN rows for clips that could not be
+    decoded. No class balancing (a submission's step: predict_and_submit). `folds`: the fold id of each of `models`
+    (default: their positions), the order the ensemble takes them in. With several ranks, `models` are this rank's:
+    every rank's predictions are gathered and ensembled in fold order. `desc` None: no progress bar, and each
+    model's timing at debug level (a caller predicting many small sets reports its own progress)."""
     folds = list(range(len(models))) if folds is None else folds
     idx = np.flatnonzero(store.ok)
     n_windows = len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac))
@@ -3811,19 +3902,17 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
     for k, model in enumerate(models):
         t0 = time.time()
         probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes,
-                              desc=f"predict test, model {k + 1}/{len(models)}")
+                              desc=desc and f"{desc}, model {k + 1}/{len(models)}")
         took = time.time() - t0
-        log.info("test predictions, model %d/%d: %d clips, %d windows x %d passes in %.1f s (%.1f clips/s, "
-                 "%.0f windows/s)", k + 1, len(models), len(idx), n_windows, 1 + aug_passes, took,
-                 len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
+        (log.info if desc else log.debug)(
+            "%s, model %d/%d: %d clips, %d windows x %d passes in %.1f s (%.1f clips/s, %.0f windows/s)",
+            desc or "predictions", k + 1, len(models), len(idx), n_windows, 1 + aug_passes, took,
+            len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
         full = np.full((len(store.mels), probs.shape[1]), np.nan)
         full[idx] = probs
         per_fold.append((folds[k], full))
     gathered = sorted((p for rank in world.gather(per_fold) for p in rank), key=lambda p: p[0])
-    probs = ensemble([p for _, p in gathered], cfg.fold_ensemble)
-    if cfg.class_balance:
-        probs[idx] = balance_classes(probs[idx])
-    return probs
+    return ensemble([p for _, p in gathered], cfg.fold_ensemble)
 
 
 BALANCE_MIN_CLIPS = 50  # fewer test clips than this: a class's mean score says too little to correct it by
@@ -3844,30 +3933,35 @@ def balance_classes(probs: np.ndarray) -> np.ndarray:
 
 
 def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, prior: np.ndarray,
-                       folds: list | None = None) -> np.ndarray:
+                       folds: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fold-ensembled whole-clip TTA on every test clip with `cfg`'s inference settings (written to
     inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
     or where no model was trained in time). `folds`: the fold id of each of this rank's `models` (predict_test).
-    Returns the probabilities written."""
+    Returns the probabilities written and the ensemble's probabilities before class balancing (NaN rows for clips
+    that could not be decoded), which show the model's own bias."""
     t0 = time.time()
     if sum(run.world.gather(len(models))):
-        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes, run.world, folds),
-                             test.ok, prior)
+        unbalanced = predict_test(models, test, cfg, run.device, cfg.tta_aug_passes, run.world, folds)
+        probs = unbalanced.copy()
+        if cfg.class_balance:
+            probs[test.ok] = balance_classes(unbalanced[test.ok])
+        probs = fill_missing(probs, test.ok, prior)
     else:
-        probs = np.tile(prior, (len(data.test), 1))
+        probs = unbalanced = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
     if run.world.is_main:
         write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          probs)
         save_inference(run.work_dir, cfg)
     run.record("predict test", time.time() - t0)
-    return probs
+    return probs, unbalanced
 
 
-def submit_fold_models(run, data, folds, test: MelStore, prior: np.ndarray) -> np.ndarray:
+def submit_fold_models(run, data, folds, test: MelStore, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The test step of a training run: this rank's fold models (`folds`, train.FoldsResult, after the pseudo-label
     round) predict every test clip with as many augmented passes as the time left allows (budget.test_passes for
-    all the trained folds; rank 0's decision on every rank), then submission.csv (predict_and_submit)."""
+    all the trained folds; rank 0's decision on every rank), then submission.csv (predict_and_submit, whose two
+    results it returns)."""
     passes = run.world.broadcast(run.budget.test_passes(len(folds.results)))
     return predict_and_submit(run, replace(run.cfg, tta_aug_passes=passes), data, folds.models, test, prior,
                               folds.model_folds)
@@ -4126,8 +4220,7 @@ def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelS
                  "no time for an epoch" if epochs <= 0 else "no decodable test clip")
         return folds
     t0, cfg = time.time(), run.cfg
-    teacher = dataclasses.replace(cfg, class_balance=False)   # raw probabilities: the threshold applies to them
-    probs = predict_test(models, test, teacher, run.device, aug_passes=0, world=run.world,
+    probs = predict_test(models, test, cfg, run.device, aug_passes=0, world=run.world,   # before any balancing
                          folds=folds.model_folds)[test.ok]
     labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance)
     if run.world.is_main:
@@ -4201,6 +4294,7 @@ import pandas as pd
 from .checkpoint import atomic_write, atomic_write_text
 from .metrics import per_class_lwlrap
 from .progress import fmt_seconds
+from .thresholds import MIN_POSITIVES, threshold_scores
 
 __all__ = ["write_report"]
 
@@ -4487,19 +4581,35 @@ def _per_class_section(classes: list[str], oof_truth, oof_probs, figs: _Figures)
     return lines
 
 
+def class_means(probs: np.ndarray, truth=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each class's mean test probability and, given the training clips' targets, its label frequency among them."""
+    freq = None
+    if truth is not None:
+        truth = np.asarray(truth)
+        if truth.ndim == 2 and truth.shape[1] == probs.shape[1] and len(truth):
+            freq = (truth > 0).mean(axis=0)
+    return probs.mean(axis=0), freq
+
+
 def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_truth=None) -> list[str]:
     if test_probs is None:
         return ["No test predictions were passed."]
     probs, problem = _check_probs("test probabilities", test_probs, len(classes))
     if problem:
         return [problem]
-    finite = np.isfinite(probs)
-    if not finite.all():
-        return [f"test probabilities contain {int((~finite).sum())} non-finite value(s); section skipped."]
+    predicted = np.isfinite(probs).all(axis=1)   # a clip that could not be decoded has no probabilities
+    if not predicted.any():
+        return ["No test clip was predicted (none could be decoded); section skipped."]
+    left_out = int((~predicted).sum())
+    probs = probs[predicted]
     top = probs.max(axis=1)
     top1 = np.bincount(probs.argmax(axis=1), minlength=len(classes))
     common = np.argsort(-top1, kind="stable")[:5]
-    lines = [f"{len(probs)} test clips. Highest class probability per clip: median {np.median(top):.3f}, "
+    lines = [f"{len(probs)} test clips"
+             + (f" ({left_out} that could not be decoded left out)" if left_out else "")
+             + ", the fold ensemble's probabilities before any class balancing (the model's own view; a balanced "
+               "submission ranks them divided by each class's mean). "
+             f"Highest class probability per clip: median {np.median(top):.3f}, "
              f"{(top < 0.5).mean():.1%} of clips below 0.5. Expected labels per clip (row sum): "
              f"{probs.sum(axis=1).mean():.2f}. Range of all probabilities: [{probs.min():.3g}, {probs.max():.3g}].",
              "",
@@ -4515,17 +4625,17 @@ def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_tru
     lines += figs.save(fig, "report_test_max_prob.png",
                        "histogram over test clips of the highest predicted class probability of each clip.")
 
-    mean = probs.mean(axis=0)
+    mean, freq = class_means(probs, oof_truth)
     order = np.argsort(-mean, kind="stable")
     k = len(classes)
     fig, ax = figs.plt.subplots(figsize=(8, min(max(3.0, 0.2 * k + 1.5), 30)))
     ax.barh(np.arange(k), mean[order], color="C0")
-    title, prior_note = "Mean test probability per class", ""
-    truth = None if oof_truth is None else np.asarray(oof_truth)
-    if truth is not None and truth.ndim == 2 and truth.shape[1] == k and len(truth):
-        ax.plot((truth > 0).mean(axis=0)[order], np.arange(k), "o", color="C3", markersize=3)
-        title += "\n(red dots: label frequency in the OOF training clips)"
-        prior_note = " Red dots: how often each class is a label of the OOF training clips, for comparison."
+    title, prior_note = "Mean test probability per class (before class balancing)", ""
+    if freq is not None:
+        ax.plot(freq[order], np.arange(k), "o", color="C3", markersize=3)
+        title += "\n(red dots: label frequency in the training clips)"
+        prior_note = (" Red dots: how often each class is a label of the training clips: a bar far beyond its dot is "
+                      "a class the model favours.")
     ax.set_yticks(np.arange(k))
     ax.set_yticklabels([classes[i] for i in order], fontsize=7 if k > 30 else 9)
     ax.set_ylim(k - 0.5, -0.5)  # highest at the top, no empty margins
@@ -4533,9 +4643,32 @@ def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_tru
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     lines += [""] + figs.save(fig, "report_test_class_mean.png",
-                              "mean predicted probability of each class over the test clips, highest first."
-                              + prior_note)
-    return lines
+                              "mean predicted probability of each class over the test clips (before class "
+                              "balancing), highest first." + prior_note)
+    header = ["class", "mean test probability"] + (["label frequency (training clips)"] if freq is not None else [])
+    rows = [[_code(classes[i]), f"{mean[i]:.4f}"] + ([f"{freq[i]:.4f}"] if freq is not None else []) for i in order]
+    return lines + ["", "The figure's values:", ""] + _table(header, rows)
+
+
+def _thresholds_section(classes: list[str], thresholds: dict | None, oof_truth, oof_probs) -> list[str]:
+    """The decision thresholds the run chose and what they do on the OOF clips: precision, recall, F1 per class."""
+    if not thresholds or oof_truth is None or oof_probs is None:
+        return ["No decision thresholds were chosen (no out-of-fold predictions)."]
+    probs, problem = _check_probs("OOF probabilities", oof_probs, len(classes), oof_truth)
+    if problem:
+        return [problem]
+    cut = np.array([thresholds[c] for c in classes])
+    table = threshold_scores(oof_truth, probs, cut)
+    rows = [[_code(c) + (" (pooled)" if table["positives"][i] < MIN_POSITIVES else ""), f"{cut[i]:.3f}",
+             int(table["positives"][i]), _num(table["precision"][i], ".3f"), _num(table["recall"][i], ".3f"),
+             _num(table["f1"][i], ".3f")] for i, c in enumerate(classes)]
+    rows.append(["**all (micro)**", "", int(table["positives"].iloc[-1]), _num(table["precision"].iloc[-1], ".3f"),
+                 _num(table["recall"].iloc[-1], ".3f"), _num(table["f1"].iloc[-1], ".3f")])
+    return [f"A clip carries a class when its probability is at least the class's threshold: the one with the best "
+            f"F1 on the OOF clips, or, for a class with fewer than {MIN_POSITIVES} positive OOF clips (pooled), the "
+            f"one with the best F1 over every class's pairs together. Saved in inference.json; the tag mode's "
+            f"labels use them. On the OOF clips they were chosen on (so a little optimistic):", ""] + \
+        _table(["class", "threshold", "OOF positives", "precision", "recall", "F1"], rows)
 
 
 # ---------------------------------------------------------------- assembly
@@ -4554,11 +4687,13 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
                  scores: dict | None = None, folds: list[dict] | None = None,
                  oof_truth=None, oof_probs=None, test_probs=None,
                  loaded: list[str] | None = None, stage1: dict | None = None, budget_use: dict | None = None,
-                 test_audio: str | None = None) -> Path:
+                 thresholds: dict | None = None, test_audio: str | None = None) -> Path:
     """Write `<work_dir>/report.md` (and its PNG figures beside it) and return its path.
 
     mode "train": dataset, time plan vs actual, per-fold lwlrap, OOF scores, training curves from
-    `stage1/history.csv` and `fold{k}/history.csv`, per-class OOF lwlrap and the test predictions.
+    `stage1/history.csv` and `fold{k}/history.csv`, per-class OOF lwlrap, the decision thresholds (`thresholds`,
+    {class: threshold}) with their OOF precision and recall, and the test predictions (`test_probs`: before class
+    balancing).
     mode "predict": dataset, the weight files loaded, timings and the test predictions.
     """
     if mode not in ("train", "predict"):
@@ -4580,6 +4715,7 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
                     ("Out-of-fold lwlrap", _scores_section, scores),
                     ("Training curves", _curves_section, work_dir, figs),
                     ("Per-class lwlrap", _per_class_section, classes, oof_truth, oof_probs, figs),
+                    ("Decision thresholds", _thresholds_section, classes, thresholds, oof_truth, oof_probs),
                     ("Test predictions", _predictions_section, classes, test_probs, figs, oof_truth)]
     else:
         sections = [("Dataset", _dataset_section, dataset),
@@ -5086,6 +5222,101 @@ def write_oof(path, fnames: list[str], classes: list[str], probs: np.ndarray) ->
     return path
 ''')
 
+_add('src/fattag/thresholds.py', r'''
+"""Decision thresholds: when a class's probability means "this clip carries it", chosen on out-of-fold predictions.
+
+A ranking metric (lwlrap) needs no threshold, but a user asking "which sounds are in this file" does. Each class
+gets the threshold that maximises its F1 on the training run's out-of-fold predictions (every clip scored by the
+fold model that did not train on it). A class with fewer than MIN_POSITIVES positive OOF clips says too little to
+place its own threshold: it gets the one that maximises F1 over every class's (clip, class) pairs pooled (micro-F1).
+The thresholds are saved with the weights (weights.save_thresholds) and used by the tag mode's `labels` column.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("fattag")
+
+MIN_POSITIVES = 5        # fewer positive OOF clips than this: the class gets the pooled threshold
+DEFAULT_THRESHOLD = 0.5  # for weights saved without thresholds (runs older than them)
+
+
+def f1_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold t that maximises F1 of `scores >= t` against `truth` (1-D, 1 = positive).
+
+    Cuts fall between distinct scores: t is midway between the lowest score labelled and the next lower one (the
+    lowest score itself when every item is labelled), so a score tied with another is never split. Among cuts of
+    equal F1 the highest wins (fewer labels). No positive at all: DEFAULT_THRESHOLD."""
+    truth, scores = np.asarray(truth).ravel() > 0, np.asarray(scores, dtype=np.float64).ravel()
+    positives = int(truth.sum())
+    if positives == 0:
+        return DEFAULT_THRESHOLD
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], np.cumsum(truth[order])
+    labelled = np.arange(1, len(ranked) + 1)
+    f1 = 2 * hits / (labelled + positives)
+    cut = np.append(ranked[:-1] > ranked[1:], True)   # the last item of each run of equal scores
+    best = int(np.flatnonzero(cut)[np.argmax(f1[cut])])
+    return float(ranked[best] if best == len(ranked) - 1 else (ranked[best] + ranked[best + 1]) / 2)
+
+
+def choose_thresholds(truth: np.ndarray, probs: np.ndarray, min_positives: int = MIN_POSITIVES) -> np.ndarray:
+    """Per class (columns of `truth` and `probs`, one row per OOF clip): its F1-optimal threshold, or the pooled
+    micro-F1 threshold for a class with fewer than `min_positives` positives."""
+    truth, probs = np.asarray(truth) > 0, np.asarray(probs, dtype=np.float64)
+    pooled = f1_threshold(truth, probs)
+    return np.array([f1_threshold(truth[:, c], probs[:, c]) if truth[:, c].sum() >= min_positives else pooled
+                     for c in range(truth.shape[1])])
+
+
+def oof_thresholds(classes: list[str], targets: np.ndarray, oof: np.ndarray) -> dict | None:
+    """{class: threshold} chosen on the OOF rows that were predicted (finite rows of `oof`); None when none were."""
+    rows = np.isfinite(oof).all(1)
+    if not rows.any():
+        return None
+    thresholds = choose_thresholds(targets[rows], oof[rows])
+    pooled = int(((targets[rows] > 0).sum(0) < MIN_POSITIVES).sum())
+    log.info("decision thresholds (F1-optimal on %d OOF clips): median %.3f, range %.3f-%.3f; %d class(es) with "
+             "fewer than %d positives take the pooled one", int(rows.sum()), np.median(thresholds), thresholds.min(),
+             thresholds.max(), pooled, MIN_POSITIVES)
+    return {c: round(float(t), 6) for c, t in zip(classes, thresholds)}
+
+
+def threshold_scores(truth: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> pd.DataFrame:
+    """Per class, labelling `probs >= thresholds`: positives, precision, recall and F1 against `truth` (NaN where
+    a ratio has nothing to count), plus a last row `all` over every (clip, class) pair (micro-averaged)."""
+    truth, said = np.asarray(truth) > 0, np.asarray(probs) >= np.asarray(thresholds)[None, :]
+    tp, fp, fn = (truth & said).sum(0), (~truth & said).sum(0), (truth & ~said).sum(0)
+    tp, fp, fn = (np.append(x, x.sum()).astype(np.float64) for x in (tp, fp, fn))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame(dict(positives=(tp + fn).astype(int), precision=tp / (tp + fp), recall=tp / (tp + fn),
+                                 f1=2 * tp / (2 * tp + fp + fn)))
+
+
+def thresholds_for(classes: list[str], saved: dict | None, source: str = "the weights") -> np.ndarray:
+    """The saved {class: threshold} in `classes`' order; DEFAULT_THRESHOLD, with one warning line, for weights
+    saved without them (or without some class)."""
+    saved = saved or {}
+    missing = [c for c in classes if c not in saved]
+    if missing:
+        log.warning("%s carry no decision threshold for %d of %d classes (a run older than them): labelling at "
+                    "probability >= %.2f there", source, len(missing), len(classes), DEFAULT_THRESHOLD)
+    return np.array([float(saved.get(c, DEFAULT_THRESHOLD)) for c in classes])
+
+
+def label_text(probs: np.ndarray, classes: list[str], thresholds: np.ndarray) -> str:
+    """The labels one clip carries, each with its probability, highest first: "Piano:0.91;Flute:0.62" ("" if none)."""
+    order = np.argsort(-np.asarray(probs), kind="stable")
+    return ";".join(f"{classes[c]}:{probs[c]:.2f}" for c in order if probs[c] >= thresholds[c])
+
+
+__all__ = ["DEFAULT_THRESHOLD", "MIN_POSITIVES", "choose_thresholds", "f1_threshold", "label_text",
+           "oof_thresholds", "threshold_scores", "thresholds_for"]
+''')
+
 _add('src/fattag/throughput.py', r'''
 """Throughput: what a training step and an inference window really cost on this machine.
 
@@ -5357,7 +5588,8 @@ predict-only run gets its models and the settings to predict with.
 - A checkpoint's *metadata* (`model_meta`) is what prediction needs to rebuild the model and refuse a mismatched
   dataset: the classes, the feature and the model settings.
 - The *inference settings* a run predicted the test set with go once to `inference.json` in its work dir, beside
-  the fold folders (`save_inference`); a predict-only run from those weights starts from them.
+  the fold folders (`save_inference`); a predict-only run from those weights starts from them. The run's decision
+  thresholds per class (thresholds.py) go in the same file, under "thresholds" (`save_thresholds`).
 """
 from __future__ import annotations
 
@@ -5392,6 +5624,7 @@ ADDED = {"noisy.freq_mixstyle": 0.0, "curated.freq_mixstyle": 0.0, "noisy.consis
          "curated.consistency": 0.0, "mixstyle_alpha": 0.3, "teacher_decay": 0.99, "freq_norm": False, "freq_rf": 0,
          "temporal": "none", "noisy_head": False}
 INFERENCE_FILE = "inference.json"
+THRESHOLDS_KEY = "thresholds"   # inference.json's entry for the decision thresholds, {class: threshold}
 log = logging.getLogger("fattag")
 
 
@@ -5467,13 +5700,36 @@ def save_inference(work_dir, cfg: Config) -> None:
     atomic_write_text(Path(work_dir) / INFERENCE_FILE, json.dumps(inference_settings(cfg), indent=2) + "\n")
 
 
-def saved_inference(paths: list[Path], metas: list[dict]) -> dict:
-    """The inference settings that the training run of these fold checkpoints used: its inference.json (in the
-    folder holding the fold folders), else the settings older checkpoints carried in their metadata."""
+def save_thresholds(work_dir, thresholds: dict | None) -> None:
+    """The decision thresholds ({class: threshold}) added to the work dir's inference.json (nothing when None)."""
+    if thresholds is None:
+        return
+    path = Path(work_dir) / INFERENCE_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_text(path, json.dumps({**saved, THRESHOLDS_KEY: thresholds}, indent=2) + "\n")
+
+
+def inference_file(paths: list[Path]) -> Path | None:
+    """The inference.json of the training run of these fold checkpoints: in the folder holding the fold folders."""
     for path in paths:
         folds_dir = next((p.parent for p in Path(path).parents if p.name.startswith("fold")), None)
         if folds_dir is not None and (folds_dir / INFERENCE_FILE).is_file():
-            return json.loads((folds_dir / INFERENCE_FILE).read_text())
+            return folds_dir / INFERENCE_FILE
+    return None
+
+
+def saved_thresholds(paths: list[Path]) -> dict | None:
+    """The decision thresholds the training run of these fold checkpoints saved, or None (a run older than them)."""
+    found = inference_file(paths)
+    return json.loads(found.read_text()).get(THRESHOLDS_KEY) if found is not None else None
+
+
+def saved_inference(paths: list[Path], metas: list[dict]) -> dict:
+    """The inference settings that the training run of these fold checkpoints used: its inference.json (in the
+    folder holding the fold folders), else the settings older checkpoints carried in their metadata."""
+    found = inference_file(paths)
+    if found is not None:
+        return {k: v for k, v in json.loads(found.read_text()).items() if k != THRESHOLDS_KEY}
     legacy = [upgrade_settings(m.get("inference", {})) for m in metas]
     used = sorted({k for group in legacy for k in group if k in REMOVED})
     if used:
@@ -5777,10 +6033,11 @@ from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
 from fattag.select import select_noisy_pool  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.thresholds import oof_thresholds  # noqa: E402
 from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.splits import TrainingData  # noqa: E402
 from fattag.train import train_folds, train_stage1  # noqa: E402
-from fattag.weights import load_fold_models, prediction_config  # noqa: E402
+from fattag.weights import load_fold_models, prediction_config, save_thresholds, saved_thresholds  # noqa: E402
 from fattag.world import should_spawn, spawn  # noqa: E402
 
 log = logging.getLogger("fattag")
@@ -5817,19 +6074,21 @@ def main(argv=None, defaults: dict | None = None) -> int:
     stage1 = train_stage1(run, d)
     folds = train_folds(run, d, stage1.weights)
 
-    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes; oof.csv.
+    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes; oof.csv; the
+    #    decision threshold of each class, chosen on them.
     scores = score_oof(run, data, folds)
+    thresholds = oof_thresholds(data.classes, data.curated.targets, folds.oof_tta)
 
     # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
     folds = pseudo_label_round(run, d, folds, test)
 
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
     #    every test clip gets a row. inference.json records how it was done.
-    probs = submit_fold_models(run, data, folds, test, prior)
+    _, unbalanced = submit_fold_models(run, data, folds, test, prior)
 
-    # 8. What the run did: config.json, scores.json, the time plan against actual, and the run report (dataset,
-    #    fold scores, curves, per-class lwlrap, predictions).
-    write_outputs(run, data, [curated, noisy, test], stage1, folds, scores, probs)
+    # 8. What the run did: config.json, scores.json, the decision thresholds (in inference.json), the time plan
+    #    against actual, and the run report (dataset, fold scores, curves, per-class lwlrap, thresholds, predictions).
+    write_outputs(run, data, [curated, noisy, test], stage1, folds, scores, thresholds, unbalanced)
     return 0
 
 
@@ -5882,12 +6141,14 @@ def score_oof(run, data, folds) -> dict:
     return scores
 
 
-def write_outputs(run, data, stores, stage1, folds, scores, probs) -> None:
+def write_outputs(run, data, stores, stage1, folds, scores, thresholds, test_probs) -> None:
     """Rank 0's record of the training run (every rank's stage timings gathered first): how it used its budget,
-    config.json, scores.json, the time plan against actual, report.md."""
+    config.json, scores.json, the decision thresholds beside the inference settings, the time plan against actual,
+    report.md (`test_probs`: before class balancing)."""
     run.gather_timings()
     if not run.world.is_main:
         return
+    save_thresholds(run.work_dir, thresholds)
     usage = run.budget.usage(run.started)
     if usage:
         log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
@@ -5900,7 +6161,8 @@ def write_outputs(run, data, stores, stage1, folds, scores, probs) -> None:
     write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
                  test_audio=test_audio_use(run.cfg, folds.results),
                  dataset=dataset_summary(run, stores), folds=folds.results, stage1=stage1.holdout, budget_use=usage,
-                 oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
+                 thresholds=thresholds, oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows],
+                 test_probs=test_probs)
 
 
 def test_audio_use(cfg, fold_rows: list[dict]) -> str:
@@ -5922,11 +6184,13 @@ def predict_only(run, data, weights_dir, prior) -> int:
     log.info("loaded %d fold models from %s", len(models), weights_dir)
     test = build_shared_store(data.test, cfg, run.device, run.world, run.work_dir / "stores")
     mine = run.world.mine([(meta.get("fold", k), model) for k, (_, model, meta) in enumerate(models)])
-    probs = predict_and_submit(run, cfg, data, [model for _, model in mine], test, prior, [k for k, _ in mine])
+    _, unbalanced = predict_and_submit(run, cfg, data, [model for _, model in mine], test, prior,
+                                       [k for k, _ in mine])
     if not run.world.is_main:
         return 0
+    save_thresholds(run.work_dir, saved_thresholds([path for path, _, _ in models]))
     log.info("time:\n%s", run.timing_table())
-    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=probs,
+    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=unbalanced,
                  dataset=dataset_summary(run, [test]),
                  loaded=[f"{path} (fold {meta.get('fold')}, lwlrap {meta.get('score', float('nan')):.4f}, "
                          f"{meta['model']['arch']})" for path, _, meta in models])

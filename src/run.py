@@ -27,10 +27,11 @@ from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
 from fattag.select import select_noisy_pool  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.thresholds import oof_thresholds  # noqa: E402
 from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.splits import TrainingData  # noqa: E402
 from fattag.train import train_folds, train_stage1  # noqa: E402
-from fattag.weights import load_fold_models, prediction_config  # noqa: E402
+from fattag.weights import load_fold_models, prediction_config, save_thresholds, saved_thresholds  # noqa: E402
 from fattag.world import should_spawn, spawn  # noqa: E402
 
 log = logging.getLogger("fattag")
@@ -67,19 +68,21 @@ def main(argv=None, defaults: dict | None = None) -> int:
     stage1 = train_stage1(run, d)
     folds = train_folds(run, d, stage1.weights)
 
-    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes; oof.csv.
+    # 5. Out-of-fold scores: centre crop (no TTA), whole-clip windows, windows + augmented passes; oof.csv; the
+    #    decision threshold of each class, chosen on them.
     scores = score_oof(run, data, folds)
+    thresholds = oof_thresholds(data.classes, data.curated.targets, folds.oof_tta)
 
     # 6. Test pseudo-labels: the fold ensemble labels the test clips, each fold model trains on them as well.
     folds = pseudo_label_round(run, d, folds, test)
 
     # 7. Test: whole-clip TTA with every fold model (augmented passes as the time left allows), fold ensemble;
     #    every test clip gets a row. inference.json records how it was done.
-    probs = submit_fold_models(run, data, folds, test, prior)
+    _, unbalanced = submit_fold_models(run, data, folds, test, prior)
 
-    # 8. What the run did: config.json, scores.json, the time plan against actual, and the run report (dataset,
-    #    fold scores, curves, per-class lwlrap, predictions).
-    write_outputs(run, data, [curated, noisy, test], stage1, folds, scores, probs)
+    # 8. What the run did: config.json, scores.json, the decision thresholds (in inference.json), the time plan
+    #    against actual, and the run report (dataset, fold scores, curves, per-class lwlrap, thresholds, predictions).
+    write_outputs(run, data, [curated, noisy, test], stage1, folds, scores, thresholds, unbalanced)
     return 0
 
 
@@ -132,12 +135,14 @@ def score_oof(run, data, folds) -> dict:
     return scores
 
 
-def write_outputs(run, data, stores, stage1, folds, scores, probs) -> None:
+def write_outputs(run, data, stores, stage1, folds, scores, thresholds, test_probs) -> None:
     """Rank 0's record of the training run (every rank's stage timings gathered first): how it used its budget,
-    config.json, scores.json, the time plan against actual, report.md."""
+    config.json, scores.json, the decision thresholds beside the inference settings, the time plan against actual,
+    report.md (`test_probs`: before class balancing)."""
     run.gather_timings()
     if not run.world.is_main:
         return
+    save_thresholds(run.work_dir, thresholds)
     usage = run.budget.usage(run.started)
     if usage:
         log.info("time budget: used %.0f of %.0f usable s; %.0f s (%.0f %%) unused: %s", usage["used_s"],
@@ -150,7 +155,8 @@ def write_outputs(run, data, stores, stage1, folds, scores, probs) -> None:
     write_report(run.work_dir, mode="train", classes=data.classes, timings=run.timings, scores=scores,
                  test_audio=test_audio_use(run.cfg, folds.results),
                  dataset=dataset_summary(run, stores), folds=folds.results, stage1=stage1.holdout, budget_use=usage,
-                 oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows], test_probs=probs)
+                 thresholds=thresholds, oof_truth=data.curated.targets[rows], oof_probs=folds.oof_tta[rows],
+                 test_probs=test_probs)
 
 
 def test_audio_use(cfg, fold_rows: list[dict]) -> str:
@@ -172,11 +178,13 @@ def predict_only(run, data, weights_dir, prior) -> int:
     log.info("loaded %d fold models from %s", len(models), weights_dir)
     test = build_shared_store(data.test, cfg, run.device, run.world, run.work_dir / "stores")
     mine = run.world.mine([(meta.get("fold", k), model) for k, (_, model, meta) in enumerate(models)])
-    probs = predict_and_submit(run, cfg, data, [model for _, model in mine], test, prior, [k for k, _ in mine])
+    _, unbalanced = predict_and_submit(run, cfg, data, [model for _, model in mine], test, prior,
+                                       [k for k, _ in mine])
     if not run.world.is_main:
         return 0
+    save_thresholds(run.work_dir, saved_thresholds([path for path, _, _ in models]))
     log.info("time:\n%s", run.timing_table())
-    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=probs,
+    write_report(run.work_dir, mode="predict", classes=data.classes, timings=run.timings, test_probs=unbalanced,
                  dataset=dataset_summary(run, [test]),
                  loaded=[f"{path} (fold {meta.get('fold')}, lwlrap {meta.get('score', float('nan')):.4f}, "
                          f"{meta['model']['arch']})" for path, _, meta in models])

@@ -1,9 +1,11 @@
 import struct
+import sys
 
 import numpy as np
 import pytest
 
-from fattag.audio import AudioError, load_clip, read_wav, resample, trim_silence, write_wav
+from fattag.audio import (AudioError, audio_frames, load_clip, read_audio, read_wav, resample, trim_silence,
+                          write_wav)
 
 SR = 16000
 # Largest round-trip error per written format: half a quantisation step (float32: its own rounding).
@@ -197,3 +199,73 @@ def test_load_clip_resamples_and_trims(tmp_path):
     assert abs(len(plain) - 2 * 32000) <= 1
     assert 32000 <= len(trimmed) < 32000 + 2 * 512
     assert abs(dominant_hz(trimmed, 32000) - 440.0) <= 2.0
+
+
+# ---------------------------------------------------------------- other formats, through soundfile
+
+# (format, subtype, file ending, lossy) as libsndfile writes them; a lossy file must come back within codec loss.
+CODECS = [("FLAC", "PCM_16", "flac", False), ("FLAC", "PCM_24", "flac", False), ("AIFF", "PCM_16", "aiff", False),
+          ("OGG", "VORBIS", "ogg", True), ("OGG", "OPUS", "opus", True), ("MP3", "MPEG_LAYER_III", "mp3", True)]
+LOSSY_MIN_SNR_DB = 12.0   # measured 20-22 dB on this signal at libsndfile's default quality; noise at 0 dB fails
+
+
+def music(n=SR, seed=0):
+    """Two tones and a little noise: something a lossy codec keeps most of."""
+    t = np.arange(n) / SR
+    noise = np.random.default_rng(seed).standard_normal(n)
+    return np.clip(0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1250 * t) + 0.05 * noise, -1, 1)
+
+
+def write_codec(soundfile, path, wave, fmt, subtype):
+    if fmt not in soundfile.available_formats() or subtype not in soundfile.available_subtypes(fmt):
+        pytest.skip(f"this libsndfile ({soundfile.__libsndfile_version__}) cannot write {fmt}/{subtype}")
+    soundfile.write(str(path), wave, SR, format=fmt, subtype=subtype)
+
+
+@pytest.mark.parametrize("fmt, subtype, ending, lossy", CODECS, ids=[f"{c[0]}-{c[1]}" for c in CODECS])
+def test_every_format_reads_as_the_wav_of_the_same_samples(tmp_path, fmt, subtype, ending, lossy):
+    """The samples of a 16-bit WAV, written in another format: lossless formats read back bit for bit equal to
+    read_wav's samples, lossy ones at the same length and rate within codec loss (signal-to-error ratio)."""
+    soundfile = pytest.importorskip("soundfile", reason="soundfile (requirements.txt) reads the non-WAV formats")
+    write_wav(tmp_path / "x.wav", music(), SR)
+    wav, _ = read_wav(tmp_path / "x.wav")
+    write_codec(soundfile, tmp_path / f"x.{ending}", wav, fmt, subtype)
+    got, sr = read_audio(tmp_path / f"x.{ending}")
+    assert sr == SR and got.dtype == np.float32 and got.shape == wav.shape
+    assert audio_frames(tmp_path / f"x.{ending}") == (len(wav), SR) == audio_frames(tmp_path / "x.wav")
+    if not lossy:
+        np.testing.assert_array_equal(got, wav)
+        np.testing.assert_array_equal(load_clip(tmp_path / f"x.{ending}", 8000, trim=True),
+                                      load_clip(tmp_path / "x.wav", 8000, trim=True))
+    else:
+        snr = 10 * np.log10(np.sum(wav.astype(np.float64) ** 2) / np.sum((got - wav.astype(np.float64)) ** 2))
+        assert snr >= LOSSY_MIN_SNR_DB, f"{fmt}/{subtype}: {snr:.1f} dB"
+
+
+def test_other_formats_mix_stereo_down_like_wav(tmp_path):
+    soundfile = pytest.importorskip("soundfile", reason="soundfile (requirements.txt) reads the non-WAV formats")
+    stereo = np.stack([music(seed=1), -0.5 * music(seed=2)], axis=1)
+    write_wav(tmp_path / "s.wav", stereo, SR)
+    soundfile.write(str(tmp_path / "s.flac"), soundfile.read(str(tmp_path / "s.wav"))[0], SR, subtype="PCM_16")
+    np.testing.assert_array_equal(read_audio(tmp_path / "s.flac")[0], read_wav(tmp_path / "s.wav")[0])
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "file is empty"), (b"fLaC" + b"\x00" * 60, "cannot decode"),
+                                             (None, "file not found")])
+def test_bad_non_wav_files_raise_audio_error(tmp_path, content, reason):
+    pytest.importorskip("soundfile", reason="soundfile (requirements.txt) reads the non-WAV formats")
+    path = tmp_path / "bad.flac"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(AudioError, match=reason):
+        read_audio(path)
+
+
+def test_without_soundfile_a_non_wav_file_is_one_clear_error_and_wav_still_reads(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "soundfile", None)   # `import soundfile` now raises ImportError
+    write_wav(tmp_path / "x.wav", music(), SR)
+    (tmp_path / "x.flac").write_bytes(b"fLaC" + b"\x00" * 60)
+    with pytest.raises(AudioError) as e:
+        read_audio(tmp_path / "x.flac")
+    assert e.value.reason == "reading .flac files needs the soundfile package (pip install soundfile)"
+    assert len(read_audio(tmp_path / "x.wav")[0]) == SR

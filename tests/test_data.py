@@ -1,4 +1,5 @@
 import logging
+import sys
 import threading
 import time
 
@@ -218,6 +219,20 @@ def test_iter_decoded_skips_and_counts_bad_files(tmp_path, workers):
     assert len(errors) == 4
     assert "not found" in reasons["1_missing.wav"] and "empty" in reasons["3_empty.wav"]
     assert "RIFF" in reasons["4_text.wav"] and "no audio" in reasons["6_header_only.wav"]
+
+
+def test_training_clips_in_other_formats_decode_and_without_soundfile_are_skipped_with_the_reason(tmp_path,
+                                                                                                   monkeypatch):
+    soundfile = pytest.importorskip("soundfile", reason="soundfile (requirements.txt) reads the non-WAV formats")
+    write_wav(tmp_path / "a.wav", tone(SR), SR)
+    soundfile.write(str(tmp_path / "b.flac"), tone(SR, hz=300), SR, subtype="PCM_16")
+    table = ClipTable("train_curated", ["a.wav", "b.flac"], [tmp_path / "a.wav", tmp_path / "b.flac"], None)
+    waves = [w for _, w, _ in iter_decoded(table, SR, progress=False)]
+    np.testing.assert_allclose(waves[1], tone(SR, hz=300), atol=1 / 32768)
+    monkeypatch.setitem(sys.modules, "soundfile", None)   # as if it were not installed
+    results = list(iter_decoded(table, SR, progress=False))
+    assert results[0][2] is None and results[1][1] is None
+    assert results[1][2] == "reading .flac files needs the soundfile package (pip install soundfile)"
 
 
 def test_iter_decoded_resamples_and_trims(tmp_path):

@@ -22,7 +22,7 @@ SRC = REPO / "src"
 
 # The spec, written out here on purpose rather than imported from build_kernel.py.
 ALLOWED = set(sys.stdlib_module_names) | {"torch", "torchaudio", "fastai", "fastcore", "fastprogress",
-                                          "numpy", "pandas", "tqdm", "matplotlib", "fattag"}
+                                          "numpy", "pandas", "tqdm", "matplotlib", "soundfile", "fattag"}
 
 
 def _load(path: Path, name: str):

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY, run_pipeline
 from fattag.data import load_dataset
 from fattag.metrics import lwlrap
-from fattag.weights import INFERENCE_KEYS, load_fold_models
+from fattag.weights import INFERENCE_KEYS, THRESHOLDS_KEY, load_fold_models
 from fattag.submission import SubmissionError, validate_submission
 
 
@@ -30,7 +30,11 @@ def test_training_run_writes_every_output(tiny_run):
         (1, 2, 2)
     assert [f["fold"] for f in config["folds_run"]] == [0, 1]
     inference = json.loads((tiny_run / "inference.json").read_text())
-    assert set(inference) == set(INFERENCE_KEYS)
+    assert set(inference) == {*INFERENCE_KEYS, THRESHOLDS_KEY}
+    thresholds = inference[THRESHOLDS_KEY]   # chosen on oof.csv's rows (tests/test_thresholds.py: how)
+    oof = pd.read_csv(tiny_run / "oof.csv")
+    assert list(thresholds) == list(oof.columns[1:]) and all(0 < t <= 1 for t in thresholds.values())
+    assert "## Decision thresholds" in (tiny_run / "report.md").read_text()
     assert (inference["tta_aggregate"], inference["tta_step_frac"], inference["batch_size"]) == ("meanmax", 0.5, 16)
     scores = json.loads((tiny_run / "scores.json").read_text())
     assert len(scores["stage1_holdout"]["per_epoch"]) == 1 and [f["fold"] for f in scores["folds"]] == [0, 1]

@@ -106,7 +106,7 @@ def test_predict_and_submit_uses_the_given_settings_and_records_them(cfg, store,
     prior = np.array([0.1, 0.2, 0.3, 0.4])
     used = make_config("demo", sets=["tta_aug_passes=2", "tta_aggregate=max"])
     models = [model_for(used, 0), model_for(used, 1)]
-    probs = predict.predict_and_submit(run, used, data, models, store, prior)
+    probs, unbalanced = predict.predict_and_submit(run, used, data, models, store, prior)
     ok = np.flatnonzero(store.ok)
     expected = predict.predict_test(models, store, used, "cpu", aug_passes=2)
     np.testing.assert_allclose(probs[ok], expected[ok], rtol=1e-6)
@@ -116,8 +116,10 @@ def test_predict_and_submit_uses_the_given_settings_and_records_them(cfg, store,
     np.testing.assert_allclose(sub[classes].to_numpy(), probs, atol=1e-6)
     assert json.loads((tmp_path / "inference.json").read_text()) == inference_settings(used)
     assert [t["stage"] for t in run.timings] == ["predict test"]
+    np.testing.assert_allclose(unbalanced[ok], expected[ok], rtol=1e-6)   # class balancing is off here
+    assert np.isnan(unbalanced[1]).all()
     # no model trained in time: the class prior on every row
-    probs = predict.predict_and_submit(run, used, data, [], store, prior)
+    probs, _ = predict.predict_and_submit(run, used, data, [], store, prior)
     assert np.allclose(probs, prior[None])
 
 
@@ -139,13 +141,32 @@ def test_class_balance_removes_a_class_that_is_scored_high_everywhere():
     assert np.array_equal(predict.balance_classes(few), few)  # too few clips to estimate the means: unchanged
 
 
-def test_predict_test_balances_only_when_asked(cfg, store, monkeypatch):
-    models = [model_for(cfg, 0)]
-    plain = predict.predict_test(models, store, cfg, "cpu", 0)
+def test_predict_and_submit_balances_the_submission_and_hands_back_the_probabilities_before(cfg, store, tmp_path,
+                                                                                            monkeypatch):
+    """predict_test gives the fold ensemble as it is, whatever class_balance says; with class balancing on,
+    submission.csv holds the balanced scores and the second result the probabilities before balancing: what the
+    report's class means are drawn from and what the tag mode gives."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from fattag.context import Run
     monkeypatch.setattr(predict, "BALANCE_MIN_CLIPS", 1)
-    balanced = predict.predict_test(models, store, make_config("demo", sets=["class_balance=true"]), "cpu", 0)
+    classes = ["a", "b", "c", "d"]
+    pd.DataFrame({"fname": store.table.fnames, **{c: 0.0 for c in classes}}).to_csv(tmp_path / "s.csv", index=False)
+    data = SimpleNamespace(sample_submission=tmp_path / "s.csv", test=store.table, classes=classes)
+    balanced_cfg = make_config("demo", sets=["class_balance=true"])
+    models = [model_for(cfg, 0), model_for(cfg, 1)]
+    plain = predict.predict_test(models, store, cfg, "cpu", 0)
+    np.testing.assert_array_equal(predict.predict_test(models, store, balanced_cfg, "cpu", 0), plain)
+    run = Run(balanced_cfg, "demo", tmp_path, tmp_path, torch.device("cpu"))
+    probs, unbalanced = predict.predict_and_submit(run, balanced_cfg, data, models, store, np.full(4, 0.25))
     ratio = plain / plain.mean(0)
-    assert np.allclose(balanced, ratio / ratio.max()) and not np.allclose(balanced, plain)
+    np.testing.assert_allclose(probs, ratio / ratio.max(), rtol=1e-6)
+    np.testing.assert_allclose(unbalanced, plain, rtol=1e-6)
+    assert not np.allclose(probs.mean(0), unbalanced.mean(0), atol=1e-3)
+    sub = pd.read_csv(tmp_path / "submission.csv")
+    np.testing.assert_allclose(sub[classes].to_numpy(), probs, atol=1e-6)
 
 
 def test_cpu_layout_is_channels_last_and_predicts_the_same(cfg, store):

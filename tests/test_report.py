@@ -76,7 +76,7 @@ def test_train_report_has_numbers_and_figures(tmp_path, train_inputs):
     assert len(captions(text)) == len(names)  # one caption line per figure
     assert "could not be built" not in text
     for section in ["## Dataset", "## Time: plan vs actual", "## Folds", "## Out-of-fold lwlrap",
-                    "## Training curves", "## Per-class lwlrap", "## Test predictions"]:
+                    "## Training curves", "## Per-class lwlrap", "## Decision thresholds", "## Test predictions"]:
         assert section in text
     # the numbers passed in
     assert "| centre crop | 0.8123 |" in text and "0.8235" in text and "0.8346" in text
@@ -151,3 +151,44 @@ def test_odd_inputs_do_not_crash(tmp_path, train_inputs):
 def test_bad_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         write_report(tmp_path, mode="eval", classes=CLASSES, dataset={}, timings=[])
+
+
+def figure_values(text):
+    """{class: [mean test probability, label frequency]} from the table under the class-mean figure."""
+    table = text.split("The figure's values:")[1].split("\n\n")[1]
+    return {row.split("|")[1].strip(" `"): [float(v) for v in row.split("|")[2:-1]]
+            for row in table.splitlines()[2:]}
+
+
+def test_class_mean_figure_shows_the_probabilities_it_is_given_beside_the_label_frequency(tmp_path, train_inputs):
+    """The figure's values are the per-class means of the test probabilities passed in (the run passes them before
+    class balancing, which would make every mean equal), over the clips that were predicted, beside each class's
+    label frequency in the training clips."""
+    rng = np.random.default_rng(1)
+    probs = rng.uniform(0, 1, (40, 5)) * np.array([0.2, 0.4, 0.6, 0.8, 1.0])   # a biased model: unequal means
+    probs[3] = np.nan                                                            # a clip that was not decoded
+    train_inputs["test_probs"] = probs
+    text = write_report(tmp_path, **train_inputs).read_text()
+    got = figure_values(text)
+    assert list(got) == [CLASSES[i] for i in np.argsort(-np.nanmean(probs, 0))]   # highest first, as drawn
+    truth = train_inputs["oof_truth"]
+    for i, name in enumerate(CLASSES):
+        assert got[name][0] == pytest.approx(np.delete(probs, 3, axis=0)[:, i].mean(), abs=6e-5)
+        assert got[name][1] == pytest.approx(truth[:, i].mean(), abs=6e-5)
+    assert "39 test clips (1 that could not be decoded left out)" in text and "before any class balancing" in text
+
+
+def test_decision_threshold_section_gives_oof_precision_recall_f1_per_class(tmp_path, train_inputs):
+    truth, probs = train_inputs["oof_truth"], train_inputs["oof_probs"]
+    cut = dict(zip(CLASSES, [0.5, 0.6, 0.7, 0.8, 0.9]))
+    text = write_report(tmp_path, **train_inputs, thresholds=cut).read_text()
+    section = text.split("## Decision thresholds")[1].split("## ")[0]
+    for i, name in enumerate(CLASSES):
+        said, real = probs[:, i] >= cut[name], truth[:, i] > 0
+        tp = (said & real).sum()
+        precision, recall = tp / said.sum(), tp / real.sum()
+        f1 = 2 * precision * recall / (precision + recall)
+        assert (f"| `{name}` | {cut[name]:.3f} | {real.sum()} | {precision:.3f} | {recall:.3f} | {f1:.3f} |"
+                in section), name
+    assert "| **all (micro)** |" in section
+    assert "No decision thresholds" in write_report(tmp_path, **train_inputs).read_text()

@@ -1,9 +1,12 @@
-"""WAV input/output with the standard library and numpy, plus resampling and silence trimming.
+"""Audio input: WAV with the standard library and numpy, every other format through soundfile (libsndfile); WAV
+output, resampling and silence trimming.
 
 The RIFF parser is our own because the stdlib `wave` module reads neither IEEE float nor
 WAVE_FORMAT_EXTENSIBLE files, and `torchaudio.load` depends on backends (torchcodec/ffmpeg) whose
 presence differs between machines. Every sample format is decoded with `np.frombuffer`, never a
 Python loop per sample, so decoding keeps up with disk reads on the ~100 h of FAT2019 audio.
+FLAC, OGG/Vorbis, MP3, AIFF and the rest go through `soundfile`, imported only when such a file is read, so that
+WAV-only data needs nothing beyond numpy.
 """
 from __future__ import annotations
 
@@ -21,6 +24,11 @@ _WRITE_FORMATS = {  # fmt -> (format tag, bytes per sample)
     "pcm8": (_PCM, 1), "pcm16": (_PCM, 2), "pcm24": (_PCM, 3), "pcm32": (_PCM, 4), "float32": (_FLOAT, 4),
 }
 TRIM_FRAME = 512  # samples per RMS frame in trim_silence (~12 ms at 44.1 kHz)
+WAV_SUFFIXES = (".wav", ".wave")  # read by read_wav; any other file goes to soundfile
+# File name endings taken as audio when a folder is searched (tag mode): WAV and what libsndfile reads.
+AUDIO_SUFFIXES = (*WAV_SUFFIXES, ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd",
+                  ".caf", ".w64", ".rf64")
+NEEDS_SOUNDFILE = "reading {suffix} files needs the soundfile package (pip install soundfile)"
 
 
 class AudioError(ValueError):
@@ -72,13 +80,8 @@ def _decode(tag: int, width: int, data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i4").astype(np.float32) / 2147483648.0
 
 
-def read_wav(path) -> tuple[np.ndarray, int]:
-    """Read a WAV file as float32 mono (channels averaged) in [-1, 1]; return (wave, sample_rate).
-
-    Unknown chunks are skipped. A data chunk cut short (truncated download) yields the whole frames
-    that are present; a file with no whole frame raises AudioError, as does anything else unreadable.
-    """
-    path = Path(path)
+def _wav_parts(path: Path) -> tuple[tuple[int, int, int, int], bytes]:
+    """The `fmt ` fields and the whole frames of the data chunk of a WAV file; AudioError when unreadable."""
     try:
         buf = path.read_bytes()
     except FileNotFoundError:
@@ -107,14 +110,81 @@ def read_wav(path) -> tuple[np.ndarray, int]:
     if data is None:
         raise AudioError(path, "no data chunk")
 
-    tag, channels, rate, width = fmt
+    _tag, channels, _rate, width = fmt
     frames = len(data) // (width * channels)
     if frames == 0:
         raise AudioError(path, "has no audio (0 frames)")
-    wave = _decode(tag, width, data[:frames * width * channels])
+    return fmt, data[:frames * width * channels]
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """Read a WAV file as float32 mono (channels averaged) in [-1, 1]; return (wave, sample_rate).
+
+    Unknown chunks are skipped. A data chunk cut short (truncated download) yields the whole frames
+    that are present; a file with no whole frame raises AudioError, as does anything else unreadable.
+    """
+    (tag, channels, rate, width), data = _wav_parts(Path(path))
+    wave = _decode(tag, width, data)
     if channels > 1:
-        wave = wave.reshape(frames, channels).mean(axis=1, dtype=np.float32)
+        wave = wave.reshape(-1, channels).mean(axis=1, dtype=np.float32)
     return np.ascontiguousarray(wave, dtype=np.float32), rate
+
+
+def _soundfile(path: Path):
+    """The soundfile module, or AudioError naming the package when it is not installed."""
+    try:
+        import soundfile
+    except (ImportError, OSError):   # OSError: the module is there but its libsndfile is not
+        raise AudioError(path, NEEDS_SOUNDFILE.format(suffix=path.suffix or "such")) from None
+    return soundfile
+
+
+def _check_file(path: Path) -> None:
+    """The reasons read_wav gives for a missing or empty file, for the files soundfile reads."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise AudioError(path, "file not found") from None
+    except OSError as e:
+        raise AudioError(path, f"cannot read file ({e.strerror or e})") from None
+    if size == 0:
+        raise AudioError(path, "file is empty")
+
+
+def read_soundfile(path) -> tuple[np.ndarray, int]:
+    """Read any format libsndfile knows (FLAC, OGG/Vorbis, MP3, AIFF, ...) as float32 mono in [-1, 1]."""
+    path = Path(path)
+    _check_file(path)
+    soundfile = _soundfile(path)
+    try:
+        wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile's errors differ between versions; all mean unreadable
+        raise AudioError(path, f"cannot decode ({str(e).strip() or type(e).__name__})") from None
+    if len(wave) == 0:
+        raise AudioError(path, "has no audio (0 frames)")
+    wave = wave.mean(axis=1, dtype=np.float32) if wave.shape[1] > 1 else wave[:, 0]
+    return np.ascontiguousarray(np.clip(wave, -1.0, 1.0), dtype=np.float32), int(rate)
+
+
+def read_audio(path) -> tuple[np.ndarray, int]:
+    """Any audio file as float32 mono in [-1, 1] and its sample rate: WAV by read_wav, the rest by soundfile."""
+    path = Path(path)
+    return read_wav(path) if path.suffix.lower() in WAV_SUFFIXES else read_soundfile(path)
+
+
+def audio_frames(path) -> tuple[int, int]:
+    """(frames, sample rate) of an audio file from its header, without decoding it: a file's duration."""
+    path = Path(path)
+    if path.suffix.lower() in WAV_SUFFIXES:
+        (_tag, channels, rate, width), data = _wav_parts(path)
+        return len(data) // (width * channels), rate
+    _check_file(path)
+    soundfile = _soundfile(path)
+    try:
+        info = soundfile.info(str(path))
+    except Exception as e:  # noqa: BLE001 - as in read_soundfile
+        raise AudioError(path, f"cannot decode ({str(e).strip() or type(e).__name__})") from None
+    return int(info.frames), int(info.samplerate)
 
 
 def write_wav(path, wave, sample_rate: int, fmt: str = "pcm16") -> None:
@@ -178,13 +248,20 @@ def trim_silence(wave: np.ndarray, top_db: float, frame: int = TRIM_FRAME) -> np
     return wave if (begin, end) == (0, n) else wave[begin:end].copy()
 
 
-def load_clip(path, sample_rate: int, trim: bool = False, trim_db: float = 60.0) -> np.ndarray:
-    """Read a clip at `sample_rate` (optionally silence-trimmed). Any length >= 1; padding happens later."""
-    wave, sr = read_wav(path)
+def prepare_wave(wave: np.ndarray, sr: int, sample_rate: int, trim: bool = False,
+                 trim_db: float = 60.0) -> np.ndarray:
+    """A decoded mono wave at `sample_rate`, optionally silence-trimmed: what every clip goes through after reading."""
     wave = resample(wave, sr, sample_rate)
     if trim:
         wave = trim_silence(wave, trim_db)
     return wave
 
 
-__all__ = ["AudioError", "TRIM_FRAME", "load_clip", "read_wav", "resample", "trim_silence", "write_wav"]
+def load_clip(path, sample_rate: int, trim: bool = False, trim_db: float = 60.0) -> np.ndarray:
+    """Read a clip (any format read_audio reads) at `sample_rate`, optionally silence-trimmed. Any length >= 1;
+    padding happens later."""
+    return prepare_wave(*read_audio(path), sample_rate, trim, trim_db)
+
+
+__all__ = ["AUDIO_SUFFIXES", "AudioError", "TRIM_FRAME", "audio_frames", "load_clip", "prepare_wave", "read_audio",
+           "read_soundfile", "read_wav", "resample", "trim_silence", "write_wav"]

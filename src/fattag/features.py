@@ -86,22 +86,33 @@ class MelStore:
                     skipped=len(self.errors), skipped_files=[f"{f}: {why}" for f, why in self.errors])
 
 
+class ClipMel:
+    """A decoded clip -> the float16 log-mel a store keeps (taken on `device`), a clip shorter than one crop tiled
+    first: the one way every clip, in training and at inference, becomes its features."""
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.logmel = LogMel(cfg).to(self.device)
+        self.min_samples = max(int(round(cfg.crop_seconds * cfg.sample_rate)), cfg.n_fft)
+
+    @torch.inference_mode()
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(tile_to_length(wave, self.min_samples)).to(self.device)
+        return self.logmel(x[None])[0].to(torch.float16).cpu().numpy()
+
+
 def build_store(table: ClipTable, cfg: Config, device: torch.device | str = "cpu", progress: bool = True) -> MelStore:
     """Decode every clip (threads), take its log-mel on `device`, keep it as float16 on the host."""
-    device = torch.device(device)
-    logmel = LogMel(cfg).to(device)
-    min_samples = max(int(round(cfg.crop_seconds * cfg.sample_rate)), cfg.n_fft)
+    clip_mel = ClipMel(cfg, device)
     mels: list = [None] * len(table)
     errors, seconds, t0 = [], 0.0, time.time()
-    with torch.inference_mode():
-        for i, wave, err in iter_decoded(table, cfg.sample_rate, trim=cfg.trim_silence, trim_db=cfg.trim_db,
-                                         progress=progress, desc=f"decode {table.name}"):
-            if wave is None:
-                errors.append((table.fnames[i], err))
-                continue
-            seconds += len(wave) / cfg.sample_rate
-            x = torch.from_numpy(tile_to_length(wave, min_samples)).to(device)
-            mels[i] = logmel(x[None])[0].to(torch.float16).cpu().numpy()
+    for i, wave, err in iter_decoded(table, cfg.sample_rate, trim=cfg.trim_silence, trim_db=cfg.trim_db,
+                                     progress=progress, desc=f"decode {table.name}"):
+        if wave is None:
+            errors.append((table.fnames[i], err))
+            continue
+        seconds += len(wave) / cfg.sample_rate
+        mels[i] = clip_mel(wave)
     store = MelStore(table, mels, errors, seconds)
     release_free_heap()
     if errors:

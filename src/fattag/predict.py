@@ -81,10 +81,12 @@ def ensemble(fold_probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
 
 
 def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes: int,
-                 world: World = SINGLE, folds: list | None = None) -> np.ndarray:
-    """Fold-ensembled whole-clip probabilities for every test clip; NaN rows for clips that could not be decoded.
-    `folds`: the fold id of each of `models` (default: their positions), the order the ensemble takes them in. With
-    several ranks, `models` are this rank's: every rank's predictions are gathered and ensembled in fold order."""
+                 world: World = SINGLE, folds: list | None = None, desc: str | None = "predict test") -> np.ndarray:
+    """Fold-ensembled whole-clip probabilities for every clip of `store`; NaN rows for clips that could not be
+    decoded. No class balancing (a submission's step: predict_and_submit). `folds`: the fold id of each of `models`
+    (default: their positions), the order the ensemble takes them in. With several ranks, `models` are this rank's:
+    every rank's predictions are gathered and ensembled in fold order. `desc` None: no progress bar, and each
+    model's timing at debug level (a caller predicting many small sets reports its own progress)."""
     folds = list(range(len(models))) if folds is None else folds
     idx = np.flatnonzero(store.ok)
     n_windows = len(store.windows(idx, cfg.crop_frames, cfg.tta_step_frac))
@@ -92,19 +94,17 @@ def predict_test(models: list, store: MelStore, cfg: Config, device, aug_passes:
     for k, model in enumerate(models):
         t0 = time.time()
         probs = predict_clips(model, store, idx, cfg, device, aug_passes=aug_passes,
-                              desc=f"predict test, model {k + 1}/{len(models)}")
+                              desc=desc and f"{desc}, model {k + 1}/{len(models)}")
         took = time.time() - t0
-        log.info("test predictions, model %d/%d: %d clips, %d windows x %d passes in %.1f s (%.1f clips/s, "
-                 "%.0f windows/s)", k + 1, len(models), len(idx), n_windows, 1 + aug_passes, took,
-                 len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
+        (log.info if desc else log.debug)(
+            "%s, model %d/%d: %d clips, %d windows x %d passes in %.1f s (%.1f clips/s, %.0f windows/s)",
+            desc or "predictions", k + 1, len(models), len(idx), n_windows, 1 + aug_passes, took,
+            len(idx) / max(took, 1e-9), n_windows * (1 + aug_passes) / max(took, 1e-9))
         full = np.full((len(store.mels), probs.shape[1]), np.nan)
         full[idx] = probs
         per_fold.append((folds[k], full))
     gathered = sorted((p for rank in world.gather(per_fold) for p in rank), key=lambda p: p[0])
-    probs = ensemble([p for _, p in gathered], cfg.fold_ensemble)
-    if cfg.class_balance:
-        probs[idx] = balance_classes(probs[idx])
-    return probs
+    return ensemble([p for _, p in gathered], cfg.fold_ensemble)
 
 
 BALANCE_MIN_CLIPS = 50  # fewer test clips than this: a class's mean score says too little to correct it by
@@ -125,30 +125,35 @@ def balance_classes(probs: np.ndarray) -> np.ndarray:
 
 
 def predict_and_submit(run, cfg: Config, data, models: list, test: MelStore, prior: np.ndarray,
-                       folds: list | None = None) -> np.ndarray:
+                       folds: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fold-ensembled whole-clip TTA on every test clip with `cfg`'s inference settings (written to
     inference.json), then submission.csv: a row for every clip (the class prior where a clip could not be decoded,
     or where no model was trained in time). `folds`: the fold id of each of this rank's `models` (predict_test).
-    Returns the probabilities written."""
+    Returns the probabilities written and the ensemble's probabilities before class balancing (NaN rows for clips
+    that could not be decoded), which show the model's own bias."""
     t0 = time.time()
     if sum(run.world.gather(len(models))):
-        probs = fill_missing(predict_test(models, test, cfg, run.device, cfg.tta_aug_passes, run.world, folds),
-                             test.ok, prior)
+        unbalanced = predict_test(models, test, cfg, run.device, cfg.tta_aug_passes, run.world, folds)
+        probs = unbalanced.copy()
+        if cfg.class_balance:
+            probs[test.ok] = balance_classes(unbalanced[test.ok])
+        probs = fill_missing(probs, test.ok, prior)
     else:
-        probs = np.tile(prior, (len(data.test), 1))
+        probs = unbalanced = np.tile(prior, (len(data.test), 1))
         log.error("NO MODEL WAS TRAINED IN TIME: submission.csv holds class priors only")
     if run.world.is_main:
         write_submission(run.work_dir / "submission.csv", data.sample_submission, data.test.fnames, data.classes,
                          probs)
         save_inference(run.work_dir, cfg)
     run.record("predict test", time.time() - t0)
-    return probs
+    return probs, unbalanced
 
 
-def submit_fold_models(run, data, folds, test: MelStore, prior: np.ndarray) -> np.ndarray:
+def submit_fold_models(run, data, folds, test: MelStore, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The test step of a training run: this rank's fold models (`folds`, train.FoldsResult, after the pseudo-label
     round) predict every test clip with as many augmented passes as the time left allows (budget.test_passes for
-    all the trained folds; rank 0's decision on every rank), then submission.csv (predict_and_submit)."""
+    all the trained folds; rank 0's decision on every rank), then submission.csv (predict_and_submit, whose two
+    results it returns)."""
     passes = run.world.broadcast(run.budget.test_passes(len(folds.results)))
     return predict_and_submit(run, replace(run.cfg, tta_aug_passes=passes), data, folds.models, test, prior,
                               folds.model_folds)

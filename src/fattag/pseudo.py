@@ -67,8 +67,7 @@ def pseudo_label_round(run: Run, d: TrainingData, folds: FoldsResult, test: MelS
                  "no time for an epoch" if epochs <= 0 else "no decodable test clip")
         return folds
     t0, cfg = time.time(), run.cfg
-    teacher = dataclasses.replace(cfg, class_balance=False)   # raw probabilities: the threshold applies to them
-    probs = predict_test(models, test, teacher, run.device, aug_passes=0, world=run.world,
+    probs = predict_test(models, test, cfg, run.device, aug_passes=0, world=run.world,   # before any balancing
                          folds=folds.model_folds)[test.ok]
     labels = pseudo_labels(probs, cfg.pseudo_threshold, cfg.class_balance)
     if run.world.is_main:

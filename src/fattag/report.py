@@ -21,6 +21,7 @@ import pandas as pd
 from .checkpoint import atomic_write, atomic_write_text
 from .metrics import per_class_lwlrap
 from .progress import fmt_seconds
+from .thresholds import MIN_POSITIVES, threshold_scores
 
 __all__ = ["write_report"]
 
@@ -307,19 +308,35 @@ def _per_class_section(classes: list[str], oof_truth, oof_probs, figs: _Figures)
     return lines
 
 
+def class_means(probs: np.ndarray, truth=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each class's mean test probability and, given the training clips' targets, its label frequency among them."""
+    freq = None
+    if truth is not None:
+        truth = np.asarray(truth)
+        if truth.ndim == 2 and truth.shape[1] == probs.shape[1] and len(truth):
+            freq = (truth > 0).mean(axis=0)
+    return probs.mean(axis=0), freq
+
+
 def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_truth=None) -> list[str]:
     if test_probs is None:
         return ["No test predictions were passed."]
     probs, problem = _check_probs("test probabilities", test_probs, len(classes))
     if problem:
         return [problem]
-    finite = np.isfinite(probs)
-    if not finite.all():
-        return [f"test probabilities contain {int((~finite).sum())} non-finite value(s); section skipped."]
+    predicted = np.isfinite(probs).all(axis=1)   # a clip that could not be decoded has no probabilities
+    if not predicted.any():
+        return ["No test clip was predicted (none could be decoded); section skipped."]
+    left_out = int((~predicted).sum())
+    probs = probs[predicted]
     top = probs.max(axis=1)
     top1 = np.bincount(probs.argmax(axis=1), minlength=len(classes))
     common = np.argsort(-top1, kind="stable")[:5]
-    lines = [f"{len(probs)} test clips. Highest class probability per clip: median {np.median(top):.3f}, "
+    lines = [f"{len(probs)} test clips"
+             + (f" ({left_out} that could not be decoded left out)" if left_out else "")
+             + ", the fold ensemble's probabilities before any class balancing (the model's own view; a balanced "
+               "submission ranks them divided by each class's mean). "
+             f"Highest class probability per clip: median {np.median(top):.3f}, "
              f"{(top < 0.5).mean():.1%} of clips below 0.5. Expected labels per clip (row sum): "
              f"{probs.sum(axis=1).mean():.2f}. Range of all probabilities: [{probs.min():.3g}, {probs.max():.3g}].",
              "",
@@ -335,17 +352,17 @@ def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_tru
     lines += figs.save(fig, "report_test_max_prob.png",
                        "histogram over test clips of the highest predicted class probability of each clip.")
 
-    mean = probs.mean(axis=0)
+    mean, freq = class_means(probs, oof_truth)
     order = np.argsort(-mean, kind="stable")
     k = len(classes)
     fig, ax = figs.plt.subplots(figsize=(8, min(max(3.0, 0.2 * k + 1.5), 30)))
     ax.barh(np.arange(k), mean[order], color="C0")
-    title, prior_note = "Mean test probability per class", ""
-    truth = None if oof_truth is None else np.asarray(oof_truth)
-    if truth is not None and truth.ndim == 2 and truth.shape[1] == k and len(truth):
-        ax.plot((truth > 0).mean(axis=0)[order], np.arange(k), "o", color="C3", markersize=3)
-        title += "\n(red dots: label frequency in the OOF training clips)"
-        prior_note = " Red dots: how often each class is a label of the OOF training clips, for comparison."
+    title, prior_note = "Mean test probability per class (before class balancing)", ""
+    if freq is not None:
+        ax.plot(freq[order], np.arange(k), "o", color="C3", markersize=3)
+        title += "\n(red dots: label frequency in the training clips)"
+        prior_note = (" Red dots: how often each class is a label of the training clips: a bar far beyond its dot is "
+                      "a class the model favours.")
     ax.set_yticks(np.arange(k))
     ax.set_yticklabels([classes[i] for i in order], fontsize=7 if k > 30 else 9)
     ax.set_ylim(k - 0.5, -0.5)  # highest at the top, no empty margins
@@ -353,9 +370,32 @@ def _predictions_section(classes: list[str], test_probs, figs: _Figures, oof_tru
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     lines += [""] + figs.save(fig, "report_test_class_mean.png",
-                              "mean predicted probability of each class over the test clips, highest first."
-                              + prior_note)
-    return lines
+                              "mean predicted probability of each class over the test clips (before class "
+                              "balancing), highest first." + prior_note)
+    header = ["class", "mean test probability"] + (["label frequency (training clips)"] if freq is not None else [])
+    rows = [[_code(classes[i]), f"{mean[i]:.4f}"] + ([f"{freq[i]:.4f}"] if freq is not None else []) for i in order]
+    return lines + ["", "The figure's values:", ""] + _table(header, rows)
+
+
+def _thresholds_section(classes: list[str], thresholds: dict | None, oof_truth, oof_probs) -> list[str]:
+    """The decision thresholds the run chose and what they do on the OOF clips: precision, recall, F1 per class."""
+    if not thresholds or oof_truth is None or oof_probs is None:
+        return ["No decision thresholds were chosen (no out-of-fold predictions)."]
+    probs, problem = _check_probs("OOF probabilities", oof_probs, len(classes), oof_truth)
+    if problem:
+        return [problem]
+    cut = np.array([thresholds[c] for c in classes])
+    table = threshold_scores(oof_truth, probs, cut)
+    rows = [[_code(c) + (" (pooled)" if table["positives"][i] < MIN_POSITIVES else ""), f"{cut[i]:.3f}",
+             int(table["positives"][i]), _num(table["precision"][i], ".3f"), _num(table["recall"][i], ".3f"),
+             _num(table["f1"][i], ".3f")] for i, c in enumerate(classes)]
+    rows.append(["**all (micro)**", "", int(table["positives"].iloc[-1]), _num(table["precision"].iloc[-1], ".3f"),
+                 _num(table["recall"].iloc[-1], ".3f"), _num(table["f1"].iloc[-1], ".3f")])
+    return [f"A clip carries a class when its probability is at least the class's threshold: the one with the best "
+            f"F1 on the OOF clips, or, for a class with fewer than {MIN_POSITIVES} positive OOF clips (pooled), the "
+            f"one with the best F1 over every class's pairs together. Saved in inference.json; the tag mode's "
+            f"labels use them. On the OOF clips they were chosen on (so a little optimistic):", ""] + \
+        _table(["class", "threshold", "OOF positives", "precision", "recall", "F1"], rows)
 
 
 # ---------------------------------------------------------------- assembly
@@ -374,11 +414,13 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
                  scores: dict | None = None, folds: list[dict] | None = None,
                  oof_truth=None, oof_probs=None, test_probs=None,
                  loaded: list[str] | None = None, stage1: dict | None = None, budget_use: dict | None = None,
-                 test_audio: str | None = None) -> Path:
+                 thresholds: dict | None = None, test_audio: str | None = None) -> Path:
     """Write `<work_dir>/report.md` (and its PNG figures beside it) and return its path.
 
     mode "train": dataset, time plan vs actual, per-fold lwlrap, OOF scores, training curves from
-    `stage1/history.csv` and `fold{k}/history.csv`, per-class OOF lwlrap and the test predictions.
+    `stage1/history.csv` and `fold{k}/history.csv`, per-class OOF lwlrap, the decision thresholds (`thresholds`,
+    {class: threshold}) with their OOF precision and recall, and the test predictions (`test_probs`: before class
+    balancing).
     mode "predict": dataset, the weight files loaded, timings and the test predictions.
     """
     if mode not in ("train", "predict"):
@@ -400,6 +442,7 @@ def write_report(work_dir, *, mode: str, classes: list[str], dataset: dict, timi
                     ("Out-of-fold lwlrap", _scores_section, scores),
                     ("Training curves", _curves_section, work_dir, figs),
                     ("Per-class lwlrap", _per_class_section, classes, oof_truth, oof_probs, figs),
+                    ("Decision thresholds", _thresholds_section, classes, thresholds, oof_truth, oof_probs),
                     ("Test predictions", _predictions_section, classes, test_probs, figs, oof_truth)]
     else:
         sections = [("Dataset", _dataset_section, dataset),

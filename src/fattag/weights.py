@@ -6,7 +6,8 @@ predict-only run gets its models and the settings to predict with.
 - A checkpoint's *metadata* (`model_meta`) is what prediction needs to rebuild the model and refuse a mismatched
   dataset: the classes, the feature and the model settings.
 - The *inference settings* a run predicted the test set with go once to `inference.json` in its work dir, beside
-  the fold folders (`save_inference`); a predict-only run from those weights starts from them.
+  the fold folders (`save_inference`); a predict-only run from those weights starts from them. The run's decision
+  thresholds per class (thresholds.py) go in the same file, under "thresholds" (`save_thresholds`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ ADDED = {"noisy.freq_mixstyle": 0.0, "curated.freq_mixstyle": 0.0, "noisy.consis
          "curated.consistency": 0.0, "mixstyle_alpha": 0.3, "teacher_decay": 0.99, "freq_norm": False, "freq_rf": 0,
          "temporal": "none", "noisy_head": False}
 INFERENCE_FILE = "inference.json"
+THRESHOLDS_KEY = "thresholds"   # inference.json's entry for the decision thresholds, {class: threshold}
 log = logging.getLogger("fattag")
 
 
@@ -116,13 +118,36 @@ def save_inference(work_dir, cfg: Config) -> None:
     atomic_write_text(Path(work_dir) / INFERENCE_FILE, json.dumps(inference_settings(cfg), indent=2) + "\n")
 
 
-def saved_inference(paths: list[Path], metas: list[dict]) -> dict:
-    """The inference settings that the training run of these fold checkpoints used: its inference.json (in the
-    folder holding the fold folders), else the settings older checkpoints carried in their metadata."""
+def save_thresholds(work_dir, thresholds: dict | None) -> None:
+    """The decision thresholds ({class: threshold}) added to the work dir's inference.json (nothing when None)."""
+    if thresholds is None:
+        return
+    path = Path(work_dir) / INFERENCE_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_text(path, json.dumps({**saved, THRESHOLDS_KEY: thresholds}, indent=2) + "\n")
+
+
+def inference_file(paths: list[Path]) -> Path | None:
+    """The inference.json of the training run of these fold checkpoints: in the folder holding the fold folders."""
     for path in paths:
         folds_dir = next((p.parent for p in Path(path).parents if p.name.startswith("fold")), None)
         if folds_dir is not None and (folds_dir / INFERENCE_FILE).is_file():
-            return json.loads((folds_dir / INFERENCE_FILE).read_text())
+            return folds_dir / INFERENCE_FILE
+    return None
+
+
+def saved_thresholds(paths: list[Path]) -> dict | None:
+    """The decision thresholds the training run of these fold checkpoints saved, or None (a run older than them)."""
+    found = inference_file(paths)
+    return json.loads(found.read_text()).get(THRESHOLDS_KEY) if found is not None else None
+
+
+def saved_inference(paths: list[Path], metas: list[dict]) -> dict:
+    """The inference settings that the training run of these fold checkpoints used: its inference.json (in the
+    folder holding the fold folders), else the settings older checkpoints carried in their metadata."""
+    found = inference_file(paths)
+    if found is not None:
+        return {k: v for k, v in json.loads(found.read_text()).items() if k != THRESHOLDS_KEY}
     legacy = [upgrade_settings(m.get("inference", {})) for m in metas]
     used = sorted({k for group in legacy for k in group if k in REMOVED})
     if used:
