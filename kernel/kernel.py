@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash b19771cf20b1). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash b04301071a00). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -8,15 +8,15 @@
 # process is started, and tracebacks name the original files (src/fattag/...).
 #
 # Embedded files:
-#   src/fattag/__init__.py                       7 lines
+#   src/fattag/__init__.py                      15 lines
 #   src/fattag/audio.py                        267 lines
 #   src/fattag/augment.py                      236 lines
 #   src/fattag/budget.py                       196 lines
 #   src/fattag/callbacks.py                    249 lines
 #   src/fattag/checkpoint.py                   137 lines
-#   src/fattag/cli.py                           70 lines
-#   src/fattag/config.py                       285 lines
-#   src/fattag/context.py                      197 lines
+#   src/fattag/cli.py                           81 lines
+#   src/fattag/config.py                       286 lines
+#   src/fattag/context.py                      210 lines
 #   src/fattag/cost.py                         273 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/dataparallel.py                  85 lines
@@ -35,12 +35,13 @@
 #   src/fattag/stage.py                        187 lines
 #   src/fattag/stages.py                        51 lines
 #   src/fattag/submission.py                    70 lines
+#   src/fattag/tag.py                          246 lines
 #   src/fattag/thresholds.py                    92 lines
 #   src/fattag/throughput.py                    78 lines
 #   src/fattag/train.py                        178 lines
-#   src/fattag/weights.py                      188 lines
+#   src/fattag/weights.py                      191 lines
 #   src/fattag/world.py                        230 lines
-#   src/run.py                                 195 lines
+#   src/run.py                                 199 lines
 
 import hashlib
 import importlib.abc
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'b19771cf20b1'
+BUILD_HASH = 'b04301071a00'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -173,6 +174,14 @@ import warnings
 
 # fastai 2.8 calls torch.jit.script at import time; newer torch warns about it on every run. Noise, not news.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+
+
+def __getattr__(name):
+    """`from fattag import Tagger` without importing torch for the modules that need none (cost.py, config.py)."""
+    if name == "Tagger":
+        from .tag import Tagger
+        return Tagger
+    raise AttributeError(f"module 'fattag' has no attribute {name!r}")
 ''')
 
 _add('src/fattag/audio.py', r'''
@@ -1302,11 +1311,12 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
           python src/run.py --set curated.epochs=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
+          python src/run.py --mode tag --weights runs/demo --work-dir runs/tags my_audio/ clip.flac
+          python src/run.py --mode tag --weights runs/demo --segments 5 long_recording.mp3
           python src/run.py --devices 2                      # two processes (Kaggle's T4 x2: the default there)
           torchrun --nnodes 2 --nproc-per-node 2 ... src/run.py --data-dir /shared/data --work-dir /shared/run
         """).format(presets=_preset_lines())
     p = argparse.ArgumentParser(
-        prog="run.py",
         description="Two-stage K-fold audio tagger for FAT2019-shaped data: stage 1 on the noisy set, stage 2 "
                     "on the curated set per fold (warm-started), whole-clip TTA, fold ensemble, submission.csv.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1324,11 +1334,17 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--time-budget", default=None, metavar="DURATION",
                    help="deadline for the whole run, counted from process start: 3600, 55m, 1h "
                         "(default: the preset's; kaggle-1h plans for 55 min)")
-    p.add_argument("--mode", default="train", choices=("train", "predict"),
-                   help="train: both stages then predict; predict: only predict the test set from --weights")
+    p.add_argument("--mode", default="train", choices=("train", "predict", "tag"),
+                   help="train: both stages then predict; predict: only predict the test set from --weights; "
+                        "tag: tag the audio files and folders given as PATH with --weights' models (tags.csv)")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="tag mode: audio files (WAV, FLAC, OGG, MP3, ...) and folders, searched recursively")
     p.add_argument("--weights", default=None, metavar="DIR",
-                   help="predict mode: folder with fold*/model.pth from a training run (e.g. an attached "
+                   help="predict and tag modes: folder with fold*/model.pth from a training run (e.g. an attached "
                         "Kaggle dataset)")
+    p.add_argument("--segments", type=float, default=None, metavar="SECONDS",
+                   help="tag mode: also score consecutive windows of SECONDS over each file (segments.csv), "
+                        "for long recordings (the setting tag_segments)")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="processes, one device each, in one torch.distributed group: stage 1 data-parallel, the "
                         "folds N at a time (default: every visible CUDA device, one process on the CPU; under "
@@ -1342,7 +1358,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
-    return build_parser(defaults).parse_args(argv)
+    parser = build_parser(defaults)
+    args = parser.parse_args(argv)
+    if args.paths and args.mode != "tag":
+        parser.error(f"PATH arguments ({args.paths[0]}, ...) are for --mode tag")
+    return args
 
 
 __all__ = ["build_parser", "parse_args", "parse_duration"]
@@ -1444,6 +1464,7 @@ class Config:
     fold_ensemble: str = "mean"   # over folds: arithmetic "mean" or "geomean"
     class_balance: bool = False   # divide each class's test scores by their mean over the test set (predict.py)
     tta_fill_passes: int = 4      # with a time budget, time left at the end buys up to this many augmented passes
+    tag_segments: float = 0.0     # tag mode: also score consecutive windows of this many seconds (segments.csv)
 
     # --- run control ---
     seed: int = 42                # folds, crops, augmentation and initial weights
@@ -1789,6 +1810,8 @@ def requested_config(args, is_demo: bool) -> tuple[str, Config]:
         overrides[name] = getattr(args, name, None)
     if getattr(args, "time_budget", None) is not None:
         overrides["time_budget"] = parse_duration(args.time_budget)
+    if getattr(args, "segments", None) is not None:
+        overrides["tag_segments"] = args.segments
     try:
         return preset, make_config(preset, overrides, args.sets)
     except ValueError as e:   # a bad --set: one line naming the setting, not a traceback
@@ -1834,6 +1857,17 @@ def open_run(args) -> Run:
     if world.size > 1 and getattr(args, "devices", None) not in (None, world.size):
         log.warning("--devices %s ignored: torchrun started %d ranks", args.devices, world.size)
     return Run(cfg, preset, data_dir, work_dir, device, is_demo, explicit=parse_sets(args.sets), world=world)
+
+
+def open_tag(args) -> tuple[Config, dict, Path]:
+    """The tag mode's settings (the preset a run on real data gets here, then --set), the values given with --set
+    and its work folder (default runs/tag), with the log file there; no dataset is read."""
+    setup_logging()
+    _, cfg = requested_config(args, is_demo=False)
+    work_dir = Path(args.work_dir or (KAGGLE_WORK_DIR if Path(KAGGLE_WORK_DIR).is_dir() else "runs/tag"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir / "log.txt")
+    return cfg, parse_sets(args.sets), work_dir
 ''')
 
 _add('src/fattag/cost.py', r'''
@@ -5222,6 +5256,255 @@ def write_oof(path, fnames: list[str], classes: list[str], probs: np.ndarray) ->
     return path
 ''')
 
+_add('src/fattag/tag.py', r'''
+"""Tag your own audio: files or folders in any format audio.py reads, scored by a training run's fold models.
+
+Each file is one clip, predicted as predict mode predicts a test clip (every window of the whole clip, the window
+settings and fold ensemble of the run's inference.json) but without class balancing, which assumes a test set whose
+classes are evenly mixed (a user's folder is not one), and without augmented passes unless asked for (their random
+stripes are drawn per batch: a file's scores would depend on the files tagged with it). `labels` names the classes whose probability
+reaches the run's decision threshold (thresholds.py). With segments, each file is also cut into consecutive
+windows of that many seconds, each scored as a clip of its own: scores over time for a long recording.
+
+    from fattag import Tagger
+    tagger = Tagger.load("runs/cpu")
+    tags = tagger.tag(["a.flac", "recordings/"])          # one row per file
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .audio import AUDIO_SUFFIXES, AudioError, read_audio, resample, trim_silence
+from .checkpoint import atomic_write, atomic_write_text
+from .config import Config, make_config
+from .data import ClipTable
+from .features import ClipMel, MelStore
+from .precision import check_device
+from .predict import predict_test
+from .progress import progress
+from .thresholds import label_text, thresholds_for
+from .weights import load_fold_models, prediction_config, saved_thresholds
+
+log = logging.getLogger("fattag")
+
+CHUNK_FILES = 64   # files decoded and predicted together: bounded memory for a folder of any size
+TAGS_FILE, SEGMENTS_FILE = "tags.csv", "segments.csv"
+
+
+def find_audio(paths) -> list[str]:
+    """The files to tag, as strings: each path given that is not a folder (whatever its name; one that does not
+    exist is kept, to get a row with its error), and every audio file (audio.AUDIO_SUFFIXES) under each folder
+    given, recursively, in sorted order."""
+    found = []
+    for given in map(str, paths):
+        if not os.path.isdir(given):
+            found.append(given)
+            continue
+        for folder, dirs, files in os.walk(given):
+            dirs.sort()
+            found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(AUDIO_SUFFIXES)]
+    return found
+
+
+@dataclass
+class Decoded:
+    """One file or array ready to score: its length, the clip as the model takes it, its segments' waves."""
+    duration: float
+    clip: np.ndarray
+    segments: list = field(default_factory=list)   # (start s, end s, wave) per segment
+
+
+def segment_bounds(duration: float, seconds: float) -> list[tuple[float, float]]:
+    """Consecutive (start, end) windows of `seconds` from 0 to `duration`, the last one cut at the end: no gap,
+    no overlap."""
+    count = max(1, math.ceil(duration / seconds - 1e-9))
+    return [(k * seconds, min((k + 1) * seconds, duration)) for k in range(count)]
+
+
+class Tagger:
+    """A training run's fold models with the settings to predict with and the decision thresholds, for any audio.
+
+    `Tagger.load(run_dir)`, then `tag(paths)` (files and folders), `tag_arrays(waves, sample_rate)` or
+    `segments(paths, seconds)`; each returns a table whose probability columns are the run's classes."""
+
+    def __init__(self, models: list, cfg: Config, classes: list[str], thresholds: np.ndarray, device):
+        self.models, self.cfg, self.classes, self.thresholds = models, cfg, list(classes), thresholds
+        self.device = torch.device(device)
+        self.clip_mel = ClipMel(cfg, self.device)
+
+    @classmethod
+    def load(cls, weights_dir, device=None, settings: dict | None = None, cfg: Config | None = None) -> Tagger:
+        """The fold models under `weights_dir` (a training run's work dir), on `device` (default: CUDA when there
+        is one). Feature and model settings come from the weights, inference settings from the run's
+        inference.json, then from `settings` ({name: value}, as --set gives them, e.g. {"tta_aug_passes": 2}),
+        over `cfg` (default: the preset a run on real data gets on this machine)."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_device(device)
+        loaded = load_fold_models(weights_dir)
+        classes = loaded[0][2]["classes"]
+        explicit = settings or {}
+        base = cfg or make_config("kaggle-1h" if torch.cuda.is_available() else "cpu", explicit)
+        pred_cfg = prediction_config(base, loaded, explicit)
+        if pred_cfg.tta_aug_passes and "tta_aug_passes" not in explicit:
+            log.info("augmented TTA passes off (the training run used %d): their random stripes are drawn per batch, "
+                     "so a file's scores would depend on the files beside it (--set tta_aug_passes=N turns them on)",
+                     pred_cfg.tta_aug_passes)
+            pred_cfg = replace(pred_cfg, tta_aug_passes=0)
+        thresholds = thresholds_for(classes, saved_thresholds([path for path, _, _ in loaded]), str(weights_dir))
+        log.info("loaded %d fold models from %s (%d classes)", len(loaded), weights_dir, len(classes))
+        return cls([model for _, model, _ in loaded], pred_cfg, classes, thresholds, device)
+
+    # ------------------------------------------------------------ the three ways in
+
+    def tag(self, paths, show_progress: bool = False) -> pd.DataFrame:
+        """One row per file of `paths` (files, and audio files found in folders): fname, duration, labels,
+        error, one probability per class."""
+        return self.run(find_audio(paths), show_progress=show_progress)[0]
+
+    def tag_arrays(self, waves, sample_rate: int, names: list[str] | None = None) -> pd.DataFrame:
+        """As `tag`, for mono waveforms (float, [-1, 1]) at `sample_rate`, named `names` (default array0, ...)."""
+        waves = [np.asarray(w, dtype=np.float32) for w in waves]
+        names = names or [f"array{k}" for k in range(len(waves))]
+        return self.run(list(zip(names, [(w, sample_rate) for w in waves])))[0]
+
+    def segments(self, paths, seconds: float) -> pd.DataFrame:
+        """Scores over time: one row per `seconds` window of each file (fname, start, end, labels, classes)."""
+        return self.run(find_audio(paths), seconds)[1]
+
+    # ------------------------------------------------------------ the one code path
+
+    def run(self, sources: list, segment_seconds: float = 0.0, show_progress: bool = False,
+            workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        """Tags of every source (a path, or a (name, (wave, sample_rate)) pair) and, with `segment_seconds`, of
+        each file's segments. Files go CHUNK_FILES at a time: decoded by threads, predicted, then let go. A file
+        that cannot be read gets a row with its error and no scores; the others go on."""
+        if segment_seconds and segment_seconds <= 0:
+            raise ValueError(f"segment length must be positive, got {segment_seconds}")
+        workers = max(1, workers or min(8, os.cpu_count() or 1))
+        files, segs = [], []
+        bar = progress(total=len(sources), desc="tag", unit="file", disable=not show_progress)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fattag-tag") as pool:
+            for at in range(0, len(sources), CHUNK_FILES):
+                chunk = sources[at:at + CHUNK_FILES]
+                decoded = list(pool.map(lambda s: self._decode(s, segment_seconds), chunk))
+                names = [s if isinstance(s, str) else s[0] for s in chunk]
+                files.append(self._file_rows(names, decoded))
+                if segment_seconds:
+                    segs.append(self._segment_rows(names, decoded))
+                bar.update(len(chunk))
+                bar.set_postfix(errors=int(sum((f["error"] != "").sum() for f in files)))
+        bar.close()
+        segments = self._table(segs, ["fname", "start", "end", "labels"]) if segment_seconds else None
+        return self._table(files, ["fname", "duration", "labels", "error"]), segments
+
+    def _decode(self, source, segment_seconds: float) -> Decoded | str:
+        """A source's Decoded, or the reason it cannot be read (never raises: one bad file costs that file only).
+        The clip goes through what load_clip does to a training or test clip: resampling, then the silence trim;
+        segments are cut from the resampled file before the trim, so that their times are the file's."""
+        try:
+            wave, sr = read_audio(source) if isinstance(source, str) else source[1]
+            if len(wave) == 0:
+                raise AudioError(source if isinstance(source, str) else source[0], "has no audio (0 samples)")
+            duration, rate = len(wave) / sr, self.cfg.sample_rate
+            wave = resample(wave, sr, rate)
+            at = [(a, b, int(round(a * rate)), int(round(b * rate)))
+                  for a, b in (segment_bounds(duration, segment_seconds) if segment_seconds else [])]
+            return Decoded(duration, self._trimmed(wave),
+                           [(a, b, self._trimmed(wave[i:max(j, i + 1)])) for a, b, i, j in at])
+        except AudioError as e:
+            return e.reason
+        except Exception as e:  # noqa: BLE001 - any failure of one file is its row's error, not the run's end
+            return f"{type(e).__name__}: {e}"
+
+    def _trimmed(self, wave: np.ndarray) -> np.ndarray:
+        return trim_silence(wave, self.cfg.trim_db) if self.cfg.trim_silence else wave
+
+    def _probabilities(self, waves: list) -> np.ndarray:
+        """The fold ensemble's probabilities (len(waves), C) of decoded waves (None: a NaN row)."""
+        mels = [None if w is None else self.clip_mel(w) for w in waves]
+        store = MelStore(ClipTable("tag", [str(k) for k in range(len(waves))], [Path(".")] * len(waves)), mels)
+        if not store.ok.any():
+            return np.full((len(waves), len(self.classes)), np.nan)
+        return predict_test(self.models, store, self.cfg, self.device, self.cfg.tta_aug_passes, desc=None)
+
+    def _labels(self, probs: np.ndarray) -> list[str]:
+        return ["" if not np.isfinite(p).all() else label_text(p, self.classes, self.thresholds) for p in probs]
+
+    def _file_rows(self, names: list[str], decoded: list) -> pd.DataFrame:
+        ok = [isinstance(d, Decoded) for d in decoded]
+        probs = self._probabilities([d.clip if good else None for d, good in zip(decoded, ok)])
+        rows = pd.DataFrame(dict(fname=names, duration=[d.duration if good else np.nan for d, good in zip(decoded, ok)],
+                                 labels=self._labels(probs), error=["" if good else d for d, good in zip(decoded, ok)]))
+        return pd.concat([rows, pd.DataFrame(probs, columns=self.classes)], axis=1)
+
+    def _segment_rows(self, names: list[str], decoded: list) -> pd.DataFrame:
+        spans = [(name, a, b, w) for name, d in zip(names, decoded) if isinstance(d, Decoded) for a, b, w in d.segments]
+        probs = self._probabilities([w for *_, w in spans]) if spans else np.zeros((0, len(self.classes)))
+        rows = pd.DataFrame(dict(fname=[s[0] for s in spans], start=[s[1] for s in spans], end=[s[2] for s in spans],
+                                 labels=self._labels(probs)))
+        return pd.concat([rows, pd.DataFrame(probs, columns=self.classes)], axis=1)
+
+    def _table(self, parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+        if not parts:
+            return pd.DataFrame(columns=columns + self.classes)
+        return pd.concat(parts, ignore_index=True)
+
+
+def write_table(path: Path, table: pd.DataFrame) -> Path:
+    """A tags or segments table as CSV (probabilities to 6 decimals, as submission.csv), written atomically."""
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    return path
+
+
+def tag_files(cfg: Config, explicit: dict, weights_dir, paths, work_dir: Path, device=None) -> int:
+    """The tag mode: every file of `paths` tagged with the models under `weights_dir`; OUT/tags.csv (and
+    segments.csv with cfg.tag_segments seconds), config.json, a closing line with files/s."""
+    if not weights_dir:
+        raise SystemExit("--mode tag needs --weights DIR (a training run's work dir)")
+    if not paths:
+        raise SystemExit("--mode tag needs at least one PATH (audio files or folders)")
+    t0 = time.time()
+    tagger = Tagger.load(weights_dir, device, explicit, cfg)
+    sources = find_audio(paths)
+    if not sources:
+        raise SystemExit(f"no audio files under {', '.join(map(str, paths))} (looked for {', '.join(AUDIO_SUFFIXES)})")
+    log.info("tagging %d file(s) on %s%s", len(sources), tagger.device,
+             f", with {cfg.tag_segments:g} s segments" if cfg.tag_segments else "")
+    t1 = time.time()
+    tags, segs = tagger.run(sources, cfg.tag_segments, show_progress=True)
+    took = time.time() - t1
+    write_table(work_dir / TAGS_FILE, tags)
+    if segs is not None:
+        write_table(work_dir / SEGMENTS_FILE, segs)
+    failed = tags["error"] != ""
+    for name, why in zip(tags["fname"][failed], tags["error"][failed]):
+        log.warning("could not tag %s: %s", name, why)
+    atomic_write_text(work_dir / "config.json", json.dumps(dict(
+        mode="tag", weights=str(weights_dir), files=len(tags), errors=int(failed.sum()),
+        settings=tagger.cfg.to_dict(), thresholds=dict(zip(tagger.classes, tagger.thresholds.round(6).tolist()))),
+        indent=2, default=str) + "\n")
+    audio = float(tags["duration"].sum())
+    log.info("tagged %d file(s) (%d could not be read), %.1f min of audio, in %.1f s: %.1f files/s, %.0f s of audio "
+             "per s; wrote %s%s (total %.1f s with loading)", len(tags), int(failed.sum()), audio / 60, took,
+             len(tags) / max(took, 1e-9), audio / max(took, 1e-9), work_dir / TAGS_FILE,
+             f" and {SEGMENTS_FILE}" if segs is not None else "", time.time() - t0)
+    return 0
+
+
+__all__ = ["Tagger", "find_audio", "segment_bounds", "tag_files", "write_table"]
+''')
+
 _add('src/fattag/thresholds.py', r'''
 """Decision thresholds: when a class's probability means "this clip carries it", chosen on out-of-fold predictions.
 
@@ -5614,7 +5897,8 @@ INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ense
 # like the device itself), how test clips are predicted, and the pseudo-label round's settings (the round adds
 # ROUND_KEYS to its own recipe). Every other setting is part of a stage's recipe.
 NOT_RECIPE_KEYS = ("noisy.epochs", "curated.epochs", "pseudo_epochs", "pseudo_threshold", "lr_pseudo",
-                   "train_on_test", "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last", "amp",
+                   "train_on_test", "tag_segments", "time_budget", "safety_margin", "tta_fill_passes", "num_workers",
+                   "channels_last", "amp",
                    *(k for k in INFERENCE_KEYS if k != "batch_size"))
 # What a saved pseudo-label round depends on besides the recipe: how the teacher predicts and the round's settings.
 ROUND_KEYS = ("class_balance", "tta_aggregate", "tta_step_frac", "fold_ensemble", "pseudo_threshold", "lr_pseudo")
@@ -5679,9 +5963,10 @@ def final_weights(fold_model: Path) -> Path:
     return after_round if after_round.is_file() else Path(fold_model)
 
 
-def load_fold_models(weights_dir, classes: list[str]) -> list:
+def load_fold_models(weights_dir, classes: list[str] | None = None) -> list:
     """Every fold's final weights under `weights_dir` (fold*/model.pth, or fold*/pseudo/model.pth where the
-    pseudo-label round ran) as (path, model, meta); a clear error when there are none or they mismatch."""
+    pseudo-label round ran) as (path, model, meta); a clear error when there are none or they mismatch `classes`
+    (default: the first fold's, which the others must share)."""
     weights_dir = Path(weights_dir)
     paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
     if not paths:
@@ -5690,6 +5975,7 @@ def load_fold_models(weights_dir, classes: list[str]) -> list:
     loaded = []
     for path in map(final_weights, paths):
         meta, state = load_checkpoint(path)
+        classes = meta["classes"] if classes is None else classes
         check_classes(meta, classes, source=str(path))
         loaded.append((path, model_from_state(meta, state), meta))
     return loaded
@@ -6022,7 +6308,7 @@ if __package__ in (None, "") and "fattag" not in sys.modules:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fattag.cli import parse_args  # noqa: E402
-from fattag.context import check_before_spawn, devices_asked, open_run  # noqa: E402
+from fattag.context import check_before_spawn, devices_asked, open_run, open_tag  # noqa: E402
 from fattag.cost import count_workload  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_shared_store  # noqa: E402
@@ -6033,6 +6319,7 @@ from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
 from fattag.select import select_noisy_pool  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.tag import tag_files  # noqa: E402
 from fattag.thresholds import oof_thresholds  # noqa: E402
 from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.splits import TrainingData  # noqa: E402
@@ -6046,6 +6333,9 @@ MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throu
 
 def main(argv=None, defaults: dict | None = None) -> int:
     args = parse_args(argv, defaults)
+    if args.mode == "tag":   # the user's own files with a training run's models: one process, no dataset
+        cfg, explicit, work_dir = open_tag(args)
+        return tag_files(cfg, explicit, args.weights, args.paths, work_dir)
     if should_spawn(devices_asked(args)):   # several devices: one process (rank) each, every one running main()
         check_before_spawn(args)
         return spawn(main, argv, defaults, devices_asked(args))

@@ -16,7 +16,7 @@ if __package__ in (None, "") and "fattag" not in sys.modules:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fattag.cli import parse_args  # noqa: E402
-from fattag.context import check_before_spawn, devices_asked, open_run  # noqa: E402
+from fattag.context import check_before_spawn, devices_asked, open_run, open_tag  # noqa: E402
 from fattag.cost import count_workload  # noqa: E402
 from fattag.data import load_dataset  # noqa: E402
 from fattag.features import build_shared_store  # noqa: E402
@@ -27,6 +27,7 @@ from fattag.pseudo import pseudo_label_round  # noqa: E402
 from fattag.report import write_report  # noqa: E402
 from fattag.select import select_noisy_pool  # noqa: E402
 from fattag.submission import class_prior, write_oof, write_submission  # noqa: E402
+from fattag.tag import tag_files  # noqa: E402
 from fattag.thresholds import oof_thresholds  # noqa: E402
 from fattag.throughput import measure_throughput  # noqa: E402
 from fattag.splits import TrainingData  # noqa: E402
@@ -40,6 +41,9 @@ MEASURE_SHARE = 0.03  # at most this share of the budget goes to measuring throu
 
 def main(argv=None, defaults: dict | None = None) -> int:
     args = parse_args(argv, defaults)
+    if args.mode == "tag":   # the user's own files with a training run's models: one process, no dataset
+        cfg, explicit, work_dir = open_tag(args)
+        return tag_files(cfg, explicit, args.weights, args.paths, work_dir)
     if should_spawn(devices_asked(args)):   # several devices: one process (rank) each, every one running main()
         check_before_spawn(args)
         return spawn(main, argv, defaults, devices_asked(args))

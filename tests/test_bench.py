@@ -53,3 +53,13 @@ def test_bench_script_prints_figures_and_json(name, tmp_path, monkeypatch, capsy
     parsed = json.loads(lines[-1])
     assert parsed["bench"] == name and key in parsed["results"]
     assert parsed["results"] == json.loads(json.dumps(record["results"]))  # returned == printed
+
+
+def test_tag_bench_tags_a_folder_and_checks_it_against_predict_mode(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    record = _load("tag").main(["--weights", str(tiny_run), "--files", "9", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "all checks hold" in out and "seconds of audio per second" in out
+    results = json.loads(out.splitlines()[-1])["results"]
+    assert results == json.loads(json.dumps(record["results"]))
+    assert results["checks_hold"] and results["rows"] == 9 and results["errors"] == 2 and results["max_diff"] <= 1e-5

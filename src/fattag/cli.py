@@ -24,11 +24,12 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
           python src/run.py --set curated.epochs=5 --set arch=xresnet34
           python src/run.py --time-budget 55m --folds 5
           python src/run.py --mode predict --weights runs/demo --work-dir runs/predict
+          python src/run.py --mode tag --weights runs/demo --work-dir runs/tags my_audio/ clip.flac
+          python src/run.py --mode tag --weights runs/demo --segments 5 long_recording.mp3
           python src/run.py --devices 2                      # two processes (Kaggle's T4 x2: the default there)
           torchrun --nnodes 2 --nproc-per-node 2 ... src/run.py --data-dir /shared/data --work-dir /shared/run
         """).format(presets=_preset_lines())
     p = argparse.ArgumentParser(
-        prog="run.py",
         description="Two-stage K-fold audio tagger for FAT2019-shaped data: stage 1 on the noisy set, stage 2 "
                     "on the curated set per fold (warm-started), whole-clip TTA, fold ensemble, submission.csv.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,11 +47,17 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--time-budget", default=None, metavar="DURATION",
                    help="deadline for the whole run, counted from process start: 3600, 55m, 1h "
                         "(default: the preset's; kaggle-1h plans for 55 min)")
-    p.add_argument("--mode", default="train", choices=("train", "predict"),
-                   help="train: both stages then predict; predict: only predict the test set from --weights")
+    p.add_argument("--mode", default="train", choices=("train", "predict", "tag"),
+                   help="train: both stages then predict; predict: only predict the test set from --weights; "
+                        "tag: tag the audio files and folders given as PATH with --weights' models (tags.csv)")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="tag mode: audio files (WAV, FLAC, OGG, MP3, ...) and folders, searched recursively")
     p.add_argument("--weights", default=None, metavar="DIR",
-                   help="predict mode: folder with fold*/model.pth from a training run (e.g. an attached "
+                   help="predict and tag modes: folder with fold*/model.pth from a training run (e.g. an attached "
                         "Kaggle dataset)")
+    p.add_argument("--segments", type=float, default=None, metavar="SECONDS",
+                   help="tag mode: also score consecutive windows of SECONDS over each file (segments.csv), "
+                        "for long recordings (the setting tag_segments)")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="processes, one device each, in one torch.distributed group: stage 1 data-parallel, the "
                         "folds N at a time (default: every visible CUDA device, one process on the CPU; under "
@@ -64,7 +71,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
-    return build_parser(defaults).parse_args(argv)
+    parser = build_parser(defaults)
+    args = parser.parse_args(argv)
+    if args.paths and args.mode != "tag":
+        parser.error(f"PATH arguments ({args.paths[0]}, ...) are for --mode tag")
+    return args
 
 
 __all__ = ["build_parser", "parse_args", "parse_duration"]

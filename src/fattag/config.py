@@ -93,6 +93,7 @@ class Config:
     fold_ensemble: str = "mean"   # over folds: arithmetic "mean" or "geomean"
     class_balance: bool = False   # divide each class's test scores by their mean over the test set (predict.py)
     tta_fill_passes: int = 4      # with a time budget, time left at the end buys up to this many augmented passes
+    tag_segments: float = 0.0     # tag mode: also score consecutive windows of this many seconds (segments.csv)
 
     # --- run control ---
     seed: int = 42                # folds, crops, augmentation and initial weights

@@ -150,6 +150,8 @@ def requested_config(args, is_demo: bool) -> tuple[str, Config]:
         overrides[name] = getattr(args, name, None)
     if getattr(args, "time_budget", None) is not None:
         overrides["time_budget"] = parse_duration(args.time_budget)
+    if getattr(args, "segments", None) is not None:
+        overrides["tag_segments"] = args.segments
     try:
         return preset, make_config(preset, overrides, args.sets)
     except ValueError as e:   # a bad --set: one line naming the setting, not a traceback
@@ -195,3 +197,14 @@ def open_run(args) -> Run:
     if world.size > 1 and getattr(args, "devices", None) not in (None, world.size):
         log.warning("--devices %s ignored: torchrun started %d ranks", args.devices, world.size)
     return Run(cfg, preset, data_dir, work_dir, device, is_demo, explicit=parse_sets(args.sets), world=world)
+
+
+def open_tag(args) -> tuple[Config, dict, Path]:
+    """The tag mode's settings (the preset a run on real data gets here, then --set), the values given with --set
+    and its work folder (default runs/tag), with the log file there; no dataset is read."""
+    setup_logging()
+    _, cfg = requested_config(args, is_demo=False)
+    work_dir = Path(args.work_dir or (KAGGLE_WORK_DIR if Path(KAGGLE_WORK_DIR).is_dir() else "runs/tag"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir / "log.txt")
+    return cfg, parse_sets(args.sets), work_dir

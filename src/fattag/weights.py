@@ -32,7 +32,8 @@ INFERENCE_KEYS = ("tta_step_frac", "tta_aggregate", "tta_aug_passes", "fold_ense
 # like the device itself), how test clips are predicted, and the pseudo-label round's settings (the round adds
 # ROUND_KEYS to its own recipe). Every other setting is part of a stage's recipe.
 NOT_RECIPE_KEYS = ("noisy.epochs", "curated.epochs", "pseudo_epochs", "pseudo_threshold", "lr_pseudo",
-                   "train_on_test", "time_budget", "safety_margin", "tta_fill_passes", "num_workers", "channels_last", "amp",
+                   "train_on_test", "tag_segments", "time_budget", "safety_margin", "tta_fill_passes", "num_workers",
+                   "channels_last", "amp",
                    *(k for k in INFERENCE_KEYS if k != "batch_size"))
 # What a saved pseudo-label round depends on besides the recipe: how the teacher predicts and the round's settings.
 ROUND_KEYS = ("class_balance", "tta_aggregate", "tta_step_frac", "fold_ensemble", "pseudo_threshold", "lr_pseudo")
@@ -97,9 +98,10 @@ def final_weights(fold_model: Path) -> Path:
     return after_round if after_round.is_file() else Path(fold_model)
 
 
-def load_fold_models(weights_dir, classes: list[str]) -> list:
+def load_fold_models(weights_dir, classes: list[str] | None = None) -> list:
     """Every fold's final weights under `weights_dir` (fold*/model.pth, or fold*/pseudo/model.pth where the
-    pseudo-label round ran) as (path, model, meta); a clear error when there are none or they mismatch."""
+    pseudo-label round ran) as (path, model, meta); a clear error when there are none or they mismatch `classes`
+    (default: the first fold's, which the others must share)."""
     weights_dir = Path(weights_dir)
     paths = sorted(weights_dir.glob("fold*/model.pth")) or sorted(weights_dir.glob("**/fold*/model.pth"))
     if not paths:
@@ -108,6 +110,7 @@ def load_fold_models(weights_dir, classes: list[str]) -> list:
     loaded = []
     for path in map(final_weights, paths):
         meta, state = load_checkpoint(path)
+        classes = meta["classes"] if classes is None else classes
         check_classes(meta, classes, source=str(path))
         loaded.append((path, model_from_state(meta, state), meta))
     return loaded
