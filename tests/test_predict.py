@@ -185,3 +185,27 @@ def test_cpu_layout_is_channels_last_and_predicts_the_same(cfg, store):
     idx = np.arange(len(store.mels))
     assert np.allclose(predict.predict_clips(plain, store, idx, cfg), predict.predict_clips(fast, store, idx, cfg),
                        atol=1e-5)
+
+
+def test_predict_and_submit_balances_the_submission_and_hands_back_the_ensemble_before_it(cfg, store, tmp_path,
+                                                                                          monkeypatch):
+    """With class balancing on, submission.csv holds the balanced scores and the second result is the ensemble as
+    the models gave it: what the report's class-mean figure shows (balanced, every class's mean would be equal)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from fattag.context import Run
+    monkeypatch.setattr(predict, "BALANCE_MIN_CLIPS", 2)   # the small store is enough test clips here
+    run = Run(make_config("demo"), "demo", tmp_path, tmp_path, torch.device("cpu"))
+    classes = ["a", "b", "c", "d"]
+    pd.DataFrame({"fname": list(store.table.fnames), **{c: 0.0 for c in classes}}).to_csv(tmp_path / "s.csv",
+                                                                                         index=False)
+    data = SimpleNamespace(sample_submission=tmp_path / "s.csv", test=store.table, classes=classes)
+    used = make_config("demo", sets=["class_balance=true"])
+    models = [model_for(used, 0), model_for(used, 1)]
+    probs, unbalanced = predict.predict_and_submit(run, used, data, models, store, np.full(4, 0.25))
+    ensemble = predict.predict_test(models, store, used, "cpu", aug_passes=0)
+    np.testing.assert_allclose(unbalanced, ensemble, rtol=1e-6)
+    np.testing.assert_allclose(probs, predict.balance_classes(ensemble), rtol=1e-6)
+    assert not np.allclose(probs, unbalanced, atol=1e-3)
