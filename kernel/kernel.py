@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash b04301071a00). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 4876434d3572). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'b04301071a00'
+BUILD_HASH = '4876434d3572'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -865,7 +865,7 @@ class Budget:
         req, plan = self.requested, self.plan
         whole = ((plan.epochs_noisy >= req.noisy.epochs or not self.workload.noisy_train)
                  and plan.epochs_curated >= req.curated.epochs and plan.folds_trained >= req.folds
-                 and plan.epochs_pseudo >= req.pseudo_epochs
+                 and plan.epochs_pseudo >= req.test_round_epochs
                  and plan.tta_aug_passes >= max(req.tta_aug_passes, req.tta_fill_passes))
         if unused <= 0.05 * usable:
             why = "used up to the safety margin"

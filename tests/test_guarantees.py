@@ -244,3 +244,17 @@ def test_every_clip_that_was_not_predicted_gets_the_class_prior():
     for row in (1, 2, 3):
         assert np.allclose(out[row], prior), f"clip {row} has no prior row"
     assert np.isnan(probs[1]).all()                # the input is left as it was
+
+
+def test_with_test_audio_kept_out_the_missing_round_is_not_a_cut(monkeypatch):
+    """train_on_test=false plans no round, whatever pseudo_epochs says: a run that ran everything else whole had
+    nothing more to spend its time on (not a plan that priced its work too high)."""
+    clock = Clock(1000.0)
+    monkeypatch.setattr(budget_mod.time, "time", clock)
+    cfg = make_config("cpu", sets=["time_budget=1000", "noisy.epochs=30", "pseudo_epochs=10", "train_on_test=false"])
+    b = Budget(cfg, clock.now + 1000.0 * (1 - cfg.safety_margin))
+    b.start(WORK, Throughput(1 / 2000, 1 / 8000, "fast"))
+    b.test_passes(3)
+    clock.now = 1000.0 + 400.0
+    assert b.plan.epochs_pseudo == 0
+    assert "nothing more to spend it on" in b.usage(started=1000.0)["why"]

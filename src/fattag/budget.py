@@ -169,7 +169,7 @@ class Budget:
         req, plan = self.requested, self.plan
         whole = ((plan.epochs_noisy >= req.noisy.epochs or not self.workload.noisy_train)
                  and plan.epochs_curated >= req.curated.epochs and plan.folds_trained >= req.folds
-                 and plan.epochs_pseudo >= req.pseudo_epochs
+                 and plan.epochs_pseudo >= req.test_round_epochs
                  and plan.tta_aug_passes >= max(req.tta_aug_passes, req.tta_fill_passes))
         if unused <= 0.05 * usable:
             why = "used up to the safety margin"
