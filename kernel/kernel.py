@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 4876434d3572). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash c76405270b17). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -16,7 +16,7 @@
 #   src/fattag/checkpoint.py                   137 lines
 #   src/fattag/cli.py                           81 lines
 #   src/fattag/config.py                       286 lines
-#   src/fattag/context.py                      210 lines
+#   src/fattag/context.py                      214 lines
 #   src/fattag/cost.py                         273 lines
 #   src/fattag/data.py                         242 lines
 #   src/fattag/dataparallel.py                  85 lines
@@ -35,7 +35,7 @@
 #   src/fattag/stage.py                        187 lines
 #   src/fattag/stages.py                        51 lines
 #   src/fattag/submission.py                    70 lines
-#   src/fattag/tag.py                          246 lines
+#   src/fattag/tag.py                          250 lines
 #   src/fattag/thresholds.py                    92 lines
 #   src/fattag/throughput.py                    78 lines
 #   src/fattag/train.py                        178 lines
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '4876434d3572'
+BUILD_HASH = 'c76405270b17'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1831,6 +1831,20 @@ def check_before_spawn(args) -> None:
     requested_config(args, is_demo)
 
 
+def open_work_dir(args, name: str, world: World = SINGLE) -> Path:
+    """The folder for every output of the run: --work-dir, else /kaggle/working on Kaggle, else runs/<name>;
+    made if missing, with the log file there from now on."""
+    if args.work_dir:
+        work_dir = Path(args.work_dir)
+    elif Path(KAGGLE_WORK_DIR).is_dir():
+        work_dir = Path(KAGGLE_WORK_DIR)
+    else:
+        work_dir = Path("runs") / name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir / "log.txt", world)
+    return work_dir
+
+
 def open_run(args) -> Run:
     """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset, the work folder and
     this process's rank and device."""
@@ -1838,14 +1852,7 @@ def open_run(args) -> Run:
     setup_logging(world=world)
     data_dir, is_demo = resolve_data(args)
     preset, cfg = requested_config(args, is_demo)
-    if args.work_dir:
-        work_dir = Path(args.work_dir)
-    elif Path(KAGGLE_WORK_DIR).is_dir():
-        work_dir = Path(KAGGLE_WORK_DIR)
-    else:
-        work_dir = Path("runs") / preset
-    work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir / "log.txt", world)
+    work_dir = open_work_dir(args, preset, world)
     device = world.device()
     log.info("data %s%s | preset %s | work dir %s | device %s%s%s", data_dir, " (demo)" if is_demo else "", preset,
              work_dir, device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
@@ -1864,10 +1871,7 @@ def open_tag(args) -> tuple[Config, dict, Path]:
     and its work folder (default runs/tag), with the log file there; no dataset is read."""
     setup_logging()
     _, cfg = requested_config(args, is_demo=False)
-    work_dir = Path(args.work_dir or (KAGGLE_WORK_DIR if Path(KAGGLE_WORK_DIR).is_dir() else "runs/tag"))
-    work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir / "log.txt")
-    return cfg, parse_sets(args.sets), work_dir
+    return cfg, parse_sets(args.sets), open_work_dir(args, "tag")
 ''')
 
 _add('src/fattag/cost.py', r'''
@@ -5262,9 +5266,10 @@ _add('src/fattag/tag.py', r'''
 Each file is one clip, predicted as predict mode predicts a test clip (every window of the whole clip, the window
 settings and fold ensemble of the run's inference.json) but without class balancing, which assumes a test set whose
 classes are evenly mixed (a user's folder is not one), and without augmented passes unless asked for (their random
-stripes are drawn per batch: a file's scores would depend on the files tagged with it). `labels` names the classes whose probability
-reaches the run's decision threshold (thresholds.py). With segments, each file is also cut into consecutive
-windows of that many seconds, each scored as a clip of its own: scores over time for a long recording.
+stripes are drawn per batch: a file's scores would depend on the files tagged with it). `labels` names the
+classes whose probability reaches the run's decision threshold (thresholds.py). With segments, each file is also
+cut into consecutive windows of that many seconds, each scored as a clip of its own: scores over time for a long
+recording.
 
     from fattag import Tagger
     tagger = Tagger.load("runs/cpu")
@@ -5285,9 +5290,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .audio import AUDIO_SUFFIXES, AudioError, read_audio, resample, trim_silence
+from .audio import AUDIO_SUFFIXES, AudioError, prepare_wave, read_audio, resample
 from .checkpoint import atomic_write, atomic_write_text
 from .config import Config, make_config
+from .context import default_preset
 from .data import ClipTable
 from .features import ClipMel, MelStore
 from .precision import check_device
@@ -5354,7 +5360,7 @@ class Tagger:
         loaded = load_fold_models(weights_dir)
         classes = loaded[0][2]["classes"]
         explicit = settings or {}
-        base = cfg or make_config("kaggle-1h" if torch.cuda.is_available() else "cpu", explicit)
+        base = cfg or make_config(default_preset(is_demo=False), explicit)
         pred_cfg = prediction_config(base, loaded, explicit)
         if pred_cfg.tta_aug_passes and "tta_aug_passes" not in explicit:
             log.info("augmented TTA passes off (the training run used %d): their random stripes are drawn per batch, "
@@ -5392,7 +5398,7 @@ class Tagger:
         if segment_seconds and segment_seconds <= 0:
             raise ValueError(f"segment length must be positive, got {segment_seconds}")
         workers = max(1, workers or min(8, os.cpu_count() or 1))
-        files, segs = [], []
+        files, segs, errors = [], [], 0
         bar = progress(total=len(sources), desc="tag", unit="file", disable=not show_progress)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fattag-tag") as pool:
             for at in range(0, len(sources), CHUNK_FILES):
@@ -5400,10 +5406,11 @@ class Tagger:
                 decoded = list(pool.map(lambda s: self._decode(s, segment_seconds), chunk))
                 names = [s if isinstance(s, str) else s[0] for s in chunk]
                 files.append(self._file_rows(names, decoded))
+                errors += sum(not isinstance(d, Decoded) for d in decoded)
                 if segment_seconds:
                     segs.append(self._segment_rows(names, decoded))
                 bar.update(len(chunk))
-                bar.set_postfix(errors=int(sum((f["error"] != "").sum() for f in files)))
+                bar.set_postfix(errors=errors)
         bar.close()
         segments = self._table(segs, ["fname", "start", "end", "labels"]) if segment_seconds else None
         return self._table(files, ["fname", "duration", "labels", "error"]), segments
@@ -5420,15 +5427,16 @@ class Tagger:
             wave = resample(wave, sr, rate)
             at = [(a, b, int(round(a * rate)), int(round(b * rate)))
                   for a, b in (segment_bounds(duration, segment_seconds) if segment_seconds else [])]
-            return Decoded(duration, self._trimmed(wave),
-                           [(a, b, self._trimmed(wave[i:max(j, i + 1)])) for a, b, i, j in at])
+            segments = [(a, b, self._as_clip(wave[i:max(j, i + 1)])) for a, b, i, j in at]
+            return Decoded(duration, self._as_clip(wave), segments)
         except AudioError as e:
             return e.reason
         except Exception as e:  # noqa: BLE001 - any failure of one file is its row's error, not the run's end
             return f"{type(e).__name__}: {e}"
 
-    def _trimmed(self, wave: np.ndarray) -> np.ndarray:
-        return trim_silence(wave, self.cfg.trim_db) if self.cfg.trim_silence else wave
+    def _as_clip(self, wave: np.ndarray) -> np.ndarray:
+        """A wave already at the model's rate after what every clip goes through (audio.prepare_wave: the trim)."""
+        return prepare_wave(wave, self.cfg.sample_rate, self.cfg.sample_rate, self.cfg.trim_silence, self.cfg.trim_db)
 
     def _probabilities(self, waves: list) -> np.ndarray:
         """The fold ensemble's probabilities (len(waves), C) of decoded waves (None: a NaN row)."""

@@ -171,6 +171,20 @@ def check_before_spawn(args) -> None:
     requested_config(args, is_demo)
 
 
+def open_work_dir(args, name: str, world: World = SINGLE) -> Path:
+    """The folder for every output of the run: --work-dir, else /kaggle/working on Kaggle, else runs/<name>;
+    made if missing, with the log file there from now on."""
+    if args.work_dir:
+        work_dir = Path(args.work_dir)
+    elif Path(KAGGLE_WORK_DIR).is_dir():
+        work_dir = Path(KAGGLE_WORK_DIR)
+    else:
+        work_dir = Path("runs") / name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir / "log.txt", world)
+    return work_dir
+
+
 def open_run(args) -> Run:
     """Resolve where data comes from (Kaggle, a folder, or the generated demo), the preset, the work folder and
     this process's rank and device."""
@@ -178,14 +192,7 @@ def open_run(args) -> Run:
     setup_logging(world=world)
     data_dir, is_demo = resolve_data(args)
     preset, cfg = requested_config(args, is_demo)
-    if args.work_dir:
-        work_dir = Path(args.work_dir)
-    elif Path(KAGGLE_WORK_DIR).is_dir():
-        work_dir = Path(KAGGLE_WORK_DIR)
-    else:
-        work_dir = Path("runs") / preset
-    work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir / "log.txt", world)
+    work_dir = open_work_dir(args, preset, world)
     device = world.device()
     log.info("data %s%s | preset %s | work dir %s | device %s%s%s", data_dir, " (demo)" if is_demo else "", preset,
              work_dir, device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
@@ -204,7 +211,4 @@ def open_tag(args) -> tuple[Config, dict, Path]:
     and its work folder (default runs/tag), with the log file there; no dataset is read."""
     setup_logging()
     _, cfg = requested_config(args, is_demo=False)
-    work_dir = Path(args.work_dir or (KAGGLE_WORK_DIR if Path(KAGGLE_WORK_DIR).is_dir() else "runs/tag"))
-    work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir / "log.txt")
-    return cfg, parse_sets(args.sets), work_dir
+    return cfg, parse_sets(args.sets), open_work_dir(args, "tag")

@@ -3,9 +3,10 @@
 Each file is one clip, predicted as predict mode predicts a test clip (every window of the whole clip, the window
 settings and fold ensemble of the run's inference.json) but without class balancing, which assumes a test set whose
 classes are evenly mixed (a user's folder is not one), and without augmented passes unless asked for (their random
-stripes are drawn per batch: a file's scores would depend on the files tagged with it). `labels` names the classes whose probability
-reaches the run's decision threshold (thresholds.py). With segments, each file is also cut into consecutive
-windows of that many seconds, each scored as a clip of its own: scores over time for a long recording.
+stripes are drawn per batch: a file's scores would depend on the files tagged with it). `labels` names the
+classes whose probability reaches the run's decision threshold (thresholds.py). With segments, each file is also
+cut into consecutive windows of that many seconds, each scored as a clip of its own: scores over time for a long
+recording.
 
     from fattag import Tagger
     tagger = Tagger.load("runs/cpu")
@@ -26,9 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .audio import AUDIO_SUFFIXES, AudioError, read_audio, resample, trim_silence
+from .audio import AUDIO_SUFFIXES, AudioError, prepare_wave, read_audio, resample
 from .checkpoint import atomic_write, atomic_write_text
 from .config import Config, make_config
+from .context import default_preset
 from .data import ClipTable
 from .features import ClipMel, MelStore
 from .precision import check_device
@@ -95,7 +97,7 @@ class Tagger:
         loaded = load_fold_models(weights_dir)
         classes = loaded[0][2]["classes"]
         explicit = settings or {}
-        base = cfg or make_config("kaggle-1h" if torch.cuda.is_available() else "cpu", explicit)
+        base = cfg or make_config(default_preset(is_demo=False), explicit)
         pred_cfg = prediction_config(base, loaded, explicit)
         if pred_cfg.tta_aug_passes and "tta_aug_passes" not in explicit:
             log.info("augmented TTA passes off (the training run used %d): their random stripes are drawn per batch, "
@@ -133,7 +135,7 @@ class Tagger:
         if segment_seconds and segment_seconds <= 0:
             raise ValueError(f"segment length must be positive, got {segment_seconds}")
         workers = max(1, workers or min(8, os.cpu_count() or 1))
-        files, segs = [], []
+        files, segs, errors = [], [], 0
         bar = progress(total=len(sources), desc="tag", unit="file", disable=not show_progress)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fattag-tag") as pool:
             for at in range(0, len(sources), CHUNK_FILES):
@@ -141,10 +143,11 @@ class Tagger:
                 decoded = list(pool.map(lambda s: self._decode(s, segment_seconds), chunk))
                 names = [s if isinstance(s, str) else s[0] for s in chunk]
                 files.append(self._file_rows(names, decoded))
+                errors += sum(not isinstance(d, Decoded) for d in decoded)
                 if segment_seconds:
                     segs.append(self._segment_rows(names, decoded))
                 bar.update(len(chunk))
-                bar.set_postfix(errors=int(sum((f["error"] != "").sum() for f in files)))
+                bar.set_postfix(errors=errors)
         bar.close()
         segments = self._table(segs, ["fname", "start", "end", "labels"]) if segment_seconds else None
         return self._table(files, ["fname", "duration", "labels", "error"]), segments
@@ -161,15 +164,16 @@ class Tagger:
             wave = resample(wave, sr, rate)
             at = [(a, b, int(round(a * rate)), int(round(b * rate)))
                   for a, b in (segment_bounds(duration, segment_seconds) if segment_seconds else [])]
-            return Decoded(duration, self._trimmed(wave),
-                           [(a, b, self._trimmed(wave[i:max(j, i + 1)])) for a, b, i, j in at])
+            segments = [(a, b, self._as_clip(wave[i:max(j, i + 1)])) for a, b, i, j in at]
+            return Decoded(duration, self._as_clip(wave), segments)
         except AudioError as e:
             return e.reason
         except Exception as e:  # noqa: BLE001 - any failure of one file is its row's error, not the run's end
             return f"{type(e).__name__}: {e}"
 
-    def _trimmed(self, wave: np.ndarray) -> np.ndarray:
-        return trim_silence(wave, self.cfg.trim_db) if self.cfg.trim_silence else wave
+    def _as_clip(self, wave: np.ndarray) -> np.ndarray:
+        """A wave already at the model's rate after what every clip goes through (audio.prepare_wave: the trim)."""
+        return prepare_wave(wave, self.cfg.sample_rate, self.cfg.sample_rate, self.cfg.trim_silence, self.cfg.trim_db)
 
     def _probabilities(self, waves: list) -> np.ndarray:
         """The fold ensemble's probabilities (len(waves), C) of decoded waves (None: a NaN row)."""
