@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash c76405270b17). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash 8b8851fdac72). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = 'c76405270b17'
+BUILD_HASH = '8b8851fdac72'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1420,7 +1420,7 @@ class Config:
     crop_seconds: float = 4.0     # training crop and inference window (256 frames at 44.1 kHz / hop 690)
 
     # --- model (fastai xresnet family) ---
-    arch: str = "xresnet18"       # xresnet18/34/50, or xresnet_tiny / xresnet_small for CPU runs
+    arch: str = "xresnet18"       # xresnet18/34/50, or xresnet_tiny / _small / _medium (CPU runs)
     self_attention: bool = True   # fastai's simple self-attention in the residual blocks
     mish: bool = True             # Mish activations (else ReLU)
     dropout: float = 0.2          # dropout before the classifier
@@ -3575,7 +3575,7 @@ from torch import nn
 from .config import Config
 
 ARCHS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
-SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, channels x widen
+SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5, "xresnet_medium": 0.75}  # one block per stage, channels x widen
 
 
 class InputNorm(nn.Module):

@@ -121,6 +121,16 @@ def test_freq_rf_turns_the_last_stages_3x3_convs_into_1x3(n):
     assert build_model(make_config("cpu", sets=[f"freq_rf={n}"]), 5).eval()(x).shape == (2, 5)
 
 
+@pytest.mark.parametrize("arch, widths", [("xresnet_tiny", [16, 32, 64, 128]), ("xresnet_small", [32, 64, 128, 256]),
+                                          ("xresnet_medium", [48, 96, 192, 384])])
+def test_the_small_archs_widen_every_stage_by_their_factor(arch, widths):
+    model = build_model(make_config("cpu", sets=[f"arch={arch}"]), 5)
+    stages = [m for m in model[1] if is_stage(m)]
+    assert [[c.out_channels for c in s.modules() if isinstance(c, nn.Conv2d)][-1] for s in stages] == widths
+    assert model[1][-1].in_features == widths[-1]
+    assert model.eval()(torch.randn(2, 1, 48, 128)).shape == (2, 5)
+
+
 @pytest.mark.parametrize("kind", ["gru", "attention"])
 def test_temporal_layer_lets_the_last_frame_hear_the_first(kind):
     torch.manual_seed(0)

@@ -49,7 +49,7 @@ class Config:
     crop_seconds: float = 4.0     # training crop and inference window (256 frames at 44.1 kHz / hop 690)
 
     # --- model (fastai xresnet family) ---
-    arch: str = "xresnet18"       # xresnet18/34/50, or xresnet_tiny / xresnet_small for CPU runs
+    arch: str = "xresnet18"       # xresnet18/34/50, or xresnet_tiny / _small / _medium (CPU runs)
     self_attention: bool = True   # fastai's simple self-attention in the residual blocks
     mish: bool = True             # Mish activations (else ReLU)
     dropout: float = 0.2          # dropout before the classifier

@@ -13,7 +13,7 @@ from torch import nn
 from .config import Config
 
 ARCHS = {"xresnet18": xresnet18, "xresnet34": xresnet34, "xresnet50": xresnet50}
-SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5}  # one block per stage, channels x widen
+SMALL = {"xresnet_tiny": 0.25, "xresnet_small": 0.5, "xresnet_medium": 0.75}  # one block per stage, channels x widen
 
 
 class InputNorm(nn.Module):
