@@ -63,3 +63,26 @@ def test_tag_bench_tags_a_folder_and_checks_it_against_predict_mode(tiny_run, tm
     results = json.loads(out.splitlines()[-1])["results"]
     assert results == json.loads(json.dumps(record["results"]))
     assert results["checks_hold"] and results["rows"] == 9 and results["errors"] == 2 and results["max_diff"] <= 1e-5
+
+
+def test_ensemble_bench_scores_the_mean_of_the_runs_submissions_in_the_truths_order(tmp_path, capsys):
+    import numpy as np
+    import pandas as pd
+    from fattag.metrics import lwlrap
+    truth = pd.DataFrame({"fname": ["a.wav", "b.wav", "c.wav"], "X": [1, 0, 1], "Y": [0, 1, 1], "Z": [0, 0, 0]})
+    truth.to_csv(tmp_path / "test_labels.csv", index=False)
+    a = np.array([[0.9, 0.1, 0.5], [0.6, 0.5, 0.1], [0.8, 0.1, 0.5]])   # b and c ranked wrong
+    b = np.array([[0.5, 0.1, 0.6], [0.3, 0.9, 0.2], [0.3, 0.9, 0.5]])   # a and c ranked wrong
+    runs = []
+    for i, pred in enumerate([a, b]):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        sub = pd.DataFrame(pred, columns=["X", "Y", "Z"]).assign(fname=truth["fname"])[["fname", "X", "Y", "Z"]]
+        sub.iloc[::-1].to_csv(run / "submission.csv", index=False)   # rows in another order than the truth's
+        runs.append(run)
+    results = _load("ensemble").main([*map(str, runs), "--data", str(tmp_path)])
+    y = truth[["X", "Y", "Z"]].to_numpy(float)
+    assert results["single"] == pytest.approx([lwlrap(y, a), lwlrap(y, b)])
+    assert results["ensemble"] == pytest.approx(lwlrap(y, (a + b) / 2))
+    assert results["ensemble"] > max(results["single"])    # the mean repairs what each run ranked wrong
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == json.loads(json.dumps(results))

@@ -1,0 +1,52 @@
+"""What an ensemble of finished runs would score: test lwlrap of each run's submission and of their mean.
+
+    python bench/ensemble.py RUN_DIR [RUN_DIR ...] --data .cache/realdev/realdev-everyday
+
+RUN_DIR is a training run's work dir holding submission.csv, e.g. bench/realdev.py's
+`<out>/<variant>/<family>-d0/seed<k>`: several seeds of one variant give a seed ensemble (at that many times one
+run's compute), runs of two variants an ensemble of two recipes. Test lwlrap is scored against realdev's
+test_labels.csv; the ensemble averages the submissions' scores clip by clip. Reads CSVs only: seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from fattag.metrics import lwlrap  # noqa: E402
+
+
+def test_scores(runs: list[Path], truth: pd.DataFrame) -> np.ndarray:
+    """(runs, clips, classes): each run's submission in the order of `truth`'s clips and classes."""
+    return np.stack([pd.read_csv(run / "submission.csv").set_index("fname").loc[truth.index, truth.columns]
+                     .to_numpy(np.float64) for run in runs])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="the realdev family's folder (test_labels.csv)")
+    args = p.parse_args(argv)
+    truth = pd.read_csv(args.data / "test_labels.csv").set_index("fname")
+    scores = test_scores(args.runs, truth)
+    y = truth.to_numpy(np.float64)
+    single = [lwlrap(y, s) for s in scores]
+    mean = lwlrap(y, scores.mean(0))
+    for run, value in zip(args.runs, single):
+        print(f"{value:.4f}  {run}")
+    print(f"{np.mean(single):.4f}  mean of the {len(single)} runs' scores")
+    print(f"{mean:.4f}  their ensemble (mean of the submissions)")
+    results = {"runs": [str(r) for r in args.runs], "single": single, "ensemble": mean}
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
