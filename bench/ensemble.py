@@ -5,7 +5,9 @@
 RUN_DIR is a training run's work dir holding submission.csv, e.g. bench/realdev.py's
 `<out>/<variant>/<family>-d0/seed<k>`: several seeds of one variant give a seed ensemble (at that many times one
 run's compute), runs of two variants an ensemble of two recipes. Test lwlrap is scored against realdev's
-test_labels.csv; the ensemble averages the submissions' scores clip by clip. Reads CSVs only: seconds.
+test_labels.csv; the ensemble averages the submissions' scores clip by clip. Whether the runs miss the same labels:
+the test labels each run ranks with precision under 0.5 (lwlrap's per-label term), those all runs miss, those the
+ensemble misses, and the correlation of the labels' precisions between runs. Reads CSVs only: seconds.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from fattag.metrics import lwlrap  # noqa: E402
+from fattag.metrics import _label_precisions, lwlrap  # noqa: E402
 
 
 def test_scores(runs: list[Path], truth: pd.DataFrame) -> np.ndarray:
@@ -43,7 +45,17 @@ def main(argv=None) -> dict:
         print(f"{value:.4f}  {run}")
     print(f"{np.mean(single):.4f}  mean of the {len(single)} runs' scores")
     print(f"{mean:.4f}  their ensemble (mean of the submissions)")
-    results = {"runs": [str(r) for r in args.runs], "single": single, "ensemble": mean}
+    positive = y > 0
+    missed = np.stack([_label_precisions(y, s)[positive] < 0.5 for s in scores])
+    precisions = np.stack([_label_precisions(y, s)[positive] for s in scores])
+    corr = np.corrcoef(precisions)[np.triu_indices(len(scores), 1)].tolist() if len(scores) > 1 else []
+    ensemble_missed = int((_label_precisions(y, scores.mean(0))[positive] < 0.5).sum())
+    print(f"of {positive.sum()} test labels ranked with precision < 0.5: {', '.join(map(str, missed.sum(1)))} by the "
+          f"runs, {missed.all(0).sum()} by all of them, {ensemble_missed} by the ensemble; "
+          f"precision correlation between runs {', '.join(f'{c:.2f}' for c in corr)}")
+    results = {"runs": [str(r) for r in args.runs], "single": single, "ensemble": mean,
+               "missed": missed.sum(1).tolist(), "missed_by_all": int(missed.all(0).sum()),
+               "missed_by_ensemble": ensemble_missed, "precision_corr": corr}
     print(json.dumps(results))
     return results
 

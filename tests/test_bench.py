@@ -69,10 +69,11 @@ def test_ensemble_bench_scores_the_mean_of_the_runs_submissions_in_the_truths_or
     import numpy as np
     import pandas as pd
     from fattag.metrics import lwlrap
-    truth = pd.DataFrame({"fname": ["a.wav", "b.wav", "c.wav"], "X": [1, 0, 1], "Y": [0, 1, 1], "Z": [0, 0, 0]})
+    truth = pd.DataFrame({"fname": ["a.wav", "b.wav", "c.wav", "d.wav"], "X": [1, 0, 1, 1], "Y": [0, 1, 1, 0],
+                          "Z": [0, 0, 0, 0]})
     truth.to_csv(tmp_path / "test_labels.csv", index=False)
-    a = np.array([[0.9, 0.1, 0.5], [0.6, 0.5, 0.1], [0.8, 0.1, 0.5]])   # b and c ranked wrong
-    b = np.array([[0.5, 0.1, 0.6], [0.3, 0.9, 0.2], [0.3, 0.9, 0.5]])   # a and c ranked wrong
+    a = np.array([[0.9, 0.1, 0.5], [0.6, 0.5, 0.55], [0.8, 0.1, 0.5], [0.9, 0.1, 0.0]])  # b's Y third (1/3), c's Y
+    b = np.array([[0.5, 0.1, 0.6], [0.3, 0.9, 0.2], [0.3, 0.9, 0.45], [0.5, 0.1, 0.95]])  # a's and d's X second (1/2)
     runs = []
     for i, pred in enumerate([a, b]):
         run = tmp_path / f"run{i}"
@@ -84,5 +85,8 @@ def test_ensemble_bench_scores_the_mean_of_the_runs_submissions_in_the_truths_or
     y = truth[["X", "Y", "Z"]].to_numpy(float)
     assert results["single"] == pytest.approx([lwlrap(y, a), lwlrap(y, b)])
     assert results["ensemble"] == pytest.approx(lwlrap(y, (a + b) / 2))
-    assert results["ensemble"] > max(results["single"])    # the mean repairs what each run ranked wrong
+    assert results["ensemble"] == 1.0 > max(results["single"])   # the mean repairs what each run ranked wrong; a max would not (d)
+    assert (results["missed"], results["missed_by_all"], results["missed_by_ensemble"]) == ([1, 0], 0, 0)
+    precisions = [[1, 1 / 3, 1, 2 / 3, 1], [1 / 2, 1, 2 / 3, 1, 1 / 2]]    # a's X, b's Y, c's X, c's Y, d's X
+    assert results["precision_corr"] == pytest.approx([np.corrcoef(precisions)[0, 1]])
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == json.loads(json.dumps(results))
