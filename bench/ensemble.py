@@ -21,14 +21,10 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from fattag.metrics import _label_precisions, lwlrap  # noqa: E402
-
-
-def test_scores(runs: list[Path], truth: pd.DataFrame) -> np.ndarray:
-    """(runs, clips, classes): each run's submission in the order of `truth`'s clips and classes."""
-    return np.stack([pd.read_csv(run / "submission.csv").set_index("fname").loc[truth.index, truth.columns]
-                     .to_numpy(np.float64) for run in runs])
+from gap import aligned  # noqa: E402  (a submission in the truth's clip and class order)
 
 
 def main(argv=None) -> dict:
@@ -37,19 +33,20 @@ def main(argv=None) -> dict:
     p.add_argument("--data", type=Path, required=True, help="the realdev family's folder (test_labels.csv)")
     args = p.parse_args(argv)
     truth = pd.read_csv(args.data / "test_labels.csv").set_index("fname")
-    scores = test_scores(args.runs, truth)
     y = truth.to_numpy(np.float64)
+    scores = np.stack([aligned(run / "submission.csv", truth)[1] for run in args.runs])   # (runs, clips, classes)
+    ensemble_scores = scores.mean(0)
     single = [lwlrap(y, s) for s in scores]
-    mean = lwlrap(y, scores.mean(0))
+    mean = lwlrap(y, ensemble_scores)
     for run, value in zip(args.runs, single):
         print(f"{value:.4f}  {run}")
     print(f"{np.mean(single):.4f}  mean of the {len(single)} runs' scores")
     print(f"{mean:.4f}  their ensemble (mean of the submissions)")
     positive = y > 0
-    missed = np.stack([_label_precisions(y, s)[positive] < 0.5 for s in scores])
-    precisions = np.stack([_label_precisions(y, s)[positive] for s in scores])
+    precisions = np.stack([_label_precisions(y, s)[positive] for s in scores])   # (runs, true labels)
+    missed = precisions < 0.5
     corr = np.corrcoef(precisions)[np.triu_indices(len(scores), 1)].tolist() if len(scores) > 1 else []
-    ensemble_missed = int((_label_precisions(y, scores.mean(0))[positive] < 0.5).sum())
+    ensemble_missed = int((_label_precisions(y, ensemble_scores)[positive] < 0.5).sum())
     print(f"of {positive.sum()} test labels ranked with precision < 0.5: {', '.join(map(str, missed.sum(1)))} by the "
           f"runs, {missed.all(0).sum()} by all of them, {ensemble_missed} by the ensemble; "
           f"precision correlation between runs {', '.join(f'{c:.2f}' for c in corr)}")
