@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import machine_info, print_json, print_table  # noqa: E402
+from gap import aligned  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 
 BUILD_SCRIPT = REPO.parent / "shared" / "realdev" / "build.sh"
@@ -139,10 +140,7 @@ def work_dir(args, variant: str, family: str, seed: int) -> Path:
 
 def test_lwlrap(data_dir: Path, submission: Path) -> float:
     """lwlrap of a submission against realdev's test_labels.csv (same layout as the submission)."""
-    truth = pd.read_csv(data_dir / "test_labels.csv").set_index("fname")
-    sub = pd.read_csv(submission).set_index("fname")
-    classes = list(truth.columns)
-    return lwlrap(truth.loc[sub.index, classes].to_numpy(float), sub[classes].to_numpy(float))
+    return lwlrap(*aligned(submission, pd.read_csv(data_dir / "test_labels.csv").set_index("fname")))
 
 
 def run_command(data_dir: Path, work: Path, preset: str, seed: int, sets: list[str], extra=()) -> list[str]:

@@ -91,3 +91,16 @@ def test_ensemble_bench_scores_the_mean_of_the_runs_submissions_in_the_truths_or
     precisions = [[1, 1 / 3, 1, 2 / 3, 1], [1 / 2, 1, 2 / 3, 1, 1 / 2]]    # a's X, b's Y, c's X, c's Y, d's X
     assert results["precision_corr"] == pytest.approx([np.corrcoef(precisions)[0, 1]])
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == json.loads(json.dumps(results))
+
+
+def test_realdev_scores_a_submission_against_the_truth_whatever_its_row_and_column_order(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from fattag.metrics import lwlrap
+    truth = pd.DataFrame({"fname": ["a.wav", "b.wav", "c.wav"], "X": [1, 0, 1], "Y": [0, 1, 1]})
+    truth.to_csv(tmp_path / "test_labels.csv", index=False)
+    pred = np.array([[0.2, 0.9], [0.1, 0.8], [0.7, 0.4]])   # a's X ranked second (1/2), the other labels first
+    sub = pd.DataFrame(pred, columns=["X", "Y"]).assign(fname=truth["fname"])[["fname", "Y", "X"]].iloc[::-1]
+    sub.to_csv(tmp_path / "submission.csv", index=False)
+    score = _load("realdev").test_lwlrap(tmp_path, tmp_path / "submission.csv")
+    assert score == pytest.approx(lwlrap(truth[["X", "Y"]].to_numpy(float), pred)) == pytest.approx(3.5 / 4)
