@@ -93,8 +93,9 @@ ABLATION = {
 }
 # Each row runs as it was measured (docs/ablation.md names the commit). Rows whose base recipe has no test
 # pseudo-label round (every row but _ROUND_ROWS) pin pseudo_epochs=0; rows whose base recipe has two input
-# channels, global + per-band (every row but _PCEN_ROWS), pin input_norm=both; every row pins the default memory
-# layout (channels_last=false), which changes float rounding only. A row's own values come after these, so they win.
+# channels, global + per-band (every row but _PCEN_ROWS), pin input_norm=both; every cpu row pins the stage 1 of
+# 30 epochs the cpu preset had before group 12 doubled it; every row pins the default memory layout
+# (channels_last=false), which changes float rounding only. A row's own values come after these, so they win.
 _ROUND_ROWS = ("+ test pseudo-labels (10 epochs)", "+ PCEN input channel = cpu preset")
 _PCEN_ROWS = ("preset: + PCEN channel", "+ PCEN input channel = cpu preset")
 _LAYOUT = ["channels_last=false"]
@@ -103,7 +104,7 @@ _LAYOUT = ["channels_last=false"]
 def _as_measured(name: str, sets: list[str]) -> list[str]:
     if sets[:1] == ["@demo"]:
         return [sets[0], *_LAYOUT, *sets[1:]]
-    return [*_LAYOUT, *([] if name in _ROUND_ROWS else ["pseudo_epochs=0"]),
+    return [*_LAYOUT, "noisy.epochs=30", *([] if name in _ROUND_ROWS else ["pseudo_epochs=0"]),
             *([] if name in _PCEN_ROWS else ["input_norm=both"]), *sets]
 
 
