@@ -118,6 +118,8 @@ def main(argv=None) -> dict:
                                                                      "clip/s (default 2.4)")
     p.add_argument("--ddp-speedup", type=float, default=1.8, help="assumed stage-1 speed-up on two T4s (default 1.8)")
     p.add_argument("--prep-s", type=float, default=120.0, help="decode + log-mel seconds before training on Kaggle")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting over the preset, as run.py's --set (e.g. noisy.epochs=30); repeatable")
     a = p.parse_args(argv)
     from fattag.cost import OVERHEAD, Throughput, plan_run
     from fattag.throughput import measure_throughput
@@ -125,7 +127,7 @@ def main(argv=None) -> dict:
 
     device = pick_device(a.threads)
     cuda = device.type == "cuda"
-    cfg = make_config(a.preset)
+    cfg = make_config(a.preset, sets=a.sets)
     if a.batch or (a.quick and not cuda):
         cfg = dataclasses.replace(cfg, batch_size=a.batch or min(cfg.batch_size, 8))
     budget_s = a.budget or cfg.time_budget or 3300.0

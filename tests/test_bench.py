@@ -15,7 +15,8 @@ CASES = {
     "features": ["--quick", "--preset", "demo", "--clips", "1", "--batch", "1", "--seconds", "1", "--threads", "1"],
     "train": ["--quick", "--preset", "demo", "--batch", "4", "--clips", "8", "--threads", "1"],
     "memory": ["--quick", "--preset", "demo", "--hours", "0.002", "--clip-seconds", "2", "--threads", "1"],
-    "project": ["--quick", "--preset", "demo", "--batch", "4", "--clips", "2", "--threads", "1"],
+    "project": ["--quick", "--preset", "demo", "--batch", "4", "--clips", "2", "--threads", "1", "--set",
+                "noisy.epochs=3"],
     "gpu_check": ["--dry-run", "--batch", "2", "--threads", "1"],  # the kaggle-1h model, as on a GPU
 }
 EXPECT = {  # a figure each script must print in its table, and a key of its JSON results
@@ -53,6 +54,8 @@ def test_bench_script_prints_figures_and_json(name, tmp_path, monkeypatch, capsy
     parsed = json.loads(lines[-1])
     assert parsed["bench"] == name and key in parsed["results"]
     assert parsed["results"] == json.loads(json.dumps(record["results"]))  # returned == printed
+    if name == "project":   # its --set reaches the plan: the demo preset's 12 stage-1 epochs would fit on T4s
+        assert [p["epochs_noisy"] for p in parsed["results"]["t4_plans"].values()] == [3, 3]
 
 
 def test_tag_bench_tags_a_folder_and_checks_it_against_predict_mode(tiny_run, tmp_path, monkeypatch, capsys):
