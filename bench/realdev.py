@@ -10,11 +10,12 @@ packages split by source or speaker). OOF lwlrap over-promises there (0.9+ while
 modelling choice is judged by *test* lwlrap on both families; OOF and the OOF-test gap are printed beside it.
 
 Each (variant, family, seed) is one full `src/run.py` run in its own work dir under --out; a finished run's
-result.json is reused unless --force (so a table can be grown a variant at a time). Runs are made without the
-preset's time budget (unless --keep-budget), so the recipe does not depend on the machine's speed; with the same
---threads a run reproduces its scores exactly (docs/ablation.md: --jobs 2 --threads 1 on 2 cores). Datasets are
-looked for under --root (default $FATTAG_REALDEV, else <repo>/.cache/realdev) and built there with build.sh when
-missing. This is a benchmark, not a test: a run takes minutes.
+result.json is reused while every setting it resolved to is the same, unless --force (so a table can be grown a
+variant at a time). Runs are made without the preset's time budget (unless --keep-budget), so the recipe does not
+depend on the machine's speed; with the same --threads a run reproduces its scores exactly (docs/ablation.md:
+--jobs 2 --threads 1 on 2 cores). Datasets are looked for under --root (default $FATTAG_REALDEV, else
+<repo>/.cache/realdev) and built there with build.sh when missing. This is a benchmark, not a test: a run takes
+minutes.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import machine_info, print_json, print_table  # noqa: E402
 from gap import aligned  # noqa: E402
+from fattag.config import make_config  # noqa: E402
 from fattag.metrics import lwlrap  # noqa: E402
 
 BUILD_SCRIPT = REPO.parent / "shared" / "realdev" / "build.sh"
@@ -171,7 +173,9 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
         sets = ["time_budget=0", *sets]
     work = work_dir(args, variant, family, seed)
     result_file = work / "result.json"
-    key = dict(preset=preset, sets=sets, seed=seed, data=str(data_dir))
+    # every setting the run resolves to: a result is reused only for the same recipe, even after a preset changed
+    key = dict(preset=preset, sets=sets, seed=seed, data=str(data_dir),
+               settings=make_config(preset, sets=sets).flat_dict())
     mode = []
     if args.devices > 1:   # ranks (processes) of the run: stage 1 data-parallel, folds side by side
         key["devices"], mode = args.devices, ["--devices", str(args.devices)]

@@ -107,3 +107,33 @@ def test_realdev_scores_a_submission_against_the_truth_whatever_its_row_and_colu
     sub.to_csv(tmp_path / "submission.csv", index=False)
     score = _load("realdev").test_lwlrap(tmp_path, tmp_path / "submission.csv")
     assert score == pytest.approx(lwlrap(truth[["X", "Y"]].to_numpy(float), pred)) == pytest.approx(3.5 / 4)
+
+
+def test_realdev_reuses_a_finished_run_only_while_every_setting_is_the_same(tmp_path, monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+    import pandas as pd
+    from fattag import config
+    realdev = _load("realdev")
+    data = tmp_path / "data"
+    data.mkdir()
+    truth = pd.DataFrame({"fname": ["a.wav", "b.wav"], "X": [1, 0], "Y": [0, 1]})
+    truth.to_csv(data / "test_labels.csv", index=False)
+    runs = []
+
+    def fake_run(cmd, **kwargs):   # a finished src/run.py: its submission and scores in its work dir
+        work = Path(cmd[cmd.index("--work-dir") + 1])
+        truth.to_csv(work / "submission.csv", index=False)
+        (work / "scores.json").write_text(json.dumps({"oof_tta": 0.9}))
+        runs.append(cmd)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    args = SimpleNamespace(preset="cpu", sets=[], keep_budget=True, devices=1, predict_from=None, force=False,
+                           out=str(tmp_path / "runs"), data_seed=0, threads=None)
+    first = realdev.run_one(args, "base", [], "everyday", 0, data)
+    assert (len(runs), first["test"], first["oof"]) == (1, 1.0, 0.9)
+    assert realdev.run_one(args, "base", [], "everyday", 0, data)["test"] == 1.0 and len(runs) == 1   # reused
+    monkeypatch.setitem(config.PRESETS["cpu"], "noisy.epochs", 7)    # the preset changed, not the command line
+    realdev.run_one(args, "base", [], "everyday", 0, data)
+    assert len(runs) == 2
