@@ -1,6 +1,6 @@
 # GENERATED FILE -- DO NOT EDIT BY HAND.
 # Built by `python build_kernel.py --mode train --preset kaggle-1h` from src/fattag/**/*.py and src/run.py
-# (source hash 8b8851fdac72). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
+# (source hash a1337ef806d2). Edit the sources, rebuild, and check with `python build_kernel.py --check`.
 #
 # A self-contained Kaggle kernel: runs src/run.py with the baked-in defaults below; the
 # command line (`python kernel.py --help`) can override them. The package is imported from the
@@ -15,7 +15,7 @@
 #   src/fattag/callbacks.py                    249 lines
 #   src/fattag/checkpoint.py                   137 lines
 #   src/fattag/cli.py                           81 lines
-#   src/fattag/config.py                       286 lines
+#   src/fattag/config.py                       289 lines
 #   src/fattag/context.py                      214 lines
 #   src/fattag/cost.py                         273 lines
 #   src/fattag/data.py                         242 lines
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_entry(install(SOURCES))
     return run.main(argv, defaults=dict(BAKED_DEFAULTS))
 
-BUILD_HASH = '8b8851fdac72'
+BUILD_HASH = 'a1337ef806d2'
 BAKED_DEFAULTS = {'mode': 'train', 'preset': 'kaggle-1h'}
 
 # ==== embedded sources (verbatim) ===============================================================
@@ -1529,16 +1529,19 @@ PRESETS: dict[str, dict] = {
     # Real recordings without a GPU (the default on real data when there is no CUDA): a dataset of ~1,500 clips,
     # 1-2 h of audio and ~20 classes trains and predicts in under 10 minutes on 2 CPU cores. The demo preset plus
     # the changes measured on the realdev sets (docs/ablation.md): the real-data recipe, a small xresnet and a
-    # longer stage 1; the budget keeps a slower machine inside the 10 minutes (the pseudo-label round goes first).
-    "cpu": {**_DEMO, **_REAL_DATA_RECIPE, "arch": "xresnet_small", "noisy.epochs": 30, "time_budget": 570.0},
+    # stage 1 of 60 epochs (+0.028 test lwlrap on instruments, -0.007 on everyday, group 12); the budget keeps a
+    # slower machine inside the 10 minutes (the pseudo-label round goes first, then epochs).
+    "cpu": {**_DEMO, **_REAL_DATA_RECIPE, "arch": "xresnet_small", "noisy.epochs": 60, "time_budget": 570.0},
     # Default of the bundled kernel: the whole two-stage K-fold run plus TTA inside 60 minutes on a
     # Kaggle GPU (T4, float16 autocast). The cpu preset's recipe at FAT2019's feature settings; sized for ~700
     # training clips/s (about 42 min of training and prediction on FAT2019 before the round). The planner cuts
     # the round, then epochs (then folds) to what the measured GPU speed allows.
     "kaggle-1h": {**_REAL_DATA_RECIPE, "arch": "xresnet18", "folds": 5, "batch_size": 64, "noisy.epochs": 15,
                   "curated.epochs": 25, "time_budget": 3300.0},
-    # A long Kaggle GPU session (9 h allowed; planned for 8.5 h): deeper model, more epochs, TTA passes.
-    "kaggle-9h": {**_REAL_DATA_RECIPE, "arch": "xresnet34", "folds": 5, "batch_size": 64, "noisy.epochs": 30,
+    # A long Kaggle GPU session (9 h allowed; planned for 8.5 h): deeper model, more epochs, TTA passes; stage 1
+    # doubled to 60 epochs as in the cpu preset, which the 8.5 h give even on one T4 at 200 clips/s (docs/budget.md).
+    # kaggle-1h keeps its 15: on one T4 a doubling would take the pseudo-label round and stage-2 epochs.
+    "kaggle-9h": {**_REAL_DATA_RECIPE, "arch": "xresnet34", "folds": 5, "batch_size": 64, "noisy.epochs": 60,
                   "curated.epochs": 40, "tta_aug_passes": 2, "time_budget": 8.5 * 3600},
 }
 
