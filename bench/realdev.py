@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -188,6 +189,8 @@ def run_one(args, variant: str, sets: list[str], family: str, seed: int, data_di
         old = json.loads(result_file.read_text())
         if old.get("key") == key:   # the same run, whatever name it was made under
             return {**old, "variant": variant}
+    if args.force:   # a run from scratch: src/run.py would otherwise reuse the work dir's finished stages
+        shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     for stale in ("submission.csv", "scores.json"):
         (work / stale).unlink(missing_ok=True)
@@ -251,7 +254,8 @@ def main(argv=None) -> dict:
     p.add_argument("--predict-from", default=None, metavar="VARIANT",
                    help="inference-only variants: predict with the fold models of VARIANT's finished runs (same "
                         "family and seed) instead of training, e.g. to try test-time settings")
-    p.add_argument("--force", action="store_true", help="rerun even when a finished result exists")
+    p.add_argument("--force", action="store_true",
+                   help="rerun from scratch (its work dir removed) even when a finished result exists")
     p.add_argument("--keep-budget", action="store_true",
                    help="keep the preset's time budget (default: off, so that a slower or busier machine runs the "
                         "same recipe and the scores reproduce)")

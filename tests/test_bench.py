@@ -109,7 +109,7 @@ def test_realdev_scores_a_submission_against_the_truth_whatever_its_row_and_colu
     assert score == pytest.approx(lwlrap(truth[["X", "Y"]].to_numpy(float), pred)) == pytest.approx(3.5 / 4)
 
 
-def test_realdev_reuses_a_finished_run_only_while_every_setting_is_the_same(tmp_path, monkeypatch):
+def test_realdev_reuses_a_finished_run_only_while_every_setting_is_the_same_and_force_starts_afresh(tmp_path, monkeypatch):
     import subprocess
     from types import SimpleNamespace
     import pandas as pd
@@ -137,3 +137,7 @@ def test_realdev_reuses_a_finished_run_only_while_every_setting_is_the_same(tmp_
     monkeypatch.setitem(config.PRESETS["cpu"], "noisy.epochs", 7)    # the preset changed, not the command line
     realdev.run_one(args, "base", [], "everyday", 0, data)
     assert len(runs) == 2
+    work = realdev.work_dir(args, "base", "everyday", 0)
+    (work / "stage1").mkdir()     # a finished stage src/run.py would reuse
+    realdev.run_one(SimpleNamespace(**{**vars(args), "force": True}), "base", [], "everyday", 0, data)
+    assert len(runs) == 3 and not (work / "stage1").exists()   # --force: a run from scratch
