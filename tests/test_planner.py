@@ -87,7 +87,8 @@ def test_a_cut_never_raises_epochs_above_the_requested_number():
     cfg = cpu("curated.epochs=2")
     need = plan_run(cfg, WORK, FAST, None).total_s
     plan = plan_run(cfg, WORK, FAST, 0.5 * need)
-    assert plan.epochs_curated == 2 and plan.epochs_noisy < 30 and any("epochs cut" in n for n in plan.notes)
+    assert plan.epochs_curated == 2 and plan.epochs_noisy < cfg.noisy.epochs
+    assert any("epochs cut" in n for n in plan.notes)
 
 
 def test_the_pseudo_label_round_is_planned_in_rounds_of_the_devices(clock):
@@ -140,12 +141,13 @@ def test_a_stage1_replan_counts_the_epochs_already_run_as_spent(clock):
     cfg = cpu()
     need = plan_run(cfg, WORK, FAST, None).total_s          # the whole requested recipe
     b = started(cfg, 1.01 * need)
-    assert b.plan.epochs_noisy == 30
+    full = cfg.noisy.epochs
+    assert b.plan.epochs_noisy == full
     epoch = b.costs()["noisy_epoch"]
     clock.now += 10 * epoch                                  # ten epochs, each exactly as priced
-    assert b.replan_stage1(10, epoch) == 30 and b.plan.epochs_noisy == 30
+    assert b.replan_stage1(10, epoch) == full and b.plan.epochs_noisy == full
     assert not any("re-planned" in n for n in b.plan.notes)
-    assert 10 <= b.replan_stage1(10, 1.5 * epoch) < 30      # slower than priced: cut
+    assert 10 <= b.replan_stage1(10, 1.5 * epoch) < full    # slower than priced: cut
     assert b.replan_stage1(10, 100 * epoch) == 10            # far slower: no more epochs, never fewer than run
 
 
@@ -160,7 +162,7 @@ def test_a_stage1_replan_does_not_price_noisy_clip_selection_again(clock):
     epoch = b.costs()["noisy_epoch"]
     clock.now += 10 * epoch
     assert b.costs()["select"] > 0.05 * need                 # selection is not a rounding error
-    assert b.replan_stage1(10, epoch) == 30                   # what is left fits without it
+    assert b.replan_stage1(10, epoch) == cfg.noisy.epochs     # what is left fits without it
 
 
 # ---------------------------------------------------------------- two devices

@@ -67,7 +67,8 @@ def test_the_round_only_gets_the_time_the_rest_of_the_recipe_leaves():
     assert (free.epochs_noisy, free.epochs_curated) == (recipe.epochs_noisy, recipe.epochs_curated)
     some = plan_run(cfg, WORKLOAD, CPU, (recipe.total_s + free.total_s) / 2)  # room for part of the round
     assert 0 < some.epochs_pseudo < 10 and some.total_s <= (recipe.total_s + free.total_s) / 2
-    assert (some.epochs_noisy, some.epochs_curated, some.folds_trained) == (30, 30, 3)   # nothing else cut
+    assert (some.epochs_noisy, some.epochs_curated, some.folds_trained) == (   # nothing else cut
+        cfg.noisy.epochs, cfg.curated.epochs, cfg.folds)
     assert any("pseudo-label round cut" in n for n in some.notes)
     tight = plan_run(cfg, WORKLOAD, CPU, 0.8 * recipe.total_s)              # not even the recipe fits: no round
     assert tight.epochs_pseudo == 0 and ROUND_STAGE not in dict(tight.stages)
