@@ -97,7 +97,7 @@ ABLATION = {
 # Each row runs as it was measured (docs/ablation.md names the commit). Rows whose base recipe has no test
 # pseudo-label round (every row but _ROUND_ROWS) pin pseudo_epochs=0; rows whose base recipe has two input
 # channels, global + per-band (every row but _PCEN_ROWS), pin input_norm=both; every cpu row pins the stage 1 of
-# 30 epochs the cpu preset had before group 12 doubled it; every row pins the default memory layout
+# 30 epochs the cpu preset had before commit 6d5c2f4 doubled it; every row pins the default memory layout
 # (channels_last=false), which changes float rounding only. A row's own values come after these, so they win.
 _ROUND_ROWS = ("+ test pseudo-labels (10 epochs)", "+ PCEN input channel = cpu preset")
 _PCEN_ROWS = ("preset: + PCEN channel", "+ PCEN input channel = cpu preset")
@@ -143,7 +143,7 @@ def work_dir(args, variant: str, family: str, seed: int) -> Path:
 
 
 def test_lwlrap(data_dir: Path, submission: Path) -> float:
-    """lwlrap of a submission against realdev's test_labels.csv (same layout as the submission)."""
+    """lwlrap of a submission against realdev's test_labels.csv, read in the truth's clip and class order."""
     return lwlrap(*aligned(submission, pd.read_csv(data_dir / "test_labels.csv").set_index("fname")))
 
 

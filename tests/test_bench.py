@@ -109,7 +109,8 @@ def test_realdev_scores_a_submission_against_the_truth_whatever_its_row_and_colu
     assert score == pytest.approx(lwlrap(truth[["X", "Y"]].to_numpy(float), pred)) == pytest.approx(3.5 / 4)
 
 
-def test_realdev_reuses_a_finished_run_only_while_every_setting_is_the_same_and_force_starts_afresh(tmp_path, monkeypatch):
+def test_realdev_reuses_a_finished_run_only_while_every_setting_is_the_same_and_force_starts_afresh(
+        tmp_path, monkeypatch):
     import subprocess
     from types import SimpleNamespace
     import pandas as pd
